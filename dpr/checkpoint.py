@@ -1,0 +1,107 @@
+"""Checkpoints: one plain dict, loadable with ``torch.load(weights_only=True)``.
+
+Contents: format name + version, the model and training configs, the state dict, the item catalogue
+(original ids, titles, tags), the text encoder's identity (source + hash of its files) and
+training metadata. A file that is not ours, truncated, or of a newer version fails clearly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dpr.config import ModelConfig, TrainConfig, from_dict, to_dict
+from dpr.data.dataset import Catalogue
+from dpr.errors import CheckpointError
+
+FORMAT_NAME = "dpr-checkpoint"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    model_config: ModelConfig
+    state_dict: dict
+    catalogue: Catalogue
+    text_encoder: dict                      # {"source", "hash", "dim", "max_tokens"}
+    train_config: TrainConfig = field(default_factory=TrainConfig)
+    meta: dict = field(default_factory=dict)  # dataset name, stages done, metrics, timings
+
+    def build_model(self):
+        from dpr.model import DPRModel
+
+        try:
+            model = DPRModel(self.model_config)
+            missing, unexpected = model.load_state_dict(self.state_dict, strict=False)
+        except (RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint state does not match its model config: {exc}") from None
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint state does not match its model config: missing {missing[:5]}, "
+                                  f"unexpected {unexpected[:5]}")
+        return model.eval()
+
+
+def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
+    """Write atomically (temp file + rename) so a crash never leaves a truncated checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "model_config": to_dict(ckpt.model_config),
+        "train_config": to_dict(ckpt.train_config),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in ckpt.state_dict.items()},
+        "catalogue": ckpt.catalogue.to_dict(),
+        "text_encoder": dict(ckpt.text_encoder),
+        "meta": dict(ckpt.meta),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle/zip errors come in many types
+        raise CheckpointError(f"{path} is not a readable dpr checkpoint (truncated or foreign file?): "
+                              f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path} is not a dpr checkpoint (no '{FORMAT_NAME}' format marker)")
+    version = payload.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise CheckpointError(f"{path} has checkpoint format version {version!r}; this dpr reads versions "
+                              f"1..{FORMAT_VERSION} (upgrade dpr to read newer checkpoints)")
+    try:
+        return Checkpoint(
+            model_config=from_dict(ModelConfig, payload["model_config"]),
+            train_config=from_dict(TrainConfig, payload.get("train_config", {})),
+            state_dict=payload["state_dict"],
+            catalogue=Catalogue.from_dict(payload["catalogue"]),
+            text_encoder=payload["text_encoder"],
+            meta=payload.get("meta", {}),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} is a damaged dpr checkpoint: {type(exc).__name__}: {exc}") from None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,97 @@
+"""Configuration dataclasses. Every design choice the paper leaves open is a field here, not a
+constant in code (REFERENCE.md section 2), and CLIs mirror these fields as flags."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class ModelConfig:
+    num_items: int = 0                 # N; item indices are 1..N, 0 is padding
+    num_tags: int = 0
+    backbone: str = "sasrec"           # "sasrec" | "gru4rec" (see dpr.model.backbones.BACKBONES)
+    d: int = 64
+    max_len: int = 50
+    # SASRec
+    num_blocks: int = 2
+    num_heads: int = 1
+    dropout: float = 0.2
+    # GRU4Rec
+    gru_layers: int = 1
+    # prompt encoder
+    text_dim: int = 384                # output size of the frozen sentence encoder
+    # Fusion: "mlp" (MLP over [h; p; h*p] + polarity embedding, LayerNorm) or "add" (z = h + p: ablation)
+    fusion: str = "mlp"
+    fusion_hidden: int = 128
+    # MoE: "moe" (E+ / E- experts, routed) or "shared" (one MLP for both polarities: ablation)
+    moe: str = "moe"
+    experts_per_polarity: int = 4
+    top_k: int = 2
+    expert_hidden: int = 128           # each expert: d -> expert_hidden -> d
+
+    @property
+    def num_experts(self) -> int:
+        return 2 * self.experts_per_polarity
+
+    def validate(self) -> "ModelConfig":
+        if self.num_items < 1:
+            raise ValueError(f"num_items must be >= 1, got {self.num_items}")
+        if self.backbone not in ("sasrec", "gru4rec"):
+            raise ValueError(f"unknown backbone {self.backbone!r}; choose sasrec or gru4rec")
+        if self.fusion not in ("mlp", "add"):
+            raise ValueError(f"unknown fusion {self.fusion!r}; choose mlp or add")
+        if self.moe not in ("moe", "shared"):
+            raise ValueError(f"unknown moe {self.moe!r}; choose moe or shared")
+        if not 1 <= self.top_k <= self.experts_per_polarity:
+            raise ValueError(f"top_k must be in 1..experts_per_polarity={self.experts_per_polarity}, got {self.top_k}")
+        if self.d < 1 or self.max_len < 1:
+            raise ValueError("d and max_len must be positive")
+        if self.backbone == "sasrec" and self.d % self.num_heads:
+            raise ValueError(f"d={self.d} must be divisible by num_heads={self.num_heads}")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    # stage 1: collaborative (backbone + item table)
+    stage1_epochs: int = 30
+    patience: int = 5                  # early stopping on validation NDCG@10 (epochs without gain)
+    eval_every: int = 1
+    # stage 2: alignment (projection P (+ Fusion)), backbone/items/text encoder frozen
+    stage2_epochs: int = 5
+    stage2_steps_per_epoch: int = 200
+    stage2_lr: float = 1e-2
+    align_temperature: float = 0.1
+    # stage 3: steering (Fusion + MoE (+ P)), backbone frozen
+    stage3_epochs: int = 10
+    stage3_steps_per_epoch: int = 100  # examples are sampled (random user, random cut), so epochs are step counts
+    stage3_lr: float = 3e-3
+    neg_lambda: float = 1.0            # weight of -log(1 - forbidden-tag softmax mass)
+    mix_positive: float = 0.4          # share of positive / negative / compound examples in stage 3
+    mix_negative: float = 0.4
+    mix_compound: float = 0.2
+    recent_window: int = 10            # "recent history" for choosing steering tags
+    heldout_templates: int = 1         # wordings per polarity held out of training (for eval)
+    max_train_users: int = 0           # 0 = all users (for quick runs)
+    max_eval_users: int = 0            # 0 = all users
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict):
+    """Build a config dataclass from a dict, rejecting unknown keys with a clear message."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+    return cls(**data)

@@ -1,0 +1,147 @@
+"""Sequential backbones: ``forward(item_seq (B, L) int64, left-padded) -> h (B, d)``.
+
+Every backbone shares the model's item table (input embedding == scoring table) and also exposes
+``forward_all`` (hidden state at every position) for next-item training at every position.
+A new backbone is one small class registered in ``BACKBONES``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from dpr.config import ModelConfig
+
+
+class Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, item_emb: nn.Embedding):
+        super().__init__()
+        self.cfg = cfg
+        # Stored in a list so the shared table is registered once (by the DPR model), not twice.
+        self._item_emb = [item_emb]
+
+    @property
+    def item_emb(self) -> nn.Embedding:
+        return self._item_emb[0]
+
+    def forward_all(self, item_seq: torch.Tensor) -> torch.Tensor:   # (B, L, d)
+        raise NotImplementedError
+
+    def forward(self, item_seq: torch.Tensor) -> torch.Tensor:       # (B, d): state at the last position
+        return self.forward_all(item_seq)[:, -1]
+
+
+class _SelfAttentionBlock(nn.Module):
+    """Pre-LN causal self-attention + point-wise FFN (SASRec). Written out by hand (no
+    nn.MultiheadAttention) so the exported graph is plain MatMul/Softmax that TensorRT parses."""
+
+    def __init__(self, d: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.out = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.ff1 = nn.Linear(d, d)
+        self.ff2 = nn.Linear(d, d)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_bias: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        b, l, d = x.shape
+        hd = d // self.heads
+        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
+        q = q.reshape(b, l, self.heads, hd).transpose(1, 2)
+        k = k.reshape(b, l, self.heads, hd).transpose(1, 2)
+        v = v.reshape(b, l, self.heads, hd).transpose(1, 2)
+        att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd)) + attn_bias   # (B, H, L, L)
+        att = self.drop(torch.softmax(att, dim=-1))
+        y = (att @ v).transpose(1, 2).reshape(b, l, d)
+        x = x + self.drop(self.out(y))
+        x = x + self.drop(self.ff2(self.drop(F.gelu(self.ff1(self.ln2(x))))))
+        return x * keep
+
+
+class SASRec(Backbone):
+    def __init__(self, cfg: ModelConfig, item_emb: nn.Embedding):
+        super().__init__(cfg, item_emb)
+        self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(_SelfAttentionBlock(cfg.d, cfg.num_heads, cfg.dropout)
+                                    for _ in range(cfg.num_blocks))
+        self.ln = nn.LayerNorm(cfg.d)
+
+    def forward_all(self, item_seq: torch.Tensor) -> torch.Tensor:
+        b, l = item_seq.shape
+        keep = (item_seq > 0).unsqueeze(-1).to(self.item_emb.weight.dtype)       # (B, L, 1)
+        # Histories are left-padded, so the newest item always sits at position max_len - 1.
+        pos = torch.arange(self.cfg.max_len - l, self.cfg.max_len, device=item_seq.device)
+        x = self.item_emb(item_seq) * math.sqrt(self.cfg.d) + self.pos_emb(pos).unsqueeze(0)
+        x = self.drop(x) * keep
+        # Additive bias: causal and key-padding. A large finite negative (not -inf) keeps rows made
+        # only of padding finite; their output is zeroed by `keep` and never read.
+        causal = torch.ones(l, l, dtype=torch.bool, device=item_seq.device).tril()
+        allowed = causal.unsqueeze(0) & (item_seq > 0).unsqueeze(1)                # (B, L, L)
+        attn_bias = torch.where(allowed, 0.0, -1e9).to(x.dtype).unsqueeze(1)      # (B, 1, L, L)
+        for block in self.blocks:
+            x = block(x, attn_bias, keep)
+        return self.ln(x)
+
+
+class GRU4Rec(Backbone):
+    def __init__(self, cfg: ModelConfig, item_emb: nn.Embedding):
+        super().__init__(cfg, item_emb)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.gru = nn.GRU(cfg.d, cfg.d, num_layers=cfg.gru_layers, batch_first=True)
+        self.proj = nn.Linear(cfg.d, cfg.d)
+
+    def forward_all(self, item_seq: torch.Tensor) -> torch.Tensor:
+        x = self.drop(self.item_emb(item_seq))
+        if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            y = gru_unrolled(self.gru, x)
+        else:
+            y, _ = self.gru(x)
+        return self.proj(self.drop(y))
+
+
+def gru_unrolled(gru: nn.GRU, x: torch.Tensor) -> torch.Tensor:
+    """nn.GRU's math as plain MatMul/Sigmoid/Tanh, unrolled over the (static) sequence length.
+
+    Used for export: the graph then holds only operators every runtime (TensorRT included) supports,
+    and the input projections of all steps are one matmul. Tested equal to ``nn.GRU``."""
+    b, l, _ = x.shape
+    layer_in = x
+    for layer in range(gru.num_layers):
+        w_ih = getattr(gru, f"weight_ih_l{layer}")
+        w_hh = getattr(gru, f"weight_hh_l{layer}")
+        b_ih = getattr(gru, f"bias_ih_l{layer}")
+        b_hh = getattr(gru, f"bias_hh_l{layer}")
+        hsz = w_hh.shape[1]
+        gi_all = layer_in @ w_ih.t() + b_ih                      # (B, L, 3H): r, z, n
+        h = layer_in.new_zeros(b, hsz)
+        outs = []
+        for t in range(l):
+            gi = gi_all[:, t]
+            gh = h @ w_hh.t() + b_hh
+            i_r, i_z, i_n = gi.chunk(3, dim=-1)
+            h_r, h_z, h_n = gh.chunk(3, dim=-1)
+            r = torch.sigmoid(i_r + h_r)
+            z = torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            h = (1 - z) * n + z * h
+            outs.append(h)
+        layer_in = torch.stack(outs, dim=1)
+    return layer_in
+
+
+BACKBONES: dict[str, type[Backbone]] = {"sasrec": SASRec, "gru4rec": GRU4Rec}
+
+
+def build_backbone(cfg: ModelConfig, item_emb: nn.Embedding) -> Backbone:
+    try:
+        cls = BACKBONES[cfg.backbone]
+    except KeyError:
+        raise ValueError(f"unknown backbone {cfg.backbone!r}; known: {', '.join(BACKBONES)}") from None
+    return cls(cfg, item_emb)

@@ -1,0 +1,57 @@
+"""Stage 2, alignment: backbone, item table and text encoder frozen; the projection P learns to map a
+prompt about tag t to a vector that scores the items carrying t highly (multi-positive softmax over
+the catalogue), for prompts of both polarities (a negative prompt still *names* its tag; the
+polarity is handled by Fusion and the MoE in stage 3)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dpr.config import TrainConfig
+from dpr.data.dataset import Dataset
+from dpr.model.moe import POLARITY_NEGATIVE, POLARITY_POSITIVE
+
+
+def alignment_loss(p: torch.Tensor, item_table: torch.Tensor, positives: torch.Tensor, tau: float) -> torch.Tensor:
+    """-log(softmax mass on the positive items); ``positives`` (B, N + 1) bool, column 0 is padding."""
+    logits = (p @ item_table.t()) / tau
+    logits[:, 0] = float("-inf")
+    pos_logits = logits.masked_fill(~positives, float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(pos_logits, dim=1)).mean()
+
+
+def train_stage2(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Generator, ctx,
+                 log=print) -> dict:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list(model.projection.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.stage2_lr)
+    table = ctx.table     # only the training wordings (indices < ctx.train_wordings[pol]) are used
+    item_tags = torch.from_numpy(dataset.catalogue.item_tags)           # (N + 1, T)
+    usable = np.flatnonzero(item_tags.sum(0).numpy() > 0)
+    items = model.item_table.detach()
+    t0, history = time.time(), []
+    bar = tqdm(range(cfg.stage2_epochs), desc="stage 2 (alignment)", leave=False)
+    for epoch in bar:
+        total = 0.0
+        for _ in range(cfg.stage2_steps_per_epoch):
+            tags = rng.choice(usable, size=cfg.batch_size)
+            pol = POLARITY_POSITIVE if rng.random() < 0.5 else POLARITY_NEGATIVE
+            words = rng.integers(ctx.train_wordings[pol], size=cfg.batch_size)
+            p = model.project_prompt(table.lookup(pol, words, tags))
+            loss = alignment_loss(p, items, item_tags[:, tags].t(), cfg.align_temperature)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+        row = {"epoch": epoch + 1, "loss": total / cfg.stage2_steps_per_epoch}
+        history.append(row)
+        bar.set_postfix(loss=round(row["loss"], 4))
+    log(f"stage 2: alignment loss {history[-1]['loss'] if history else float('nan'):.4f} in {time.time() - t0:.0f}s")
+    return {"epochs": len(history), "seconds": time.time() - t0, "history": history}

@@ -1,0 +1,121 @@
+"""Stage 3, steering: Fusion + MoE (+ P) trained with the backbone frozen, on a mix of positive,
+negative and compound examples. Loss: cross-entropy on the target, plus for negative prompts
+``neg_lambda * -log(1 - softmax mass on the forbidden tag's items)``."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dpr.config import TrainConfig
+from dpr.data.cases import build_eval_cases, sample_steering_batch
+from dpr.data.dataset import Dataset
+from dpr.model.moe import POLARITY_NEGATIVE, POLARITY_POSITIVE
+
+STEERED = ("fusion", "moe", "projection")
+
+
+def steering_loss(logits: torch.Tensor, targets: torch.Tensor, forbidden: torch.Tensor,
+                  has_neg: torch.Tensor, neg_lambda: float) -> torch.Tensor:
+    """CE on the target + lambda * -log(1 - mass on forbidden items) for rows with a negative prompt."""
+    ce = F.cross_entropy(logits, targets)
+    if not bool(has_neg.any()):
+        return ce
+    logp = torch.log_softmax(logits[has_neg], dim=1)
+    log_mass = torch.logsumexp(logp.masked_fill(~forbidden[has_neg], float("-inf")), dim=1)
+    # -log(1 - mass), computed stably as -log1p(-exp(log_mass)); clamp keeps it finite when mass -> 1
+    penalty = -torch.log1p(-torch.exp(log_mass).clamp(max=1 - 1e-6))
+    return ce + neg_lambda * penalty.mean()
+
+
+def steering_score(results: dict) -> float:
+    """Model selection: NDCG of steered cases plus a small bonus for tag precision, minus violations."""
+    pos, neg = results.get("positive", {}), results.get("negative", {})
+    return (pos.get("ndcg@10", 0.0) + neg.get("ndcg@10", 0.0)
+            + 0.1 * (pos.get("tag_precision@10", 0.0) - neg.get("violation@10", 0.0)))
+
+
+def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Generator, ctx,
+                 validate: bool = True, val_users: int = 1000, log=print) -> dict:
+    from dpr.eval.protocol import run_task
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for n, p in model.named_parameters() if n.startswith(STEERED)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.stage3_lr, weight_decay=cfg.weight_decay)
+    item_tags = torch.from_numpy(dataset.catalogue.item_tags)
+    users = np.arange(dataset.num_users)
+    if cfg.max_train_users:
+        users = users[: cfg.max_train_users]
+    mix = (cfg.mix_positive, cfg.mix_negative, cfg.mix_compound)
+    val_cases = {}
+    table = ctx.table     # only the training wordings (indices < ctx.train_wordings[pol]) are used
+    if validate:
+        for task in ("positive", "negative"):
+            val_cases[task] = build_eval_cases(dataset, "valid", task, seed=cfg.seed, max_users=val_users,
+                                               window=cfg.recent_window)
+    t0, history = time.time(), []
+    best, best_state, bad = -float("inf"), None, 0
+    bar = tqdm(range(cfg.stage3_epochs), desc="stage 3 (steering)", leave=False)
+    for epoch in bar:
+        model.train()
+        model.backbone.eval()                       # frozen: no dropout noise in h
+        total, steps = 0.0, 0
+        for _ in range(cfg.stage3_steps_per_epoch):
+            batch = sample_steering_batch(dataset, rng.choice(users, size=cfg.batch_size), rng, mix=mix,
+                                          window=cfg.recent_window, max_len=model.cfg.max_len)
+            if len(batch) == 0:
+                continue
+            b = len(batch)
+            has_pos, has_neg = batch.pos_tag >= 0, batch.neg_tag >= 0
+            if not (has_pos.any() or has_neg.any()):
+                continue
+            with torch.no_grad():
+                h = model.user_vector(torch.from_numpy(batch.histories))
+            t_pos = table.lookup(POLARITY_POSITIVE, rng.integers(ctx.train_wordings[POLARITY_POSITIVE], size=b),
+                                 batch.pos_tag)
+            t_neg = table.lookup(POLARITY_NEGATIVE, rng.integers(ctx.train_wordings[POLARITY_NEGATIVE], size=b),
+                                 batch.neg_tag)
+            presence = torch.from_numpy(np.stack([has_pos, has_neg], axis=1).astype(np.int64))
+            h2 = model.steer(h, model.project_prompt(t_pos), model.project_prompt(t_neg), presence)
+            logits = h2 @ model.item_table.t()
+            logits[:, 0] = float("-inf")
+            forbidden = item_tags[:, np.maximum(batch.neg_tag, 0)].t()
+            # rows with no prompt carry no trainable signal (h' == h); they are left out of the loss
+            rows = torch.from_numpy(has_pos | has_neg)
+            loss = steering_loss(logits[rows], torch.from_numpy(batch.targets)[rows], forbidden[rows],
+                                 torch.from_numpy(has_neg)[rows], cfg.neg_lambda)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+        row = {"epoch": epoch + 1, "loss": total / max(steps, 1)}
+        if val_cases:
+            res = {task: run_task(model, dataset.catalogue, c, ctx, seed=cfg.seed)["dpr"]
+                   for task, c in val_cases.items() if len(c)}
+            row.update({f"{t}_{m}": v for t, r in res.items() for m, v in r.items()})
+            score = steering_score(res)
+            row["score"] = score
+            if score > best:
+                best, bad = score, 0
+                best_state = copy.deepcopy({k: v for k, v in model.state_dict().items() if k.startswith(STEERED)})
+            else:
+                bad += 1
+        history.append(row)
+        bar.set_postfix(loss=round(row["loss"], 4), score=round(row.get("score", 0.0), 4))
+        if bad >= cfg.patience:
+            log(f"stage 3: early stop at epoch {epoch + 1}")
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
+    model.eval()
+    log(f"stage 3: best valid steering score {best:.4f} in {time.time() - t0:.0f}s")
+    return {"best_valid_score": best, "epochs": len(history), "seconds": time.time() - t0, "history": history}

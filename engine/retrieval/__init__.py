@@ -1,0 +1,94 @@
+"""Exact top-k retrieval over the item table: a registry of interchangeable retrievers.
+
+>>> from dpr.engine.retrieval import get_retriever
+>>> r = get_retriever("onnxruntime", item_embeddings)          # (N + 1, d), row 0 = padding
+>>> idx, scores = r.search(user_vectors, k=10, exclude=histories, allowed_mask=mask)
+
+Every retriever follows :class:`~dpr.engine.retrieval.base.Retriever`'s contract: int64 indices
+in ``1..N`` and float32 dot-product scores ``(B, k)``, sorted descending; exclusion lists and allowed
+masks are exact; rows with fewer than ``k`` eligible items are padded with index -1 / score -inf.
+
+Built-in names (imported lazily, so a missing optional package only matters when used):
+
+* ``"torch"``: tiled matmul + running top-k, CPU or CUDA (always available);
+* ``"onnxruntime"``: in-memory MatMul + TopK graph (fastest exact CPU path here);
+* ``"faiss"``: ``IndexFlatIP``, CPU or GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any, Callable, Union
+
+import numpy as np
+
+from dpr.errors import InputError
+
+from .base import DeviceError, Filters, Retriever
+
+__all__ = [
+    "RETRIEVERS", "Retriever", "DeviceError", "Filters", "get_retriever", "available_retrievers",
+    "register_retriever", "retriever_class",
+]
+
+Factory = Union[str, Callable[..., Retriever]]
+
+#: name -> "module:Class" (lazy) or a callable ``factory(item_embeddings, **kw) -> Retriever``
+RETRIEVERS: dict[str, Factory] = {
+    "torch": "dpr.engine.retrieval.torch_retriever:TorchRetriever",
+    "onnxruntime": "dpr.engine.retrieval.onnxruntime_retriever:OnnxRuntimeRetriever",
+    "faiss": "dpr.engine.retrieval.faiss_retriever:FaissRetriever",
+}
+
+#: optional top-level packages each built-in retriever needs
+_DEPENDENCIES: dict[str, tuple[str, ...]] = {
+    "torch": ("torch",),
+    "onnxruntime": ("onnxruntime", "onnx"),
+    "faiss": ("faiss",),
+}
+
+
+def register_retriever(name: str, factory: Factory, *, overwrite: bool = False) -> None:
+    """Add a retriever: ``factory`` is a ``"module:attr"`` string or a callable returning a Retriever."""
+    if not isinstance(name, str) or not name:
+        raise InputError("retriever name must be a non-empty string")
+    if not (callable(factory) or (isinstance(factory, str) and ":" in factory)):
+        raise InputError("factory must be a callable or a 'module:attribute' string")
+    if name in RETRIEVERS and not overwrite:
+        raise InputError(f"retriever {name!r} is already registered (pass overwrite=True to replace it)")
+    RETRIEVERS[name] = factory
+    _DEPENDENCIES.pop(name, None)
+
+
+def retriever_class(name: str) -> Callable[..., Retriever]:
+    """Resolve a registered name to its class/factory (imports the module)."""
+    if name not in RETRIEVERS:
+        raise InputError(f"unknown retriever {name!r}; registered: {', '.join(sorted(RETRIEVERS))}")
+    factory = RETRIEVERS[name]
+    if isinstance(factory, str):
+        module, attr = factory.split(":", 1)
+        return getattr(importlib.import_module(module), attr)
+    return factory
+
+
+def get_retriever(name: str, item_embeddings: np.ndarray, **kw: Any) -> Retriever:
+    """Build the retriever ``name`` over ``item_embeddings`` (N + 1, d); ``kw`` go to its constructor."""
+    return retriever_class(name)(item_embeddings, **kw)
+
+
+def available_retrievers() -> list[str]:
+    """Registered retrievers whose dependencies import here (``"torch"`` always first)."""
+    out = []
+    for name, factory in RETRIEVERS.items():
+        deps = _DEPENDENCIES.get(name)
+        try:
+            if deps is not None:
+                for dep in deps:
+                    importlib.import_module(dep)
+            elif isinstance(factory, str):
+                importlib.import_module(factory.split(":", 1)[0])
+        except ImportError:
+            continue
+        out.append(name)
+    return out

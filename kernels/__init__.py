@@ -1,0 +1,14 @@
+"""Native kernels: the fused MoE gate (dpr::FusedMoEGate) for every runtime.
+
+* ``fused_moe_gate.h`` per-row math (g++ and nvcc), ``fused_moe_gate_cpu.cc`` CPU twin (C ABI),
+  ``fused_moe_gate.cu`` CUDA kernel + launchers, ``ort_custom_op.cc`` ONNX Runtime custom op;
+* ``build`` compiles them (``python -m dpr.kernels.build``), ``build.ort_library_path()`` finds the ORT lib;
+* ``torch_op`` (torch.ops.dpr.fused_moe_gate), ``onnx_translation`` (torch.onnx), ``trt_plugin``
+  (TensorRT AOT plugin), ``capi`` (ctypes), ``bench_op`` (CPU timings).
+
+Importing this package is cheap (no torch, no compilation).
+"""
+
+from dpr.kernels.op_spec import ATTRS, INPUTS, OP_DOMAIN, OP_DOMAIN_VERSION, OP_NAME, TORCH_OP, TRT_PLUGIN_ID
+
+__all__ = ["ATTRS", "INPUTS", "OP_DOMAIN", "OP_DOMAIN_VERSION", "OP_NAME", "TORCH_OP", "TRT_PLUGIN_ID"]

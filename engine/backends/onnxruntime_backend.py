@@ -1,0 +1,125 @@
+"""ONNX Runtime backend: one session per graph, shared by all threads (``InferenceSession.run`` is
+thread-safe). CPU: intra-op threads = physical cores, graph optimisation ALL. GPU: CUDA execution
+provider with IO binding (inputs copied once, output bound on the device then fetched).
+
+The user encoder is the fused graph (``user_encoder.onnx``, one ``dpr::FusedMoEGate`` node per gate)
+when the export has it and the kernels' custom-op library is present (``fused=None``: auto,
+``True``: required, ``False``: never); otherwise the portable graph.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dpr.errors import require
+
+from ..errors import BackendError
+from .base import Backend, cuda_available
+
+
+def _custom_op_library(cuda: bool) -> tuple[str | None, str]:
+    try:
+        from dpr.kernels import build as kbuild
+    except Exception as exc:  # noqa: BLE001
+        return None, f"dpr.kernels unavailable ({type(exc).__name__}: {exc})"
+    try:
+        lib = kbuild.ort_library_path(cuda=cuda) if cuda else kbuild.ort_library_path(cuda=False)
+        if lib is None and cuda:
+            lib = kbuild.ort_library_path(cuda=False)
+    except Exception as exc:  # noqa: BLE001
+        return None, f"custom-op library lookup failed ({type(exc).__name__}: {exc})"
+    if lib is None:
+        return None, "custom-op library libdpr_ort_ops.so not built (python -m dpr.kernels.build)"
+    return lib, ""
+
+
+class OnnxRuntimeBackend(Backend):
+    name = "onnxruntime"
+
+    def __init__(self, export, device: str = "cpu", fused: bool | None = None, intra_op_threads: int | None = None,
+                 custom_op_library: str | None = None, **options):
+        super().__init__(export, device)
+        if options:
+            raise BackendError(f"onnxruntime backend got unknown option(s): {', '.join(sorted(options))}")
+        ort = require("onnxruntime", "the onnxruntime backend")
+        self._ort = ort
+        self.on_gpu = device.startswith("cuda")
+        if self.on_gpu and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendError("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu) for device=cuda")
+        from dpr.engine.retrieval.base import physical_cores
+
+        self.threads = int(intra_op_threads or physical_cores())
+        dev_id = int(device.split(":", 1)[1]) if ":" in device else 0
+        self.providers = ([("CUDAExecutionProvider", {"device_id": dev_id}), "CPUExecutionProvider"]
+                          if self.on_gpu else ["CPUExecutionProvider"])
+        self.device_id = dev_id
+
+        # user encoder: fused when possible
+        fused_file = export.graph_file("user_encoder")
+        lib, why = (custom_op_library, "") if custom_op_library else _custom_op_library(self.on_gpu)
+        if fused_file is None:
+            why = (export.manifest.get("skipped") or {}).get("user_encoder", "the export has no fused graph")
+        use_fused = fused_file is not None and lib is not None
+        if fused is True and not use_fused:
+            raise BackendError(f"fused user encoder requested but unavailable: {why}")
+        if fused is False:
+            use_fused, why = False, "disabled (fused=False)"
+        self.fused = use_fused
+        self.fused_reason = "fused dpr::FusedMoEGate graph with " + str(lib) if use_fused else f"portable graph: {why}"
+        self.custom_op_library = lib if use_fused else None
+        self.prompt_session = self._session(export.graph_file("prompt_encoder"), None)
+        ufile = fused_file if use_fused else export.graph_file("user_encoder_portable")
+        self.user_session = self._session(ufile, self.custom_op_library)
+        self.user_graph = ufile.name
+
+    def _session(self, path, lib):
+        ort = self._ort
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = self.threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        if lib:
+            so.register_custom_ops_library(str(lib))
+        try:
+            return ort.InferenceSession(str(path), so, providers=self.providers)
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own types
+            raise BackendError(f"onnxruntime cannot load {path.name}: {type(exc).__name__}: {exc}") from None
+
+    def _run(self, sess, feeds: dict, out: str) -> np.ndarray:
+        if not self.on_gpu:
+            return sess.run([out], feeds)[0]
+        binding = sess.io_binding()
+        for name, arr in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(arr))
+        binding.bind_output(out, "cuda", self.device_id)
+        sess.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def encode_prompts(self, input_ids, attention_mask):
+        return self._run(self.prompt_session, {"input_ids": input_ids, "attention_mask": attention_mask},
+                         "prompt_vector").astype(np.float32, copy=False)
+
+    def encode_users(self, item_seq, p_pos, p_neg, presence):
+        return self._run(self.user_session, {"item_seq": item_seq, "p_pos": p_pos, "p_neg": p_neg,
+                                             "presence": presence}, "user_vector").astype(np.float32, copy=False)
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "device": self.device, "providers": [p if isinstance(p, str) else p[0]
+                                                                           for p in self.providers],
+                "intra_op_threads": self.threads, "user_graph": self.user_graph, "fused": self.fused,
+                "fused_reason": self.fused_reason, "onnxruntime": self._ort.__version__}
+
+    @classmethod
+    def availability(cls, device: str) -> tuple[bool, str]:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return False, "onnxruntime is not installed"
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                return False, "onnxruntime has no CUDA execution provider"
+            if not cuda_available():
+                return False, "no CUDA device"
+        return True, f"onnxruntime {ort.__version__}"

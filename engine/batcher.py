@@ -1,0 +1,155 @@
+"""Dynamic batching for serving stacks (Triton-style ``max_batch_size`` / ``max_queue_delay``).
+
+    with DynamicBatcher(engine, max_batch_size=512, max_delay_ms=5) as batcher:
+        fut = batcher.submit({"history": ["1", "2"], "prompt": "more comedy", "k": 10})
+        rec = fut.result()                       # a Recommendation
+        rec = await batcher.submit_async(req)    # asyncio
+
+Requests are validated in the caller's thread on ``submit`` (a bad request's future fails at once with
+its InputError and never joins a batch). One worker thread gathers valid requests until
+``max_batch_size`` are waiting or ``max_delay_ms`` has passed since the oldest arrived, runs them as one
+engine batch and resolves each future with its own row. Should a whole batch fail, its requests are
+retried one by one so that only the culprit fails. The queue is bounded: beyond ``max_queue`` waiting
+requests ``submit`` raises :class:`OverloadedError`. ``close()`` stops intake and drains what is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+
+from dpr.errors import InputError
+
+from .errors import ClosedError, OverloadedError
+
+
+class DynamicBatcher:
+    def __init__(self, engine, max_batch_size: int = 512, max_delay_ms: float = 5.0, max_queue: int = 10000):
+        if max_batch_size < 1:
+            raise InputError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_delay_ms < 0:
+            raise InputError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
+        if max_queue < 1:
+            raise InputError(f"max_queue must be >= 1, got {max_queue}")
+        self.engine = engine
+        self.max_batch_size = int(max_batch_size)
+        self.max_delay = float(max_delay_ms) / 1000.0
+        self.max_queue = int(max_queue)
+        self._queue: deque = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._stats = {"submitted": 0, "rejected_invalid": 0, "rejected_overload": 0, "batches": 0,
+                       "completed": 0, "failed": 0, "max_batch_seen": 0}
+        self._worker = threading.Thread(target=self._loop, name="dpr-dynamic-batcher", daemon=True)
+        self._worker.start()
+
+    # ---- intake -----------------------------------------------------------------------------------
+    def submit(self, request) -> Future:
+        """Queue one request (a :class:`~dpr.engine.Request` or a dict of its fields); returns a Future
+        resolving to its :class:`~dpr.engine.Recommendation`. Raises OverloadedError when the queue is
+        full and ClosedError after ``close()``."""
+        fut: Future = Future()
+        try:
+            row = self.engine.validate_request(request)
+        except InputError as exc:
+            with self._cond:
+                self._stats["rejected_invalid"] += 1
+            fut.set_exception(exc)
+            return fut
+        with self._cond:
+            if self._closed:
+                raise ClosedError("the batcher is closed")
+            if len(self._queue) >= self.max_queue:
+                self._stats["rejected_overload"] += 1
+                raise OverloadedError(f"the batcher queue is full ({self.max_queue} requests waiting); retry later")
+            self._queue.append((time.monotonic(), row, fut))
+            self._stats["submitted"] += 1
+            self._cond.notify()
+        return fut
+
+    async def submit_async(self, request):
+        """asyncio variant of :meth:`submit`: awaits and returns the Recommendation."""
+        return await asyncio.wrap_future(self.submit(request))
+
+    # ---- worker -----------------------------------------------------------------------------------
+    def _take_batch(self):
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            deadline = self._queue[0][0] + self.max_delay
+            while len(self._queue) < self.max_batch_size and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            n = min(self.max_batch_size, len(self._queue))
+            return [self._queue.popleft() for _ in range(n)]
+
+    def _loop(self):
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            live = [(row, fut) for _, row, fut in batch if fut.set_running_or_notify_cancel()]
+            if live:
+                self._run(live)
+
+    def _run(self, live):
+        try:
+            recs = self.engine._run_rows([row for row, _ in live])
+        except BaseException as exc:  # noqa: BLE001 - isolate the culprit
+            if len(live) == 1:
+                live[0][1].set_exception(exc)
+                with self._cond:
+                    self._stats["failed"] += 1
+                return
+            for item in live:
+                self._run_one(item)
+            return
+        for i, (_, fut) in enumerate(live):
+            fut.set_result(recs[i])
+        with self._cond:
+            self._stats["batches"] += 1
+            self._stats["completed"] += len(live)
+            self._stats["max_batch_seen"] = max(self._stats["max_batch_seen"], len(live))
+
+    def _run_one(self, item):
+        row, fut = item
+        try:
+            rec = self.engine._run_rows([row])[0]
+        except BaseException as exc:  # noqa: BLE001
+            fut.set_exception(exc)
+            with self._cond:
+                self._stats["failed"] += 1
+            return
+        fut.set_result(rec)
+        with self._cond:
+            self._stats["completed"] += 1
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        with self._cond:
+            return dict(self._stats, queued=len(self._queue))
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting requests, finish every queued one, stop the worker (idempotent)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._worker.is_alive() and threading.current_thread() is not self._worker:
+            self._worker.join(timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

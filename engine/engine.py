@@ -1,0 +1,527 @@
+"""The DPR inference engine: export folder -> validated pipeline -> batched promptable top-k.
+
+    from dpr.engine import Engine
+    engine = Engine.load("model-onnx")                       # backend="auto", device="auto"
+    recs = engine.recommend([["1193", "661"], ["914"]], prompts=["more comedy", None],
+                            negative_prompts=[None, "no horror"], k=10)
+    recs[0].titles, recs[0].scores
+
+Pipeline: prompts (deduplicated in the batch, LRU-cached per export model hash) -> tokenizer ->
+prompt-encoder graph; histories (original ids -> internal indices, most recent ``max_len`` kept,
+left-padded with 0) + prompt vectors + presence -> user-encoder graph; exact top-k retrieval over the
+item table excluding the history (all of it, not only the kept ``max_len``) and what the hard filter
+disallows. Rows with fewer eligible items than ``k`` return fewer results.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from dpr.errors import DPRError, InputError
+
+from .backends import AUTO_ORDER, backend_class, cuda_available
+from .errors import BackendError
+from .manifest import ExportFolder, load_export
+from .prompt_cache import PromptCache
+
+log = logging.getLogger("dpr.engine")
+
+DEFAULT_MAX_PROMPT_BYTES = 16 * 1024
+FILTER_KEYS = ("include_tags", "exclude_tags", "exclude_items")
+
+
+# ---- results -------------------------------------------------------------------------------------
+
+@dataclass
+class Recommendation:
+    """One request's ranked items (best first)."""
+    item_ids: list[str]
+    scores: list[float]
+    titles: list[str]
+    tags: list[list[str]]
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def to_dict(self) -> dict:
+        return {"items": [{"rank": i + 1, "id": a, "title": t, "tags": g, "score": s}
+                          for i, (a, t, g, s) in enumerate(zip(self.item_ids, self.titles, self.tags, self.scores))]}
+
+
+@dataclass
+class Recommendations:
+    """A batch's results: per-row lists (``item_ids[i]`` is row i's ranking); ``recs[i]`` is a Recommendation."""
+    item_ids: list[list[str]] = field(default_factory=list)
+    scores: list[list[float]] = field(default_factory=list)
+    titles: list[list[str]] = field(default_factory=list)
+    tags: list[list[list[str]]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def __getitem__(self, i: int) -> Recommendation:
+        return Recommendation(self.item_ids[i], self.scores[i], self.titles[i], self.tags[i])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def to_list(self) -> list[dict]:
+        return [r.to_dict() for r in self]
+
+
+@dataclass
+class Request:
+    """One recommendation request (what :class:`~dpr.engine.batcher.DynamicBatcher` takes; a dict with
+    these keys works too)."""
+    history: Sequence
+    prompt: Any = None
+    negative_prompt: Any = None
+    k: int = 10
+    exclude_history: bool = True
+    hard_filter: Any = None
+
+
+@dataclass
+class _Row:
+    seq: np.ndarray            # internal indices, full known history (chronological)
+    prompt: str | None
+    negative: str | None
+    k: int
+    exclude_history: bool
+    filter_key: tuple | None
+
+
+# ---- the engine ------------------------------------------------------------------------------------
+
+class Engine:
+    """Load with :meth:`Engine.load`. Thread-safe: ``recommend`` may be called from many threads."""
+
+    def __init__(self, export: ExportFolder, backend, retriever, retriever_name: str, device: str,
+                 choice_reason: str, prompt_cache: PromptCache, unknown_items: str = "error",
+                 max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES):
+        if unknown_items not in ("error", "ignore"):
+            raise InputError(f"unknown_items must be 'error' or 'ignore', got {unknown_items!r}")
+        self.export = export
+        self.backend = backend
+        self.backend_name = backend.name
+        self.retriever = retriever
+        self.retriever_name = retriever_name
+        self.device = device
+        self.choice_reason = choice_reason
+        self.prompt_cache = prompt_cache
+        self.unknown_items = unknown_items
+        self.max_prompt_bytes = int(max_prompt_bytes)
+        self.model_hash = export.model_hash
+        self.max_len = export.max_len
+        self.dim = export.dim
+        self.max_batch = export.max_batch
+        items = export.items()
+        self.item_ids: list[str] = [str(x) for x in items["ids"]]
+        self.titles: list[str] = list(items["titles"])
+        self.item_tags: list[list[str]] = [list(t) for t in items["tags"]]
+        self.tag_names: list[str] = list(items.get("tag_names") or sorted({t for ts in self.item_tags for t in ts}))
+        self.num_items = len(self.item_ids)
+        self._id_to_index = {a: i + 1 for i, a in enumerate(self.item_ids)}
+        self._tag_index = {t: i for i, t in enumerate(self.tag_names)}
+        tm = np.zeros((self.num_items + 1, max(1, len(self.tag_names))), dtype=bool)
+        for i, ts in enumerate(self.item_tags, start=1):
+            for t in ts:
+                if t in self._tag_index:
+                    tm[i, self._tag_index[t]] = True
+        self._tag_matrix = tm
+        self._tokenizer = self._make_tokenizer()
+        self._tok_lock = threading.Lock()
+        self._closed = False
+
+    # ---- construction ------------------------------------------------------------------------
+    @classmethod
+    def load(cls, export_dir, backend: str = "auto", device: str = "auto", retriever: str = "auto",
+             prompt_cache_size: int = 4096, prompt_cache: PromptCache | None = None, unknown_items: str = "error",
+             max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES, verify_hashes: bool = True,
+             backend_options: dict | None = None, retriever_options: dict | None = None) -> "Engine":
+        """Validate the export (format, version, every file's sha256) and build the pipeline.
+
+        ``backend``: ``"auto"`` (TensorRT on a GPU with TensorRT, else ONNX Runtime (CUDA provider on a
+        GPU), else torch), or a name. ``device``: ``"auto"`` (cuda when visible), ``"cuda"``, ``"cpu"``.
+        ``backend_options`` go to the backend (e.g. ``{"fused": False}``, ``{"checkpoint": path}``,
+        ``{"fp16": True}``). The choice and its reason: ``engine.choice_reason`` / ``engine.describe()``.
+        """
+        if unknown_items not in ("error", "ignore"):
+            raise InputError(f"unknown_items must be 'error' or 'ignore', got {unknown_items!r}")
+        export = load_export(export_dir, verify_hashes=verify_hashes)
+        dev = cls._resolve_device(device)
+        opts = dict(backend_options or {})
+        if not isinstance(backend, str):
+            raise BackendError(f"backend must be a string, got {backend!r}")
+        if backend == "auto":
+            be, reason = cls._auto_backend(export, dev, opts)
+        else:
+            klass = backend_class(backend)
+            ok, why = klass.availability(dev)
+            if not ok:
+                raise BackendError(f"backend {backend!r} is not available on device={dev}: {why}")
+            be = klass(export, dev, **opts)
+            reason = f"backend {backend!r} requested explicitly ({why})"
+        extra = be.describe()
+        if "fused_reason" in extra:
+            reason += f"; user encoder: {extra['fused_reason']}"
+        rname, retr = cls._make_retriever(export, retriever, dev, retriever_options or {})
+        reason += f"; retriever {rname!r}"
+        log.info("dpr.engine: %s", reason)
+        cache = prompt_cache if prompt_cache is not None else PromptCache(prompt_cache_size)
+        return cls(export, be, retr, rname, dev, reason, cache, unknown_items, max_prompt_bytes)
+
+    @staticmethod
+    def _resolve_device(device: str) -> str:
+        dev = str(device).lower()
+        if dev == "auto":
+            return "cuda" if cuda_available() else "cpu"
+        if dev == "gpu":
+            dev = "cuda"
+        if dev == "cpu" or dev == "cuda" or (dev.startswith("cuda:") and dev[5:].isdigit()):
+            if dev.startswith("cuda") and not cuda_available():
+                raise BackendError(f"device={device!r} asked for but no CUDA device is visible")
+            return dev
+        raise InputError(f"device must be 'auto', 'cpu' or 'cuda[:i]', got {device!r}")
+
+    @staticmethod
+    def _auto_backend(export, dev: str, opts: dict):
+        notes = []
+        for name in AUTO_ORDER:
+            klass = backend_class(name)
+            ok, why = klass.availability(dev)
+            if not ok:
+                notes.append(f"{name}: {why}")
+                continue
+            try:
+                be = klass(export, dev, **opts)
+            except (DPRError, ImportError) as exc:
+                notes.append(f"{name}: {exc}")
+                continue
+            skipped = f" (skipped {'; '.join(notes)})" if notes else ""
+            return be, f"auto chose backend {name!r} on {dev}: {why}{skipped}"
+        raise BackendError("no backend can run this export here: " + "; ".join(notes))
+
+    @staticmethod
+    def _make_retriever(export, name: str, dev: str, opts: dict):
+        from dpr.engine.retrieval import available_retrievers, get_retriever
+
+        avail = available_retrievers()
+        if name == "auto":
+            name = "onnxruntime" if dev == "cpu" and "onnxruntime" in avail else "torch"
+        elif name not in avail:
+            from dpr.engine.retrieval import RETRIEVERS
+            if name not in RETRIEVERS:
+                raise BackendError(f"unknown retriever {name!r}; available: {', '.join(avail)}")
+            raise BackendError(f"retriever {name!r} is not available here (missing dependency); "
+                               f"available: {', '.join(avail)}")
+        return name, get_retriever(name, export.item_embeddings(), device=dev, **opts)
+
+    def _make_tokenizer(self):
+        from tokenizers import Tokenizer
+
+        info = self.export.manifest.get("tokenizer") or {}
+        tok = Tokenizer.from_file(str(self.export.file("tokenizer.json")))
+        s = info.get("setup") or {}
+        tr = s.get("enable_truncation") or {"max_length": int(info.get("max_tokens") or 64)}
+        tok.enable_truncation(max_length=int(tr["max_length"]), direction=tr.get("direction", "right"))
+        pd = s.get("enable_padding") or {}
+        tok.enable_padding(pad_id=int(pd.get("pad_id", 0)), pad_token=pd.get("pad_token", "[PAD]"),
+                           direction=pd.get("direction", "right"))
+        self._add_special = bool(info.get("add_special_tokens", True))
+        return tok
+
+    def describe(self) -> dict:
+        return {"export": str(self.export.path), "model_hash": self.model_hash, "device": self.device,
+                "backend": self.backend.describe(), "retriever": self.retriever_name,
+                "choice_reason": self.choice_reason, "num_items": self.num_items, "d": self.dim,
+                "max_len": self.max_len, "max_batch": self.max_batch, "prompt_cache": self.prompt_cache.stats()}
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.backend.close()
+            self.retriever.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---- validation ----------------------------------------------------------------------------
+    def _check_prompt(self, p, what: str) -> str | None:
+        if p is None:
+            return None
+        if isinstance(p, (bytes, bytearray)):
+            try:
+                p = bytes(p).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(f"{what} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+        if not isinstance(p, str):
+            raise InputError(f"{what} must be a string or None, got {type(p).__name__}")
+        try:
+            n = len(p.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InputError(f"{what} holds characters that cannot be encoded as UTF-8 (lone surrogates)") from None
+        if n > self.max_prompt_bytes:
+            raise InputError(f"{what} is too long ({n} bytes; the limit is {self.max_prompt_bytes})")
+        s = p.strip()
+        if not s:
+            raise InputError(f"{what} is empty or whitespace only (pass None for no prompt)")
+        return s
+
+    def _check_k(self, k) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise InputError(f"k must be an integer, got {k!r}")
+        if k < 1:
+            raise InputError(f"k must be >= 1, got {k}")
+        if k > self.num_items:
+            raise InputError(f"k={k} is larger than the catalogue ({self.num_items} items)")
+        return int(k)
+
+    def _history_indices(self, history, what: str) -> np.ndarray:
+        if history is None or isinstance(history, (str, bytes)) or not hasattr(history, "__len__"):
+            raise InputError(f"{what} must be a list of item ids, got {type(history).__name__}")
+        if len(history) == 0:
+            raise InputError(f"{what} is empty (at least one item id is needed)")
+        out = []
+        for x in history:
+            if isinstance(x, (np.integer,)):
+                x = int(x)
+            key = x if isinstance(x, str) else str(x)
+            idx = self._id_to_index.get(key)
+            if idx is None:
+                if self.unknown_items == "ignore":
+                    continue
+                raise InputError(f"{what} holds unknown item id {x!r} (not in the export's catalogue)")
+            out.append(idx)
+        if not out:
+            raise InputError(f"{what} holds no known item id (all ignored as unknown)")
+        return np.asarray(out, dtype=np.int64)
+
+    def _filter_key(self, f, what: str) -> tuple | None:
+        if f is None:
+            return None
+        if not isinstance(f, Mapping):
+            f = {k: getattr(f, k) for k in FILTER_KEYS if getattr(f, k, None) is not None} \
+                if any(hasattr(f, k) for k in FILTER_KEYS) else f
+        if not isinstance(f, Mapping):
+            raise InputError(f"{what} must be None or a dict with keys {FILTER_KEYS}, got {type(f).__name__}")
+        bad = [k for k in f if k not in FILTER_KEYS]
+        if bad:
+            raise InputError(f"{what} has unknown key(s) {bad}; allowed: {', '.join(FILTER_KEYS)}")
+        parts = []
+        for key in FILTER_KEYS:
+            vals = f.get(key) or ()
+            if isinstance(vals, str):
+                vals = (vals,)
+            vals = tuple(sorted({str(v) for v in vals}))
+            if key.endswith("tags"):
+                unknown = [v for v in vals if v not in self._tag_index]
+                if unknown:
+                    raise InputError(f"{what}: unknown tag(s) {unknown}; known tags: {', '.join(self.tag_names)}")
+            else:
+                unknown = [v for v in vals if v not in self._id_to_index]
+                if unknown:
+                    raise InputError(f"{what}: unknown item id(s) {unknown[:5]}")
+            parts.append(vals)
+        return tuple(parts) if any(parts) else None
+
+    def _mask_for(self, key: tuple) -> np.ndarray:
+        inc, exc, items = key
+        m = np.ones(self.num_items + 1, dtype=bool)
+        m[0] = False
+        if inc:
+            m &= self._tag_matrix[:, [self._tag_index[t] for t in inc]].any(axis=1)
+        if exc:
+            m &= ~self._tag_matrix[:, [self._tag_index[t] for t in exc]].any(axis=1)
+        if items:
+            m[[self._id_to_index[i] for i in items]] = False
+        return m
+
+    def validate_request(self, req, what: str = "request") -> _Row:
+        """Check one request (a :class:`Request` or a dict of its fields); raises InputError naming the problem."""
+        if isinstance(req, Mapping):
+            bad = [k for k in req if k not in Request.__dataclass_fields__]
+            if bad:
+                raise InputError(f"{what} has unknown field(s) {bad}")
+            if "history" not in req:
+                raise InputError(f"{what} has no 'history'")
+            req = Request(**req)
+        elif not isinstance(req, Request):
+            raise InputError(f"{what} must be a Request or a dict, got {type(req).__name__}")
+        return _Row(seq=self._history_indices(req.history, f"{what}: history"),
+                    prompt=self._check_prompt(req.prompt, f"{what}: prompt"),
+                    negative=self._check_prompt(req.negative_prompt, f"{what}: negative prompt"),
+                    k=self._check_k(req.k), exclude_history=bool(req.exclude_history),
+                    filter_key=self._filter_key(req.hard_filter, f"{what}: hard_filter"))
+
+    # ---- stages --------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        with self._tok_lock:
+            enc = self._tokenizer.encode_batch(list(texts), add_special_tokens=self._add_special)
+        ids = np.asarray([e.ids for e in enc], dtype=np.int64)
+        mask = np.asarray([e.attention_mask for e in enc], dtype=np.int64)
+        return ids, mask
+
+    def encode_prompts(self, texts: Sequence[str], timings: dict | None = None) -> np.ndarray:
+        """(len(texts), d) prompt vectors; repeats within the call and across calls hit the LRU cache."""
+        texts = [self._check_prompt(t, f"prompt {i}") for i, t in enumerate(texts)]
+        if any(t is None for t in texts):
+            raise InputError("encode_prompts takes strings, not None")
+        uniq = list(dict.fromkeys(texts))
+        cached = self.prompt_cache.get_many(self.model_hash, uniq)
+        vec = {t: v for t, v in zip(uniq, cached) if v is not None}
+        todo = [t for t, v in zip(uniq, cached) if v is None]
+        t_tok = t_enc = 0.0
+        for s in range(0, len(todo), self.max_batch):
+            chunk = todo[s:s + self.max_batch]
+            t0 = time.perf_counter()
+            ids, mask = self.tokenize(chunk)
+            t1 = time.perf_counter()
+            out = np.asarray(self.backend.encode_prompts(ids, mask), dtype=np.float32)
+            t_enc += time.perf_counter() - t1
+            t_tok += t1 - t0
+            self.prompt_cache.put_many(self.model_hash, chunk, out)
+            vec.update(zip(chunk, out))
+        if timings is not None:
+            timings["tokenize"] = timings.get("tokenize", 0.0) + t_tok
+            timings["prompt_encoder"] = timings.get("prompt_encoder", 0.0) + t_enc
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        return np.stack([vec[t] for t in texts]).astype(np.float32, copy=False)
+
+    def pad_histories(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
+        """Left-pad (0) and truncate to max_len keeping the most recent items."""
+        out = np.zeros((len(seqs), self.max_len), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            s = np.asarray(s, dtype=np.int64)[-self.max_len:]
+            if len(s):
+                out[i, self.max_len - len(s):] = s
+        return out
+
+    def encode_users(self, histories, p_pos=None, p_neg=None, presence=None, timings: dict | None = None) -> np.ndarray:
+        """(B, d) steered user vectors. ``histories``: lists of original item ids, or an int64 (B, max_len)
+        array of internal indices (left-padded). Missing p_pos/p_neg/presence mean no prompt."""
+        if isinstance(histories, np.ndarray) and histories.dtype.kind in "iu" and histories.ndim == 2:
+            if histories.shape[1] != self.max_len:
+                raise InputError(f"item_seq must have {self.max_len} columns, got {histories.shape[1]}")
+            seq = histories.astype(np.int64)
+        else:
+            seq = self.pad_histories([self._history_indices(h, f"history {i}") for i, h in enumerate(histories)])
+        b = seq.shape[0]
+        p_pos = np.zeros((b, self.dim), np.float32) if p_pos is None else np.asarray(p_pos, np.float32)
+        p_neg = np.zeros((b, self.dim), np.float32) if p_neg is None else np.asarray(p_neg, np.float32)
+        presence = np.zeros((b, 2), np.int64) if presence is None else np.asarray(presence, np.int64)
+        for name, a, shape in (("p_pos", p_pos, (b, self.dim)), ("p_neg", p_neg, (b, self.dim)),
+                               ("presence", presence, (b, 2))):
+            if a.shape != shape:
+                raise InputError(f"{name} must have shape {shape}, got {a.shape}")
+        t0 = time.perf_counter()
+        outs = [np.asarray(self.backend.encode_users(seq[s:s + self.max_batch], p_pos[s:s + self.max_batch],
+                                                     p_neg[s:s + self.max_batch], presence[s:s + self.max_batch]),
+                           dtype=np.float32) for s in range(0, b, self.max_batch)]
+        if timings is not None:
+            timings["user_encoder"] = timings.get("user_encoder", 0.0) + time.perf_counter() - t0
+        return np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32)
+
+    def retrieve(self, vectors: np.ndarray, k: int, exclude=None, allowed_mask=None,
+                 timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over the item table: (indices (B, k) internal, -1 padded; scores)."""
+        t0 = time.perf_counter()
+        out = self.retriever.search(vectors, k, exclude=exclude, allowed_mask=allowed_mask)
+        if timings is not None:
+            timings["retrieval"] = timings.get("retrieval", 0.0) + time.perf_counter() - t0
+        return out
+
+    # ---- the whole pipeline ----------------------------------------------------------------------
+    def recommend(self, histories, prompts=None, negative_prompts=None, k: int = 10, exclude_history=True,
+                  hard_filter=None, timings: dict | None = None) -> Recommendations:
+        """Recommend for a batch. ``histories``: list of lists of original item ids (most recent last);
+        ``prompts`` / ``negative_prompts``: None or a list of str-or-None of the same length; ``hard_filter``:
+        None, one dict shared by all rows (keys include_tags / exclude_tags / exclude_items), or a list of
+        per-row dicts-or-None. ``timings`` (a dict) receives seconds per stage."""
+        if isinstance(histories, (str, bytes)) or not isinstance(histories, Sequence) and not isinstance(
+                histories, np.ndarray):
+            raise InputError(f"histories must be a list of histories (lists of item ids), got {type(histories).__name__}")
+        b = len(histories)
+        if b == 0:
+            raise InputError("histories is empty: no request to serve")
+
+        def per_row(x, name):
+            if x is None:
+                return [None] * b
+            if isinstance(x, (str, bytes)):
+                raise InputError(f"{name} must be a list (one entry per history), not a single string")
+            if not isinstance(x, (Sequence, np.ndarray)):
+                raise InputError(f"{name} must be a list of length {b}, got {type(x).__name__}")
+            if len(x) != b:
+                raise InputError(f"{name} has {len(x)} entries but there are {b} histories (lengths must match)")
+            return list(x)
+
+        pos = per_row(prompts, "prompts")
+        neg = per_row(negative_prompts, "negative_prompts")
+        if hard_filter is None or isinstance(hard_filter, Mapping) or any(hasattr(hard_filter, a) for a in FILTER_KEYS):
+            filters = [hard_filter] * b
+        else:
+            filters = per_row(hard_filter, "hard_filter")
+        excl = per_row(exclude_history, "exclude_history") if isinstance(exclude_history, (list, tuple)) \
+            else [exclude_history] * b
+        k = self._check_k(k)
+        rows = [self.validate_request(Request(histories[i], pos[i], neg[i], k, excl[i], filters[i]),
+                                      what=f"request {i}") for i in range(b)]
+        return self._run_rows(rows, timings)
+
+    def _run_rows(self, rows: list[_Row], timings: dict | None = None) -> Recommendations:
+        b = len(rows)
+        texts = [r.prompt for r in rows if r.prompt] + [r.negative for r in rows if r.negative]
+        p_pos = np.zeros((b, self.dim), np.float32)
+        p_neg = np.zeros((b, self.dim), np.float32)
+        presence = np.zeros((b, 2), np.int64)
+        if texts:
+            uniq = list(dict.fromkeys(texts))
+            vecs = self.encode_prompts(uniq, timings=timings)
+            lut = {t: vecs[i] for i, t in enumerate(uniq)}
+            for i, r in enumerate(rows):
+                if r.prompt:
+                    p_pos[i], presence[i, 0] = lut[r.prompt], 1
+                if r.negative:
+                    p_neg[i], presence[i, 1] = lut[r.negative], 1
+        elif timings is not None:
+            timings.setdefault("tokenize", 0.0)
+            timings.setdefault("prompt_encoder", 0.0)
+        seq = self.pad_histories([r.seq for r in rows])
+        users = self.encode_users(seq, p_pos, p_neg, presence, timings=timings)
+        kmax = max(r.k for r in rows)
+        exclude = [r.seq if r.exclude_history else np.zeros(0, np.int64) for r in rows]
+        if not any(r.exclude_history for r in rows):
+            exclude = None
+        keys = [r.filter_key for r in rows]
+        mask = None
+        if any(keys):
+            masks = {key: self._mask_for(key) for key in set(keys) if key}
+            if len(set(keys)) == 1:
+                mask = masks[keys[0]]
+            else:
+                full = np.ones(self.num_items + 1, dtype=bool)
+                full[0] = False
+                mask = np.stack([masks[key] if key else full for key in keys])
+        idx, sc = self.retrieve(users, kmax, exclude=exclude, allowed_mask=mask, timings=timings)
+        out = Recommendations()
+        for i, r in enumerate(rows):
+            ii, ss = idx[i, :r.k], sc[i, :r.k]
+            keep = ii > 0
+            ii, ss = ii[keep], ss[keep]
+            out.item_ids.append([self.item_ids[j - 1] for j in ii])
+            out.scores.append([float(s) for s in ss])
+            out.titles.append([self.titles[j - 1] for j in ii])
+            out.tags.append([list(self.item_tags[j - 1]) for j in ii])
+        return out

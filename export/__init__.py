@@ -1,0 +1,8 @@
+"""ONNX export of a trained DPR checkpoint (``dpr-export``): prompt encoder, user encoder (fused and
+portable), item table, catalogue and a manifest, verified against PyTorch in ONNX Runtime."""
+
+from dpr.export.exporter import ExportConfig, ExportError, export, make_engine_tokenizer  # noqa: F401
+from dpr.export.trt_ops import check_tensorrt_ops, graph_ops, tensorrt_supported_ops  # noqa: F401
+
+__all__ = ["ExportConfig", "ExportError", "export", "make_engine_tokenizer", "check_tensorrt_ops", "graph_ops",
+           "tensorrt_supported_ops"]

@@ -1,0 +1,449 @@
+"""dpr.engine: backends and retrievers against the torch reference, exclusion, errors, prompt cache,
+the dynamic batcher and the CLI. TensorRT / GPU tests skip here (no GPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpr.errors import DPRError, InputError
+
+
+@pytest.fixture(scope="session")
+def export_dir(tiny_checkpoint, tmp_path_factory) -> Path:
+    from dpr.export import ExportConfig, export
+
+    return export(tiny_checkpoint, ExportConfig(out=str(tmp_path_factory.mktemp("engine") / "exp")))
+
+
+@pytest.fixture(scope="session")
+def other_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
+    """Same architecture and catalogue, different projection weights: a different model."""
+    import torch
+
+    from dpr.checkpoint import load_checkpoint, save_checkpoint
+
+    ck = load_checkpoint(tiny_checkpoint)
+    g = torch.Generator().manual_seed(1)
+    ck.state_dict = dict(ck.state_dict)
+    ck.state_dict["projection.weight"] = torch.randn(ck.state_dict["projection.weight"].shape, generator=g)
+    return save_checkpoint(ck, tmp_path_factory.mktemp("ckpt2") / "other.pt")
+
+
+@pytest.fixture(scope="session")
+def engine(export_dir):
+    from dpr.engine import Engine
+
+    return Engine.load(export_dir, backend="onnxruntime", retriever="onnxruntime")
+
+
+@pytest.fixture(scope="session")
+def reference(export_dir, tiny_checkpoint):
+    from dpr.engine import Engine
+
+    return Engine.load(export_dir, backend="torch", retriever="torch",
+                       backend_options={"checkpoint": str(tiny_checkpoint)})
+
+
+def _requests(engine, b: int, seed: int):
+    rng = np.random.default_rng(seed)
+    tags = engine.tag_names
+    pos = [f"show me more {t} films" for t in tags] + ["something light and funny"]
+    neg = [f"no {t} please" for t in tags] + ["nothing too long"]
+    hist, p, n = [], [], []
+    for _ in range(b):
+        ln = int(rng.integers(1, 2 * engine.max_len + 1))          # some longer than max_len (truncated)
+        hist.append([engine.item_ids[j] for j in rng.choice(engine.num_items, size=ln, replace=False)])
+        r = rng.integers(0, 4)                                      # none, positive, negative, both
+        p.append(pos[rng.integers(len(pos))] if r in (1, 3) else None)
+        n.append(neg[rng.integers(len(neg))] if r in (2, 3) else None)
+    return hist, p, n
+
+
+_REF: dict = {}
+
+
+def _ref(reference, b):
+    if b not in _REF:
+        h, p, n = _requests(reference, b, seed=b)
+        _REF[b] = ((h, p, n), reference.recommend(h, p, n, k=10))
+    return _REF[b]
+
+
+def _agree(got, ref):
+    overlaps, errs = [], []
+    for gi, gs, ri, rs in zip(got.item_ids, got.scores, ref.item_ids, ref.scores):
+        assert len(gi) == len(ri) == 10
+        overlaps.append(len(set(gi) & set(ri)) / 10)
+        rmap = dict(zip(ri, rs))
+        errs += [abs(s - rmap[i]) for i, s in zip(gi, gs) if i in rmap]
+        errs.append(abs(gs[-1] - rs[-1]))                            # k-th score agrees even when ids tie-swap
+    return float(np.mean(overlaps)), float(max(errs))
+
+
+def _fused_ok(export_dir):
+    man = json.loads((Path(export_dir) / "manifest.json").read_text())
+    if "user_encoder" not in man["graphs"]:
+        return False
+    from dpr.kernels.build import ort_library_path
+    return ort_library_path(cuda=False) is not None
+
+
+BACKENDS = [("onnxruntime", {"fused": False}), ("onnxruntime", {"fused": True}), ("torch", {})]
+
+
+@pytest.mark.parametrize("backend,opts", BACKENDS, ids=["ort-portable", "ort-fused", "torch"])
+@pytest.mark.parametrize("retriever", ["torch", "onnxruntime", "faiss"])
+def test_backend_and_retriever_agree_with_torch_reference(export_dir, reference, tiny_checkpoint, backend, opts,
+                                                          retriever):
+    from dpr.engine import Engine
+    from dpr.engine.retrieval import available_retrievers
+
+    if retriever not in available_retrievers():
+        pytest.skip(f"retriever {retriever} not installed")
+    if opts.get("fused") and not _fused_ok(export_dir):
+        pytest.skip("fused user encoder / custom-op library unavailable")
+    if backend == "torch":
+        opts = {"checkpoint": str(tiny_checkpoint)}
+    eng = Engine.load(export_dir, backend=backend, retriever=retriever, backend_options=opts)
+    if backend == "onnxruntime":
+        assert eng.backend.fused is bool(opts["fused"])
+    for b in (1, 7, 512):
+        (h, p, n), ref = _ref(reference, b)
+        got = eng.recommend(h, p, n, k=10)
+        overlap, err = _agree(got, ref)
+        assert overlap >= 0.99, (b, overlap)
+        assert err <= 1e-4, (b, err)
+
+
+def test_stages_match_reference(engine, reference):
+    texts = ["show me more comedy films", "no horror please"]
+    assert np.abs(engine.encode_prompts(texts) - reference.encode_prompts(texts)).max() <= 1e-4
+    h, p, n = _requests(engine, 16, seed=5)
+    pp = engine.encode_prompts(["more comedy"] * 16)
+    pres = np.tile(np.array([[1, 0]]), (16, 1))
+    u = engine.encode_users(h, pp, None, pres)
+    assert u.shape == (16, engine.dim)
+    assert np.abs(u - reference.encode_users(h, pp, None, pres)).max() <= 1e-4
+    idx, sc = engine.retrieve(u, 5)
+    assert idx.shape == (16, 5) and (idx > 0).all()
+    timings = {}
+    engine.recommend(h, p, n, k=3, timings=timings)
+    assert set(timings) >= {"tokenize", "prompt_encoder", "user_encoder", "retrieval"}
+
+
+def test_tokenization_matches_training_tokenizer(engine, text_encoder):
+    texts = ["show me more comedy films", "no horror please", "a much longer prompt " * 40, "x"]
+    ids, mask = engine.tokenize(texts)
+    hf = text_encoder.tokenizer(texts, padding=True, truncation=True, max_length=text_encoder.max_tokens,
+                                return_tensors="np")
+    assert np.array_equal(ids, hf["input_ids"]) and np.array_equal(mask, hf["attention_mask"])
+
+
+def test_auto_backend_choice_is_explained(export_dir):
+    from dpr.engine import Engine
+
+    eng = Engine.load(export_dir)
+    assert eng.backend_name == "onnxruntime"                        # no GPU here
+    assert "tensorrt" in eng.choice_reason and "onnxruntime" in eng.choice_reason
+    d = eng.describe()
+    assert d["backend"]["backend"] == "onnxruntime" and d["choice_reason"] == eng.choice_reason
+
+
+def test_no_prompt_is_backbone(engine):
+    h, _, _ = _requests(engine, 4, seed=9)
+    a = engine.encode_users(h)
+    b = engine.encode_users(h, np.ones((4, engine.dim), np.float32), np.ones((4, engine.dim), np.float32),
+                            np.zeros((4, 2), np.int64))
+    assert np.allclose(a, b, atol=1e-6)
+
+
+def test_history_and_filter_exclusion_exact(engine):
+    h, p, n = _requests(engine, 64, seed=11)
+    k = 25
+    recs = engine.recommend(h, p, n, k=k)
+    for hist, ids in zip(h, recs.item_ids):
+        assert len(ids) == k and not set(ids) & set(hist) and len(set(ids)) == k
+    tag = engine.tag_names[0]
+    bad = engine.tag_names[1]
+    flt = {"include_tags": [tag], "exclude_tags": [bad]}
+    recs = engine.recommend(h, p, n, k=10, hard_filter=flt)
+    for hist, ids, tags in zip(h, recs.item_ids, recs.tags):
+        assert len(ids) == 10 and not set(ids) & set(hist)
+        assert all(tag in t and bad not in t for t in tags)
+    # per-request filters, mixed with None
+    per = [flt if i % 2 else None for i in range(64)]
+    recs = engine.recommend(h, p, n, k=10, hard_filter=per)
+    for i, tags in enumerate(recs.tags):
+        if i % 2:
+            assert all(tag in t and bad not in t for t in tags)
+    # keep history when asked
+    recs = engine.recommend([h[0]], k=engine.num_items, exclude_history=False)
+    assert len(recs.item_ids[0]) == engine.num_items
+    # a filter leaving few items: fewer results, never an excluded one
+    only = engine.item_ids[:3]
+    recs = engine.recommend([[engine.item_ids[0]]], k=10,
+                            hard_filter={"exclude_items": [x for x in engine.item_ids if x not in only]})
+    assert set(recs.item_ids[0]) == set(only[1:])
+
+
+def test_truncation_keeps_most_recent(engine):
+    L = engine.max_len
+    long = engine.item_ids[:L + 7]
+    a = engine.encode_users([long])
+    b = engine.encode_users([long[-L:]])
+    assert np.allclose(a, b, atol=1e-6)
+    assert engine.pad_histories([np.arange(1, L + 8)])[0].tolist() == list(range(8, L + 8))
+
+
+GOOD = dict(histories=[["__first__"]], prompts=["more comedy"], k=5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(histories=[[]]), "empty"),
+    (dict(histories=[]), "empty"),
+    (dict(histories=[["no-such-item"]]), "no-such-item"),
+    (dict(k=0), "k must be >= 1"),
+    (dict(k=10 ** 6), "larger than the catalogue"),
+    (dict(k="3"), "k must be an integer"),
+    (dict(prompts=[""]), "empty"),
+    (dict(prompts=["   \n\t"]), "whitespace"),
+    (dict(prompts=["x" * 100_000]), "too long"),
+    (dict(prompts=[b"\xff\xfe bad"]), "UTF-8"),
+    (dict(prompts=[123]), "must be a string"),
+    (dict(negative_prompts=["\ud800"]), "UTF-8"),
+    (dict(prompts=["a", "b"]), "lengths must match"),
+    (dict(negative_prompts=[None, None]), "lengths must match"),
+    (dict(prompts="more comedy"), "not a single string"),
+    (dict(hard_filter={"include_tags": ["no-such-tag"]}), "unknown tag"),
+    (dict(hard_filter={"colour": ["red"]}), "unknown key"),
+    (dict(histories="i1"), "must be a list"),
+])
+def test_bad_inputs_fail_clearly_and_engine_keeps_serving(engine, kwargs, match):
+    first = engine.item_ids[0]
+    good = {k: ([[first]] if v == [["__first__"]] else v) for k, v in GOOD.items()}
+    call = dict(good, **kwargs)
+    with pytest.raises(InputError, match=match):
+        engine.recommend(**call)
+    recs = engine.recommend(**good)
+    assert len(recs.item_ids[0]) == 5
+
+
+def test_unknown_items_ignore_mode(export_dir):
+    from dpr.engine import Engine
+
+    eng = Engine.load(export_dir, backend="onnxruntime", unknown_items="ignore")
+    a = eng.recommend([[eng.item_ids[3], "nope", eng.item_ids[4]]], k=5)
+    b = eng.recommend([[eng.item_ids[3], eng.item_ids[4]]], k=5)
+    assert a.item_ids == b.item_ids
+    with pytest.raises(InputError, match="no known item"):
+        eng.recommend([["nope"]], k=5)
+    # bytes prompts that are valid UTF-8 are accepted
+    assert eng.recommend([[eng.item_ids[3]]], prompts=["more comedy".encode()], k=2).item_ids
+
+
+def test_export_validation_errors(export_dir, tmp_path):
+    from dpr.engine import BackendError, Engine, ExportFolderError
+
+    with pytest.raises(ExportFolderError, match="not found"):
+        Engine.load(tmp_path / "nope")
+    with pytest.raises(ExportFolderError, match="manifest"):
+        Engine.load(tmp_path)
+    d = tmp_path / "copy"
+    shutil.copytree(export_dir, d)
+    with pytest.raises(BackendError, match="unknown backend"):
+        Engine.load(d, backend="tensorflow")
+    with pytest.raises(BackendError, match="(?i)tensorrt"):
+        Engine.load(d, backend="tensorrt")
+    with pytest.raises(BackendError, match="unknown retriever"):
+        Engine.load(d, retriever="annoy")
+    arr = d / "item_embeddings.npy"
+    raw = bytearray(arr.read_bytes())
+    raw[-1] ^= 0x01
+    arr.write_bytes(bytes(raw))
+    with pytest.raises(ExportFolderError, match="item_embeddings.npy.*(modified|sha256)"):
+        Engine.load(d)
+    shutil.copyfile(Path(export_dir) / "item_embeddings.npy", arr)
+    ok = Engine.load(d, backend="onnxruntime")                     # restored file: loads and serves
+    assert ok.recommend([[ok.item_ids[0]]], k=2).item_ids[0]
+    (d / "user_encoder_portable.onnx").unlink()
+    with pytest.raises(ExportFolderError, match="missing.*user_encoder_portable.onnx"):
+        Engine.load(d)
+    m = json.loads((Path(export_dir) / "manifest.json").read_text())
+    m["format_version"] = 99
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ExportFolderError, match="version 99"):
+        Engine.load(d)
+
+
+def test_torch_backend_needs_weights(export_dir):
+    from dpr.engine import BackendError, Engine
+
+    with pytest.raises(BackendError, match="checkpoint"):
+        Engine.load(export_dir, backend="torch")
+
+
+def test_prompt_cache_hits_and_never_stale_after_reload(export_dir, other_checkpoint, tmp_path):
+    from dpr.engine import Engine, PromptCache
+    from dpr.export import ExportConfig, export
+
+    d = tmp_path / "live"
+    shutil.copytree(export_dir, d)
+    shared = PromptCache(16)
+    e1 = Engine.load(d, backend="onnxruntime", prompt_cache=shared)
+    texts = ["more comedy", "no horror", "more comedy"]
+    v1 = e1.encode_prompts(texts)
+    assert shared.stats()["misses"] == 2 and shared.stats()["hits"] == 0
+    assert np.array_equal(v1[0], v1[2])
+    v1b = e1.encode_prompts(texts)
+    assert shared.stats()["hits"] == 2 and np.array_equal(v1, v1b)
+    e1.recommend([[e1.item_ids[0]]] * 2, prompts=["more comedy", "brand new"], k=3)
+    s = shared.stats()
+    assert s["hits"] == 3 and s["misses"] == 3
+    # a different model exported into the same directory, same process, same (shared) cache
+    export(other_checkpoint, ExportConfig(out=str(d), force=True, fused=False))
+    e2 = Engine.load(d, backend="onnxruntime", prompt_cache=shared)
+    assert e2.model_hash != e1.model_hash
+    v2 = e2.encode_prompts(texts)
+    fresh = Engine.load(d, backend="onnxruntime", prompt_cache_size=0).encode_prompts(texts)
+    assert not np.allclose(v1, v2, atol=1e-3)
+    assert np.allclose(v2, fresh, atol=1e-6)
+    # default: one cache per engine instance
+    e3 = Engine.load(d, backend="onnxruntime")
+    assert e3.prompt_cache is not e2.prompt_cache and e3.prompt_cache.stats()["size"] == 0
+
+
+def test_batcher_threads_each_future_gets_its_own_result(engine):
+    from dpr.engine import DynamicBatcher
+
+    rng = np.random.default_rng(0)
+    h, p, n = _requests(engine, 60, seed=21)
+    pool = [dict(history=h[i], prompt=p[i], negative_prompt=n[i], k=int(rng.integers(1, 20)),
+                 hard_filter=({"exclude_tags": [engine.tag_names[i % len(engine.tag_names)]]} if i % 5 == 0 else None))
+            for i in range(60)]
+    direct = [engine.recommend([r["history"]], [r["prompt"]], [r["negative_prompt"]], k=r["k"],
+                               hard_filter=[r["hard_filter"]])[0] for r in pool]
+    results: dict = {}
+    errors = []
+    with DynamicBatcher(engine, max_batch_size=128, max_delay_ms=2) as batcher:
+        def worker(t):
+            r = np.random.default_rng(t)
+            futs = []
+            for j in range(500):
+                i = int(r.integers(len(pool)))
+                futs.append(((t, j), i, batcher.submit(pool[i])))
+            for key, i, f in futs:
+                try:
+                    results[key] = (i, f.result(timeout=60))
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        stats = batcher.stats()
+    assert not errors
+    assert len(results) == 8 * 500
+    for i, rec in results.values():
+        ref = direct[i]
+        assert rec.item_ids == ref.item_ids or len(set(rec.item_ids) & set(ref.item_ids)) >= len(ref) - 1
+        assert len(rec) == pool[i]["k"]
+        assert np.allclose(rec.scores[-1], ref.scores[-1], atol=1e-4)
+    assert stats["completed"] == 8 * 500 and stats["queued"] == 0
+    assert stats["max_batch_seen"] > 1 and stats["batches"] < 8 * 500
+
+
+def test_batcher_bad_request_fails_alone_overload_and_close(engine):
+    from dpr.engine import ClosedError, DynamicBatcher, OverloadedError
+
+    good = {"history": [engine.item_ids[1]], "prompt": "more comedy", "k": 3}
+    with DynamicBatcher(engine, max_batch_size=8, max_delay_ms=20) as b:
+        f1 = b.submit(good)
+        bad = b.submit({"history": ["nope"], "k": 3})
+        f2 = b.submit(dict(good, k=4))
+        bad2 = b.submit(dict(good, prompt=""))
+        with pytest.raises(InputError, match="nope"):
+            bad.result(timeout=10)
+        with pytest.raises(InputError, match="empty"):
+            bad2.result(timeout=10)
+        assert len(f1.result(timeout=10)) == 3 and len(f2.result(timeout=10)) == 4
+        assert asyncio.run(b.submit_async(good)).item_ids == f1.result().item_ids
+
+    # a batch that fails at run time: only the culprit fails
+    b = DynamicBatcher(engine, max_batch_size=8, max_delay_ms=50)
+    orig = engine._run_rows
+
+    def flaky(rows, timings=None):
+        if any(r.k == 7 for r in rows):
+            raise RuntimeError("boom")
+        return orig(rows, timings)
+    engine._run_rows = flaky
+    try:
+        fs = [b.submit(dict(good, k=k)) for k in (3, 7, 5)]
+        assert len(fs[0].result(timeout=10)) == 3 and len(fs[2].result(timeout=10)) == 5
+        with pytest.raises(RuntimeError, match="boom"):
+            fs[1].result(timeout=10)
+    finally:
+        del engine._run_rows
+        b.close()
+
+    # overload: a long delay keeps requests queued
+    b = DynamicBatcher(engine, max_batch_size=1000, max_delay_ms=10_000, max_queue=5)
+    futs = [b.submit(good) for _ in range(5)]
+    with pytest.raises(OverloadedError, match="full"):
+        b.submit(good)
+    b.close(timeout=30)                                         # drains: everything queued completes
+    assert all(len(f.result(timeout=0)) == 3 for f in futs)
+    with pytest.raises(ClosedError):
+        b.submit(good)
+
+
+def test_cli(export_dir, capsys):
+    from dpr.engine.cli import main
+    from dpr.engine import Engine
+
+    ids = Engine.load(export_dir).item_ids
+    assert main([str(export_dir), "--history", ",".join(ids[:3]), "--prompt", "more comedy", "-k", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("score=") == 4
+    assert main([str(export_dir), "--history", ids[0], "--negative", "no horror", "-k", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["items"]) == 2 and {"id", "title", "tags", "score"} <= set(data["items"][0])
+    assert main([str(export_dir), "--history", "nope", "-k", "2"]) == 2
+    assert "dpr-recommend: error:" in capsys.readouterr().err
+    assert main([str(export_dir), "--history", ids[0], "--backend", "tensorrt"]) == 2
+    assert "dpr-recommend: error:" in capsys.readouterr().err
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_tensorrt_backend_agrees(export_dir, reference):
+    from dpr.engine import Engine
+
+    eng = Engine.load(export_dir, backend="tensorrt", device="cuda")
+    for b in (1, 7, 512):
+        (h, p, n), ref = _ref(reference, b)
+        overlap, err = _agree(eng.recommend(h, p, n, k=10), ref)
+        assert overlap >= 0.99 and err <= 1e-4
+
+
+@pytest.mark.gpu
+def test_onnxruntime_cuda_agrees(export_dir, reference):
+    from dpr.engine import Engine
+    from dpr.engine.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    ok, why = OnnxRuntimeBackend.availability("cuda")
+    if not ok:
+        pytest.skip(why)
+    eng = Engine.load(export_dir, backend="onnxruntime", device="cuda")
+    (h, p, n), ref = _ref(reference, 7)
+    overlap, err = _agree(eng.recommend(h, p, n, k=10), ref)
+    assert overlap >= 0.99 and err <= 1e-4

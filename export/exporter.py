@@ -731,35 +731,6 @@ def _parity(model, penc, te, catalogue, folder: Path, graphs: dict, custom_lib, 
     return out
 
 
-def _sasrec_forward_all_fp16(self, item_seq):
-    """``SASRec.forward_all`` with a float16-safe attention mask (the model's -1e9 overflows to -inf in
-    float16, and a row of -inf makes NaN that leaks through the padding positions)."""
-    import math
-
-    import torch
-
-    b, l = item_seq.shape
-    keep = (item_seq > 0).unsqueeze(-1).to(self.item_emb.weight.dtype)
-    pos = torch.arange(self.cfg.max_len - l, self.cfg.max_len, device=item_seq.device)
-    x = self.item_emb(item_seq) * math.sqrt(self.cfg.d) + self.pos_emb(pos).unsqueeze(0)
-    x = self.drop(x) * keep
-    causal = torch.ones(l, l, dtype=torch.bool, device=item_seq.device).tril()
-    allowed = causal.unsqueeze(0) & (item_seq > 0).unsqueeze(1)
-    attn_bias = torch.where(allowed, 0.0, -1e4).to(x.dtype).unsqueeze(1)
-    for block in self.blocks:
-        x = block(x, attn_bias, keep)
-    return self.ln(x)
-
-
-def _fp16_safe_backbone(model) -> None:
-    import types
-
-    from dpr.model.backbones import SASRec
-
-    if isinstance(model.backbone, SASRec):
-        model.backbone.forward_all = types.MethodType(_sasrec_forward_all_fp16, model.backbone)
-
-
 def _export_fp16(ck, te, folder: Path, graphs: dict, custom_lib, cfg: ExportConfig, rng, table, ex_args, ex_user_t,
                  batch, seq, dyn_user, dyn_axes_user, dyn_axes_pe) -> dict:
     """float16 copies of the graphs, exported from a ``.half()`` model (float16 weights, float inputs and
@@ -796,7 +767,6 @@ def _export_fp16(ck, te, folder: Path, graphs: dict, custom_lib, cfg: ExportConf
                                                dyn_axes_pe, cfg.opset, None, cfg.verbose, allow_fallback=True)
             else:
                 mod = ck.build_model().eval().half()
-                _fp16_safe_backbone(mod)
                 args = (ex_user_t[0], ex_user_t[1].half(), ex_user_t[2].half(), ex_user_t[3])
                 tbl = dict(_portable_table())
                 if kind == "fused":

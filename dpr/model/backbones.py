@@ -81,10 +81,12 @@ class SASRec(Backbone):
         x = self.item_emb(item_seq) * math.sqrt(self.cfg.d) + self.pos_emb(pos).unsqueeze(0)
         x = self.drop(x) * keep
         # Additive bias: causal and key-padding. A large finite negative (not -inf) keeps rows made
-        # only of padding finite; their output is zeroed by `keep` and never read.
+        # only of padding finite; their output is zeroed by `keep` and never read. -1e9 overflows to
+        # -inf in float16, so half-precision models (fp16 export) use -1e4.
         causal = torch.ones(l, l, dtype=torch.bool, device=item_seq.device).tril()
         allowed = causal.unsqueeze(0) & (item_seq > 0).unsqueeze(1)                # (B, L, L)
-        attn_bias = torch.where(allowed, 0.0, -1e9).to(x.dtype).unsqueeze(1)      # (B, 1, L, L)
+        masked = -1e4 if x.dtype == torch.float16 else -1e9
+        attn_bias = torch.where(allowed, 0.0, masked).to(x.dtype).unsqueeze(1)      # (B, 1, L, L)
         for block in self.blocks:
             x = block(x, attn_bias, keep)
         return self.ln(x)

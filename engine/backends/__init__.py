@@ -7,7 +7,8 @@
 
 from __future__ import annotations
 
-import importlib
+from dpr.registry import resolve_factory
+
 from typing import Callable
 
 from ..errors import BackendError
@@ -34,8 +35,4 @@ def register_backend(name: str, factory, *, overwrite: bool = False) -> None:
 def backend_class(name: str):
     if name not in BACKENDS:
         raise BackendError(f"unknown backend {name!r}; choose one of: auto, {', '.join(BACKENDS)}")
-    f = BACKENDS[name]
-    if isinstance(f, str):
-        mod, attr = f.split(":", 1)
-        return getattr(importlib.import_module(mod), attr)
-    return f
+    return resolve_factory(BACKENDS[name])

@@ -17,6 +17,8 @@ Built-in names (imported lazily, so a missing optional package only matters when
 
 from __future__ import annotations
 
+from dpr.registry import resolve_factory
+
 import importlib
 import importlib.util
 from typing import Any, Callable, Union
@@ -65,11 +67,7 @@ def retriever_class(name: str) -> Callable[..., Retriever]:
     """Resolve a registered name to its class/factory (imports the module)."""
     if name not in RETRIEVERS:
         raise InputError(f"unknown retriever {name!r}; registered: {', '.join(sorted(RETRIEVERS))}")
-    factory = RETRIEVERS[name]
-    if isinstance(factory, str):
-        module, attr = factory.split(":", 1)
-        return getattr(importlib.import_module(module), attr)
-    return factory
+    return resolve_factory(RETRIEVERS[name])
 
 
 def get_retriever(name: str, item_embeddings: np.ndarray, **kw: Any) -> Retriever:

@@ -1,0 +1,9 @@
+"""``dpr.bench``: ``dpr-bench`` (how fast the engine serves a model here, where the time goes, and how it
+compares with the plain PyTorch pipeline) and pytest-benchmark micro-benchmarks (``bench_*.py``).
+
+``config`` (BenchConfig: the flags), ``default_model`` (the UNTRAINED model built when no export is
+given), ``workload`` (the requests), ``pipeline`` (the plain PyTorch baseline), ``backends`` (which
+backends run), ``measure`` (interleaved timing loops), ``gating`` (fused vs portable gate),
+``retrieval`` (retrievers vs the machine's ceilings), ``runner`` (all of it in order), ``report``
+(summary, table, JSON, plot), ``machine`` (CPU/GPU/versions), ``cli`` (the command).
+"""

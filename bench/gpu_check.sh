@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# On a GPU machine (nvcc + CUDA torch): build everything, run the gpu-marked kernel tests, and
-# benchmark the CUDA kernel (bandwidth vs a measured device copy, time vs the unfused torch reference).
+# On a GPU machine (nvcc + CUDA torch): build everything, run the gpu-marked kernel tests,
+# benchmark the CUDA kernel (bandwidth vs a measured device copy, time vs the unfused torch reference)
+# and run dpr-bench --device cuda (JSON in build/bench-gpu.json).
 #   bash bench/gpu_check.sh            (PYTHON=... to choose the interpreter)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -49,5 +50,9 @@ for dtype in (torch.float32, torch.float16):
         print(f"{str(dtype):14s} B={B:6d}  fused {t_f:8.1f} us  reference {t_r:8.1f} us  x{t_r / t_f:5.1f}  "
               f"{bw:7.1f} GB/s = {bw / copy_bw:5.1%} of copy  rel.err {err:.1e}")
 PYEOF
+echo "== dpr-bench on the GPU (default UNTRAINED model; a random-weight MiniLM-shaped encoder when the"
+echo "   [encoder] extra is absent; backends that cannot run on cuda are listed as skipped)"
+$PY -m dpr.bench.cli --device cuda --batch 512 --iters ${BENCH_ITERS:-10} --warmup 2 --no-progress \
+    --json build/bench-gpu.json || status=1
 echo "== summary: $([ $status -eq 0 ] && echo OK || echo FAILED)"
 exit $status

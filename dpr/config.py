@@ -57,12 +57,14 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"                # stage 1 (the costly one) runs here, e.g. "cuda"; the rest on the CPU
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
     # stage 1: collaborative (backbone + item table)
     stage1_epochs: int = 30
+    stage1_max_minutes: float = 0.0    # wall-clock budget for stage 1 (0: none); the best epoch so far is kept
+    stage1_all_windows: bool = False   # train on every max_len window of long histories, not only the newest
     patience: int = 5                  # early stopping on validation NDCG@10 (epochs without gain)
     eval_every: int = 1
     # stage 2: alignment (projection P (+ Fusion)), backbone/items/text encoder frozen

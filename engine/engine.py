@@ -119,6 +119,8 @@ class Engine:
         self.unknown_items = unknown_items
         self.max_prompt_bytes = int(max_prompt_bytes)
         self.model_hash = export.model_hash
+        # prompt vectors depend on the weights (model hash) and on the prompt encoder's numerics
+        self.prompt_cache_key = f"{export.model_hash}:{getattr(backend, 'prompt_variant', 'fp32')}"
         self.max_len = export.max_len
         self.dim = export.dim
         self.max_batch = export.max_batch
@@ -378,7 +380,7 @@ class Engine:
         if any(t is None for t in texts):
             raise InputError("encode_prompts takes strings, not None")
         uniq = list(dict.fromkeys(texts))
-        cached = self.prompt_cache.get_many(self.model_hash, uniq)
+        cached = self.prompt_cache.get_many(self.prompt_cache_key, uniq)
         vec = {t: v for t, v in zip(uniq, cached) if v is not None}
         todo = [t for t, v in zip(uniq, cached) if v is None]
         t_tok = t_enc = 0.0
@@ -390,7 +392,7 @@ class Engine:
             out = np.asarray(self.backend.encode_prompts(ids, mask), dtype=np.float32)
             t_enc += time.perf_counter() - t1
             t_tok += t1 - t0
-            self.prompt_cache.put_many(self.model_hash, chunk, out)
+            self.prompt_cache.put_many(self.prompt_cache_key, chunk, out)
             vec.update(zip(chunk, out))
         if timings is not None:
             timings["tokenize"] = timings.get("tokenize", 0.0) + t_tok

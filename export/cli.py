@@ -28,6 +28,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-batch", type=int, default=d.opt_batch, help="TensorRT profile opt batch (default: max)")
     p.add_argument("--no-fused", dest="fused", action="store_false",
                    help="write only the portable user encoder (no dpr::FusedMoEGate custom node)")
+    p.add_argument("--no-torch-weights", dest="torch_weights", action="store_false",
+                   help="leave out model_state.safetensors and text_encoder/ (ONNX-only deployment; "
+                        "the torch backend then needs --checkpoint)")
+    p.add_argument("--int8", action="store_true",
+                   help="also write prompt_encoder_int8.onnx (per-channel dynamic int8; its worst-row cosine "
+                        "to fp32 on real prompts is recorded and gated)")
+    p.add_argument("--int8-min-cosine", type=float, default=d.int8_min_cosine,
+                   help=f"int8 gate: worst-row cosine to fp32 (default {d.int8_min_cosine:g})")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     p.add_argument("--text-encoder", default=None,
                    help="path of the checkpoint's text encoder when it moved (its hash is still verified)")
@@ -46,8 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         from dpr.export.exporter import ExportConfig, export
 
         cfg = ExportConfig(out=args.out, opset=args.opset, fp16=args.fp16, max_batch=args.max_batch,
-                           opt_batch=args.opt_batch, fused=args.fused, force=args.force,
+                           opt_batch=args.opt_batch, fused=args.fused, force=args.force, torch_weights=args.torch_weights,
                            text_encoder=args.text_encoder, atol=args.atol, min_overlap=args.min_overlap,
+                           int8=args.int8, int8_min_cosine=args.int8_min_cosine,
                            seed=args.seed, verbose=args.verbose)
         out = export(args.checkpoint, cfg)
     except DPRError as exc:

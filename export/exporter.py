@@ -13,6 +13,12 @@ Folder contents (``manifest.json`` describes every file):
   left-padded), ``p_pos``, ``p_neg`` (batch x d float32), ``presence`` (batch x 2 int64) ->
   ``user_vector`` (batch x d).
 - ``item_embeddings.npy`` ((N+1) x d float32, row 0 padding), ``items.json``.
+- ``model_state.safetensors`` (the DPR model's full state dict) and ``text_encoder/`` (the frozen
+  encoder's own files): the torch backend, the reference, rebuilds the model from these alone; the
+  ONNX graphs cannot serve for that (the exporter folds weights into anonymous constants).
+  ``torch_weights=False`` (``--no-torch-weights``) leaves them out for an ONNX-only deployment.
+- with ``int8``: ``prompt_encoder_int8.onnx``, per-channel dynamic int8, gated on its worst-row cosine to
+  the fp32 graph over real prompts (``dpr.export.quantize``).
 - with ``fp16``: ``*_fp16.onnx`` graphs (float16 weights and float inputs/outputs) and
   ``item_embeddings_fp16.npy``; their parity is recorded, not gated.
 
@@ -61,6 +67,9 @@ class ExportConfig:
     max_batch: int = 512              # TensorRT optimisation profile max (min is 1)
     opt_batch: int = 0                # TensorRT profile opt (0: max_batch)
     fused: bool = True                # also write user_encoder.onnx with the dpr::FusedMoEGate node
+    torch_weights: bool = True        # also write model_state.safetensors + text_encoder/ (torch backend)
+    int8: bool = False                # also write prompt_encoder_int8.onnx (per-channel dynamic int8; gated)
+    int8_min_cosine: float = 0.98     # int8 gate: worst-row cosine to the fp32 graph on real prompts
     force: bool = False               # replace an existing non-empty output folder
     text_encoder: str | None = None   # override the checkpoint's text encoder path (hash still verified)
     atol: float = 1e-4                # fp32 parity gate: max abs error
@@ -78,6 +87,8 @@ class ExportConfig:
             raise ExportError(f"--opt-batch must be in 0..max_batch={self.max_batch}, got {self.opt_batch}")
         if self.atol < 0 or not 0 <= self.min_overlap <= 1:
             raise ExportError("atol must be >= 0 and min_overlap in [0, 1]")
+        if not -1 <= self.int8_min_cosine <= 1:
+            raise ExportError(f"--int8-min-cosine must be in [-1, 1], got {self.int8_min_cosine}")
         if not self.parity_batches or min(self.parity_batches) < 1:
             raise ExportError("parity_batches must be positive batch sizes")
         return self
@@ -286,6 +297,29 @@ def _load_text_encoder(ck, override: str | None):
     resolved = {"source": ident.get("source"), "loaded_from": str(source), "hash": want, "hash_verified": bool(want),
                 "dim": te.dim, "max_tokens": max_tokens}
     return te, resolved
+
+
+def _write_torch_weights(model, encoder_source: str, folder: Path) -> dict:
+    """The model's state dict as safetensors and a copy of the frozen encoder's files (exactly the ones
+    its identity hash covers, so the torch backend can verify the copy against the manifest)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dpr.model.text_encoder import _WEIGHT_FILES
+
+    state = {k: v.detach().to(torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+             for k, v in model.state_dict().items()}
+    save_file(state, str(folder / "model_state.safetensors"), metadata={"format": "dpr-model-state"})
+    src = Path(encoder_source)
+    copied = []
+    if src.is_dir():
+        (folder / "text_encoder").mkdir()
+        for name in _WEIGHT_FILES + TOKENIZER_FILES:
+            if (src / name).is_file() and name not in copied:
+                shutil.copyfile(src / name, folder / "text_encoder" / name)
+                copied.append(name)
+    return {"model_state": "model_state.safetensors", "tensors": len(state),
+            "text_encoder": "text_encoder" if copied else None, "text_encoder_files": copied}
 
 
 def _write_tokenizer(te, source: str, folder: Path) -> dict:
@@ -501,6 +535,7 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
     # -- item table + catalogue
     np.save(folder / "item_embeddings.npy", table.astype(np.float32))
     (folder / "items.json").write_text(json.dumps(ck.catalogue.to_dict(), ensure_ascii=False), encoding="utf-8")
+    torch_weights = _write_torch_weights(model, te_ident["loaded_from"], folder) if cfg.torch_weights else None
 
     # -- prompt encoder
     tok_info = _write_tokenizer(te, te_ident["loaded_from"], folder)
@@ -595,6 +630,13 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
     if failures:
         raise ExportError("parity check failed (ONNX Runtime vs PyTorch): " + "; ".join(failures))
 
+    # -- int8 prompt encoder (gated on its worst-row cosine; see dpr.export.quantize)
+    if cfg.int8:
+        from dpr.export.quantize import INT8_GRAPH, build_int8_prompt_encoder
+
+        graphs[INT8_GRAPH] = build_int8_prompt_encoder(folder, graphs[PROMPT_ENCODER], te.tokenizer, max_tokens,
+                                                       ck.catalogue, table, cfg.int8_min_cosine)
+
     # -- fp16 (recorded, not gated)
     fp16_info = None
     if cfg.fp16:
@@ -606,9 +648,9 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
     from dpr.export.trt_ops import OPS_FILE
 
     files = {}
-    for p in sorted(folder.iterdir()):
+    for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != "manifest.json":
-            files[p.name] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            files[p.relative_to(folder).as_posix()] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
     import dataclasses
 
     manifest = {
@@ -635,6 +677,7 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
         "graphs": graphs,
         "skipped": skipped,
         "fp16": fp16_info,
+        "torch_weights": torch_weights,
         "item_embeddings": {"file": "item_embeddings.npy", "dtype": "float32", "shape": list(table.shape),
                             "padding_row": 0, "fp16_file": "item_embeddings_fp16.npy" if cfg.fp16 else None},
         "items": {"file": "items.json", "num_items": ck.catalogue.num_items, "num_tags": ck.catalogue.num_tags},

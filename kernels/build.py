@@ -197,7 +197,7 @@ def _targets(cxx: str | None, nvcc: str | None, ort_inc: Path | None) -> dict[st
     if nvcc:
         t["cuda_lib"] = _Target("cuda_lib", ["fused_moe_gate.cu"], [nvcc], lambda tmp, out: [
             [nvcc, *NVCCFLAGS, *GENCODE, "-Xcompiler", "-fPIC", "-shared", "-cudart", "static",
-             f"-I{k}", f"{k}/fused_moe_gate.cu", "-o", str(out)]], spill_check=True)
+             "-DDPR_STANDALONE_CUDA_LIB", f"-I{k}", f"{k}/fused_moe_gate.cu", "-o", str(out)]], spill_check=True)
         for arch in CUDA_ARCHS:
             t[f"ptx_sm{arch}"] = _Target(f"ptx_sm{arch}", ["fused_moe_gate.cu"], [nvcc], lambda tmp, out, a=arch: [
                 [nvcc, "-O3", "-std=c++17", "-ptx", f"-arch=compute_{a}", f"-I{k}", f"{k}/fused_moe_gate.cu",

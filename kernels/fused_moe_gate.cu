@@ -243,4 +243,10 @@ int dpr_fused_moe_gate_cuda_f16(const uint16_t* z, const uint16_t* w_router, con
 
 const char* dpr_cuda_last_error(void) { return g_last_error; }
 
+#ifdef DPR_STANDALONE_CUDA_LIB
+// The standalone CUDA library (libdpr_kernels_cuda.so) has no CPU twin beside it to define this; the ORT
+// library links both objects, so it is defined only here, only then.
+const char* dpr_status_string(int code) { return dpr_status_message(code); }
+#endif
+
 }  // extern "C"

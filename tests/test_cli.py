@@ -52,3 +52,36 @@ def test_unknown_config_field(tmp_path, tiny_encoder_dir, capsys):
     assert train_cli.main(["--config", str(cfg), "--out", str(tmp_path / "x.pt"),
                            "--text-encoder", str(tiny_encoder_dir)]) == 2
     assert "unknown ModelConfig fields: dd" in capsys.readouterr().err
+
+
+def test_stage1_without_encoder_then_steering_ablation(tmp_path, tiny_encoder_dir, capsys, monkeypatch):
+    """Stage 1 runs with no text encoder (as on a GPU box without one); stages 2-3 resume from it, and
+    steering flags given with --resume rebuild only the steering modules (how the ablations share one
+    backbone). Backbone flags that differ from the checkpoint are refused."""
+    import torch
+
+    from dpr.checkpoint import load_checkpoint
+
+    monkeypatch.setenv("DPR_TEXT_ENCODER", str(tmp_path / "no-such-encoder"))   # stage 1 must not look
+    data = ["--dataset", "synthetic", "--synthetic-users", "120", "--synthetic-items", "150"]
+    s1 = tmp_path / "s1.pt"
+    assert train_cli.main(data + ["--out", str(s1), "--stages", "1", "--d", "8", "--max-len", "10",
+                                  "--stage1-epochs", "2", "--stage1-all-windows", "--stage1-max-minutes", "5"]) == 0
+    ck1 = load_checkpoint(s1)
+    assert ck1.meta["stages_done"] == [1] and not ck1.text_encoder.get("hash")
+    full = tmp_path / "abl.pt"
+    steer = ["--stage2-epochs", "1", "--stage2-steps-per-epoch", "2", "--stage3-epochs", "1",
+             "--stage3-steps-per-epoch", "2", "--val-users", "30"]
+    assert train_cli.main(data + steer + ["--resume", str(s1), "--stages", "2,3", "--out", str(full),
+                                          "--text-encoder", str(tiny_encoder_dir), "--fusion", "add",
+                                          "--top-k", "1", "--expert-hidden", "8"]) == 0
+    ck = load_checkpoint(full)
+    assert (ck.model_config.fusion, ck.model_config.top_k, ck.model_config.expert_hidden) == ("add", 1, 8)
+    assert ck.text_encoder["hash"]                                   # the encoder is bound now
+    for k, v in ck1.state_dict.items():
+        if k.startswith(("item_emb", "backbone")):
+            assert torch.equal(v, ck.state_dict[k]), k               # the backbone is untouched
+    capsys.readouterr()
+    assert train_cli.main(data + steer + ["--resume", str(s1), "--stages", "3", "--out", str(tmp_path / "x.pt"),
+                                          "--text-encoder", str(tiny_encoder_dir), "--d", "16"]) == 2
+    assert "--d differ" in capsys.readouterr().err

@@ -282,11 +282,53 @@ def test_export_validation_errors(export_dir, tmp_path):
         Engine.load(d)
 
 
-def test_torch_backend_needs_weights(export_dir):
+def _copy_without_torch_weights(export_dir, dst):
+    """The export as written with --no-torch-weights, moved away from its checkpoint."""
+    shutil.copytree(export_dir, dst)
+    (dst / "model_state.safetensors").unlink()
+    shutil.rmtree(dst / "text_encoder")
+    m = json.loads((dst / "manifest.json").read_text())
+    m["files"] = {k: v for k, v in m["files"].items()
+                  if k != "model_state.safetensors" and not k.startswith("text_encoder/")}
+    (dst / "manifest.json").write_text(json.dumps(m))
+    return dst
+
+
+def test_torch_backend_needs_weights(export_dir, tmp_path):
     from dpr.engine import BackendError, Engine
 
+    d = _copy_without_torch_weights(export_dir, tmp_path / "onnx-only")
     with pytest.raises(BackendError, match="checkpoint"):
-        Engine.load(export_dir, backend="torch")
+        Engine.load(d, backend="torch")
+
+
+def test_torch_backend_from_export_alone(export_dir, tiny_checkpoint, tmp_path):
+    """The export carries the torch weights and the text encoder: a copy far from the checkpoint (and
+    from the encoder folder the checkpoint names) rebuilds the same model as the checkpoint does."""
+    from dpr.engine import Engine
+
+    m = json.loads((export_dir / "manifest.json").read_text())
+    assert "model_state.safetensors" in m["files"]
+    assert any(k.startswith("text_encoder/") for k in m["files"])
+    d = tmp_path / "moved"
+    shutil.copytree(export_dir, d)
+    alone = Engine.load(d, backend="torch", retriever="torch")
+    assert alone.backend.weights_source.endswith("model_state.safetensors")
+    assert Path(alone.backend.text_encoder_source) == d / "text_encoder"
+    from_ckpt = Engine.load(export_dir, backend="torch", retriever="torch",
+                            backend_options={"checkpoint": str(tiny_checkpoint)})
+    assert from_ckpt.backend.weights_source == str(tiny_checkpoint)
+    hist, p, n = _requests(alone, 9, seed=3)
+    a = alone.recommend(hist, p, n, k=10)
+    b = from_ckpt.recommend(hist, p, n, k=10)
+    assert a.item_ids == b.item_ids
+    np.testing.assert_allclose(np.array(a.scores), np.array(b.scores), rtol=0, atol=1e-5)
+    # the copied encoder is verified against the manifest like every other file
+    cfg = d / "text_encoder" / "config.json"
+    cfg.write_text(cfg.read_text() + " ")
+    from dpr.engine import ExportFolderError
+    with pytest.raises(ExportFolderError, match="text_encoder/config.json"):
+        Engine.load(d, backend="torch")
 
 
 def test_prompt_cache_hits_and_never_stale_after_reload(export_dir, other_checkpoint, tmp_path):

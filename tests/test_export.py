@@ -57,8 +57,12 @@ def _check_export(folder: Path, ckpt: Path, expect_fused: bool, fp16: bool = Fal
     man = json.loads((folder / "manifest.json").read_text())
     assert man["format"] == "dpr-onnx-export" and man["format_version"] == 1
     # every file hashed, hashes right, nothing unlisted
-    on_disk = {p.name for p in folder.iterdir() if p.is_file() and p.name != "manifest.json"}
+    on_disk = {p.relative_to(folder).as_posix() for p in folder.rglob("*")
+               if p.is_file() and p.name != "manifest.json"}
     assert on_disk == set(man["files"])
+    # the torch weights and the encoder copy the torch backend rebuilds the model from
+    assert man["torch_weights"]["model_state"] == "model_state.safetensors"
+    assert "text_encoder/config.json" in man["files"]
     for name, info in man["files"].items():
         assert file_sha256(folder / name) == info["sha256"], name
     assert man["checkpoint"]["sha256"] == file_sha256(ckpt)

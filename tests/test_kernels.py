@@ -384,8 +384,16 @@ def test_nvcc_compiles_sm80_sm90_ptx_without_spills(built):
     ptx = built.built["ptx_sm80"].read_text()
     assert ".entry dpr_fused_moe_gate_f32" in ptx and ".entry dpr_fused_moe_gate_f16" in ptx
     assert ".target sm_90" in built.built["ptx_sm90"].read_text()
-    if shutil.which("cuobjdump"):
-        pass  # SASS listing is optional
+    # every C symbol the ctypes binding (dpr.kernels.capi) looks up must be exported: a GPU box is the
+    # first place the CUDA library is loaded, so check it here where it is only compiled
+    if shutil.which("nm"):
+        import subprocess
+
+        syms = subprocess.run(["nm", "-D", "--defined-only", str(built.built["cuda_lib"])], capture_output=True,
+                              text=True, check=True).stdout
+        for name in ("dpr_fused_moe_gate_cuda_f32", "dpr_fused_moe_gate_cuda_f16", "dpr_cuda_last_error",
+                     "dpr_status_string"):
+            assert f" {name}\n" in syms, f"libdpr_kernels_cuda.so does not export {name}"
 
 
 # --------------------------------------------------------------------------- GPU

@@ -132,6 +132,24 @@ def test_filters_exact(name, mask_kind, density, n, b, k, n_excl):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("overfetch", [0, 16])
+def test_history_holding_the_best_items_is_refetched(name, overfetch):
+    """Histories made of each row's best-scored items (as a trained model's users' often are): the short
+    first pass (k + overfetch) finds too few eligible items and the re-fetch must still be exact."""
+    n, d, b, k = 3000, 16, 33, 10
+    table = _table(n, d, seed=7)
+    rng = np.random.default_rng(11)
+    q = rng.standard_normal((b, d), dtype=np.float32)
+    order = np.argsort(-(q @ table[1:].T), axis=1) + 1
+    exclude = [order[i, : int(rng.integers(0, 60))] for i in range(b)]      # 0..59 top items per row
+    r = get_retriever(name, table, overfetch=overfetch)
+    idx, sc = r.search(q, k, exclude=exclude)
+    ref_idx, ref_sc, full = oracle(table, q, k, exclude, None)
+    check(idx, sc, ref_idx, ref_sc, full, k, exclude=exclude)
+    assert ((idx >= 0).sum(1) == k).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_refill_and_fallbacks(name):
     """Adversarial filters: the best items are excluded/disallowed so over-fetch must refill."""
     n, d, b, k = 2000, 16, 9, 10

@@ -61,8 +61,12 @@ def _wordings(ctx: EvalContext, polarity: int, n: int, heldout: bool, rng) -> np
 
 @torch.no_grad()
 def run_task(model, catalogue, cases: EvalCases, ctx: EvalContext, heldout: bool = False, k: int = 10,
-             seed: int = 0, batch_size: int = 1024) -> dict:
-    """{method: {metric: value}} for one task's cases."""
+             seed: int = 0, batch_size: int = 1024, methods=METHODS) -> dict:
+    """{method: {metric: value}} for one task's cases (``methods``: a subset of METHODS, e.g. ("dpr",) for
+    the quick validation during training)."""
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
     model.eval()
     rng = np.random.default_rng(seed)
     tags = torch.from_numpy(catalogue.item_tags)                      # (N + 1, T)
@@ -74,9 +78,11 @@ def run_task(model, catalogue, cases: EvalCases, ctx: EvalContext, heldout: bool
     has_pos, has_neg = pos >= 0, neg >= 0
     wp = _wordings(ctx, POLARITY_POSITIVE, n, heldout, rng) if has_pos.any() else np.zeros(n, np.int64)
     wn = _wordings(ctx, POLARITY_NEGATIVE, n, heldout, rng) if has_neg.any() else np.zeros(n, np.int64)
-    per: dict[str, dict[str, list]] = {m: {} for m in METHODS}
+    per: dict[str, dict[str, list]] = {m: {} for m in METHODS if m in methods}
 
     def add(method, top, sl):
+        if method not in per:
+            return
         tgt = cases.targets[sl]
         row = per[method]
         row.setdefault(f"ndcg@{k}", []).append(ndcg_at_k(top, tgt, k))
@@ -100,26 +106,31 @@ def run_task(model, catalogue, cases: EvalCases, ctx: EvalContext, heldout: bool
             allowed &= torch.where(p_neg_rows[:, None], ~tags[:, np.maximum(neg[sl], 0)].t(), True)
         allowed_np = allowed.numpy()
 
-        add("backbone", topk_full(h, table, k, hist), sl)
-        cand = topk_full(h, table, CANDIDATES, hist)
-        keep = np.take_along_axis(allowed_np, np.maximum(cand, 0), axis=1) & (cand >= 0)
-        add("post_filter", filter_candidates(cand, keep, k), sl)
-        add("hard_filter", topk_full(h, table, k, hist, allowed=allowed), sl)
+        if "backbone" in per:
+            add("backbone", topk_full(h, table, k, hist), sl)
+        if "post_filter" in per or "rerank" in per:
+            cand = topk_full(h, table, CANDIDATES, hist)
+            keep = np.take_along_axis(allowed_np, np.maximum(cand, 0), axis=1) & (cand >= 0)
+            add("post_filter", filter_candidates(cand, keep, k), sl)
+        if "hard_filter" in per:
+            add("hard_filter", topk_full(h, table, k, hist, allowed=allowed), sl)
 
         t_pos = ctx.table.lookup(POLARITY_POSITIVE, wp[sl], np.where(has_pos[sl], pos[sl], -1))
         t_neg = ctx.table.lookup(POLARITY_NEGATIVE, wn[sl], np.where(has_neg[sl], neg[sl], -1))
-        # rerank: candidates re-scored by prompt-to-item-text similarity (negative prompts push away)
-        cand_text = ctx.item_text[torch.from_numpy(np.maximum(cand, 0))]          # (B, C, text_dim)
-        sim = (cand_text * t_pos[:, None]).sum(-1) - (cand_text * t_neg[:, None]).sum(-1)
-        order = np.argsort(-sim.numpy(), axis=1, kind="stable")                    # ties keep backbone order
-        reranked = np.take_along_axis(cand, order, axis=1)
-        reranked = filter_candidates(reranked, reranked >= 0, k)
-        add("rerank", reranked, sl)
+        if "rerank" in per:
+            # candidates re-scored by prompt-to-item-text similarity (negative prompts push away)
+            cand_text = ctx.item_text[torch.from_numpy(np.maximum(cand, 0))]          # (B, C, text_dim)
+            sim = (cand_text * t_pos[:, None]).sum(-1) - (cand_text * t_neg[:, None]).sum(-1)
+            order = np.argsort(-sim.numpy(), axis=1, kind="stable")                    # ties keep backbone order
+            reranked = np.take_along_axis(cand, order, axis=1)
+            add("rerank", filter_candidates(reranked, reranked >= 0, k), sl)
 
-        presence = torch.stack([p_pos_rows, p_neg_rows], dim=1).to(torch.int64)
-        h2 = model.steer(h, model.project_prompt(t_pos), model.project_prompt(t_neg), presence)
-        add("dpr", topk_full(h2, table, k, hist), sl)
-        add("dpr_hard_filter", topk_full(h2, table, k, hist, allowed=allowed), sl)
+        if "dpr" in per or "dpr_hard_filter" in per:
+            presence = torch.stack([p_pos_rows, p_neg_rows], dim=1).to(torch.int64)
+            h2 = model.steer(h, model.project_prompt(t_pos), model.project_prompt(t_neg), presence)
+            add("dpr", topk_full(h2, table, k, hist), sl)
+            if "dpr_hard_filter" in per:
+                add("dpr_hard_filter", topk_full(h2, table, k, hist, allowed=allowed), sl)
     return {m: {metric: float(np.concatenate(v).mean()) for metric, v in row.items()} for m, row in per.items()}
 
 

@@ -35,7 +35,7 @@ def topk_full(user_vecs: torch.Tensor, item_table: torch.Tensor, k: int,
                 sc = sc.masked_fill(~a, NEG_INF)
             vals, idx = torch.topk(sc, min(k, sc.shape[1]), dim=1)
             idx = torch.where(torch.isinf(vals) & (vals < 0), -1, idx)
-            out.append(idx.numpy())
+            out.append(idx.cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
 
 

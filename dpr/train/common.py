@@ -37,8 +37,10 @@ def evaluate_standard(model, dataset: Dataset, split: str = "valid", users: np.n
     model.eval()
     users = dataset.eval_users() if users is None else users
     ndcg, rec = [], []
+    device = model.item_table.device
     for s in range(0, len(users), batch_size):
         hist, tgt = split_batch(dataset, users[s:s + batch_size], split, model.cfg.max_len)
+        hist = hist.to(device)
         top = topk_full(model.user_vector(hist), model.item_table, k, histories=hist)
         ndcg.append(ndcg_at_k(top, tgt, k))
         rec.append(recall_at_k(top, tgt, k))

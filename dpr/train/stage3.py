@@ -99,7 +99,7 @@ def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
             steps += 1
         row = {"epoch": epoch + 1, "loss": total / max(steps, 1)}
         if val_cases:
-            res = {task: run_task(model, dataset.catalogue, c, ctx, seed=cfg.seed)["dpr"]
+            res = {task: run_task(model, dataset.catalogue, c, ctx, seed=cfg.seed, methods=("dpr",))["dpr"]
                    for task, c in val_cases.items() if len(c)}
             row.update({f"{t}_{m}": v for t, r in res.items() for m, v in r.items()})
             score = steering_score(res)

@@ -23,6 +23,9 @@ class Backend:
     """
 
     name = "base"
+    # Which prompt-encoder numerics produce this backend's prompt vectors ("fp32", "int8", "fp16"):
+    # part of the prompt-cache key, so engines sharing one cache never hand each other's vectors out.
+    prompt_variant = "fp32"
 
     def __init__(self, export, device: str = "cpu", **options):
         self.export = export

@@ -5,6 +5,12 @@ provider with IO binding (inputs copied once, output bound on the device then fe
 The user encoder is the fused graph (``user_encoder.onnx``, one ``dpr::FusedMoEGate`` node per gate)
 when the export has it and the kernels' custom-op library is present (``fused=None``: auto,
 ``True``: required, ``False``: never); otherwise the portable graph.
+
+The prompt encoder is ``prompt_encoder.onnx`` (``prompt_encoder="fp32"``, the default) or, with
+``prompt_encoder="int8"``, the per-channel dynamically quantised ``prompt_encoder_int8.onnx`` that
+``dpr-export --int8`` writes (its worst-row cosine to fp32 is in the manifest). A shared
+:class:`~dpr.engine.prompt_cache.PromptCache` keeps int8 and fp32 vectors apart (the engine's cache key
+holds ``prompt_variant``).
 """
 
 from __future__ import annotations
@@ -37,10 +43,18 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, export, device: str = "cpu", fused: bool | None = None, intra_op_threads: int | None = None,
-                 custom_op_library: str | None = None, **options):
+                 custom_op_library: str | None = None, prompt_encoder: str = "fp32", **options):
         super().__init__(export, device)
         if options:
             raise BackendError(f"onnxruntime backend got unknown option(s): {', '.join(sorted(options))}")
+        pe_graph = {"fp32": "prompt_encoder", "int8": "prompt_encoder_int8"}.get(str(prompt_encoder).lower())
+        if pe_graph is None:
+            raise BackendError(f"onnxruntime backend: prompt_encoder must be 'fp32' or 'int8', got {prompt_encoder!r}")
+        pe_file = export.graph_file(pe_graph)
+        if pe_file is None:
+            raise BackendError(f"prompt_encoder={prompt_encoder!r} asked for, but the export {export.path} has no "
+                               f"{pe_graph} graph (re-export with: dpr-export CKPT --int8)")
+        self.prompt_variant = str(prompt_encoder).lower()
         ort = require("onnxruntime", "the onnxruntime backend")
         self._ort = ort
         self.on_gpu = device.startswith("cuda")
@@ -67,7 +81,8 @@ class OnnxRuntimeBackend(Backend):
         self.fused = use_fused
         self.fused_reason = "fused dpr::FusedMoEGate graph with " + str(lib) if use_fused else f"portable graph: {why}"
         self.custom_op_library = lib if use_fused else None
-        self.prompt_session = self._session(export.graph_file("prompt_encoder"), None)
+        self.prompt_session = self._session(pe_file, None)
+        self.prompt_graph = pe_file.name
         ufile = fused_file if use_fused else export.graph_file("user_encoder_portable")
         self.user_session = self._session(ufile, self.custom_op_library)
         self.user_graph = ufile.name
@@ -108,7 +123,8 @@ class OnnxRuntimeBackend(Backend):
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "providers": [p if isinstance(p, str) else p[0]
                                                                            for p in self.providers],
-                "intra_op_threads": self.threads, "user_graph": self.user_graph, "fused": self.fused,
+                "intra_op_threads": self.threads, "prompt_graph": self.prompt_graph,
+                "user_graph": self.user_graph, "fused": self.fused,
                 "fused_reason": self.fused_reason, "onnxruntime": self._ort.__version__}
 
     @classmethod

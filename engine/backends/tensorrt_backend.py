@@ -110,6 +110,7 @@ class TensorRTBackend(Backend):
         import torch
 
         self.trt, self.torch, self.fp16 = trt, torch, bool(fp16)
+        self.prompt_variant = "fp16" if self.fp16 else "fp32"
         logger = trt.Logger(trt.Logger.WARNING)
         fused_file = export.graph_file("user_encoder")
         use_fused = fused is not False and fused_file is not None

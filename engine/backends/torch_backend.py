@@ -3,11 +3,12 @@ backend is checked against (it runs the model's own code, not the exported graph
 
 Where the weights come from (first found):
 
-1. ``model_state.safetensors`` in the export folder (the DPR model's full state dict), when the exporter
-   writes one;
-2. the checkpoint the export was made from: ``checkpoint=PATH`` (or ``$DPR_CHECKPOINT``), else the file
-   named in ``manifest["checkpoint"]["file"]`` beside or inside the export folder; its sha256 must match the
-   manifest's ``checkpoint.sha256``.
+1. an explicit ``checkpoint=PATH`` (or ``$DPR_CHECKPOINT``): the checkpoint the export was made from;
+2. ``model_state.safetensors`` in the export folder (the DPR model's full state dict; ``dpr-export``
+   writes it unless ``--no-torch-weights``);
+3. the file named in ``manifest["checkpoint"]["file"]`` beside or inside the export folder.
+
+A checkpoint's sha256 must match the manifest's ``checkpoint.sha256``.
 
 The exported ONNX graphs cannot serve: the dynamo exporter folds and transposes many weights into
 anonymous constants (``val_21`` = ``qkv.weight.T``, the position table into ``unsqueeze_1``...).
@@ -77,10 +78,14 @@ class TorchBackend(Backend):
 
     def _load_state(self, export, checkpoint):
         st = export.path / "model_state.safetensors"
-        if st.is_file():
+        explicit = checkpoint or os.environ.get("DPR_CHECKPOINT")
+        if st.is_file() and not explicit:
             from safetensors.torch import load_file
 
-            return load_file(str(st)), str(st)
+            try:
+                return load_file(str(st)), str(st)
+            except Exception as exc:  # safetensors raises its own error types for damaged files
+                raise BackendError(f"{st} is not a readable safetensors file: {exc}") from None
         ck_path = _find_checkpoint(export, checkpoint)
         if ck_path is None:
             raise BackendError(

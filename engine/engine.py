@@ -294,6 +294,13 @@ class Engine:
             raise InputError(f"{what} must be a list of item ids, got {type(history).__name__}")
         if len(history) == 0:
             raise InputError(f"{what} is empty (at least one item id is needed)")
+        get = self._id_to_index.get
+        try:
+            fast = [get(x) for x in history]            # ids given as strings, all known: one dict lookup each
+        except TypeError:                               # an unhashable entry: the checked loop names it
+            fast = [None]
+        if None not in fast:
+            return np.asarray(fast, dtype=np.int64)
         out = []
         for x in history:
             if isinstance(x, (np.integer,)):

@@ -489,3 +489,21 @@ def test_onnxruntime_cuda_agrees(export_dir, reference):
     (h, p, n), ref = _ref(reference, 7)
     overlap, err = _agree(eng.recommend(h, p, n, k=10), ref)
     assert overlap >= 0.99 and err <= 1e-4
+
+
+@pytest.mark.gpu
+def test_torch_backend_cuda_agrees(export_dir, reference):
+    """The reference backend itself on CUDA (weights from the export alone) with the CUDA torch
+    retriever (fp32 table), against the CPU reference, odd batch sizes included."""
+    import torch
+
+    from dpr.engine import Engine
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    eng = Engine.load(export_dir, backend="torch", device="cuda", retriever="torch")
+    assert eng.backend.model.item_emb.weight.is_cuda
+    for b in (1, 7, 300):
+        (h, p, n), ref = _ref(reference, b)
+        overlap, err = _agree(eng.recommend(h, p, n, k=10), ref)
+        assert overlap >= 0.99 and err <= 1e-4, (b, overlap, err)

@@ -124,7 +124,7 @@ class Filters:
                 )
             allowed = allowed.copy()
             allowed[..., 0] = False
-        rows_l: list[np.ndarray] = []
+        rows_l: list[int] = []
         items_l: list[np.ndarray] = []
         if exclude is not None:
             if isinstance(exclude, np.ndarray):
@@ -144,29 +144,33 @@ class Filters:
                         arr = arr.astype(np.int64)
                     else:
                         raise InputError(f"exclude[{b}] must hold integer item indices, got dtype {arr.dtype}")
-                arr = arr.reshape(-1).astype(np.int64, copy=False)
-                lo, hi = int(arr.min()), int(arr.max())
-                if lo < 0 or hi > num_items:
-                    raise InputError(f"exclude[{b}] holds item index {lo if lo < 0 else hi}, outside 0..{num_items}")
-                arr = np.unique(arr)
-                arr = arr[arr > 0]
-                if arr.size:
-                    rows_l.append(np.full(arr.size, b, dtype=np.int64))
-                    items_l.append(arr)
-        if allowed is None and not items_l:
-            return None
+                rows_l.append(b)
+                items_l.append(arr.reshape(-1))
         if items_l:
-            rows = np.concatenate(rows_l)
-            items = np.concatenate(items_l)
+            # one vectorised pass over the whole batch (a per-row np.unique cost ~9 ms at batch 512)
+            rows = np.repeat(np.asarray(rows_l, dtype=np.int64), [a.size for a in items_l])
+            items = np.concatenate(items_l).astype(np.int64, copy=False)
+            bad = (items < 0) | (items > num_items)
+            if bad.any():
+                j = int(np.argmax(bad))
+                raise InputError(f"exclude[{int(rows[j])}] holds item index {int(items[j])}, outside 0..{num_items}")
+            keys = rows * n1 + items
+            keys.sort()
+            keys = keys[np.concatenate(([True], keys[1:] != keys[:-1]))]    # sorted, unique per (row, item)
+            rows, items = keys // n1, keys % n1
+            keep = items > 0
+            rows, items = rows[keep], items[keep]
         else:
             rows = np.zeros(0, np.int64)
             items = np.zeros(0, np.int64)
+        if allowed is None and not items.size:
+            return None
         if allowed is not None and items.size:
             keep = allowed[items] if allowed.ndim == 1 else allowed[rows, items]
             rows, items = rows[keep], items[keep]  # excluded-and-disallowed counts once
+        keys = rows * n1 + items                          # sorted: (row, item) order survives the filtering
         order = np.argsort(items, kind="stable")
         rows, items = rows[order], items[order]
-        keys = np.sort(rows * n1 + items)
         excl_count = np.bincount(rows, minlength=num_rows).astype(np.int64)
         if allowed is None:
             allowed_count = np.full(num_rows, num_items, dtype=np.int64)

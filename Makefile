@@ -44,18 +44,15 @@ ML1M_DIR    ?= ../shared/data/ml-1m
 ML1M_OUT    ?= build/ml1m
 ML1M_DEVICE ?= cpu
 ML1M_STAGE1 ?=
+, := ,
 ml1m: install
 	@test -f "$(ML1M_DIR)/user_sequences.txt" || { echo "ML-1M not found in ML1M_DIR=$(ML1M_DIR)"; exit 2; }
 	@mkdir -p $(ML1M_OUT)
 	@for bb in sasrec gru4rec; do \
 	  start=$$(date +%s); \
-	  if [ -n "$(ML1M_STAGE1)" ]; then \
-	    $(PY) -m dpr.cli.train --dataset ml-1m --data-dir $(ML1M_DIR) --config configs/ml1m-$$bb.json \
-	      --resume $(ML1M_STAGE1)/$${bb}_s1.pt --stages 2,3 --out $(ML1M_OUT)/$$bb.pt || exit 1; \
-	  else \
-	    $(PY) -m dpr.cli.train --dataset ml-1m --data-dir $(ML1M_DIR) --config configs/ml1m-$$bb.json \
-	      --device $(ML1M_DEVICE) --out $(ML1M_OUT)/$$bb.pt || exit 1; \
-	  fi; \
+	  $(PY) -m dpr.cli.train --dataset ml-1m --data-dir $(ML1M_DIR) --config configs/ml1m-$$bb.json \
+	    $(if $(ML1M_STAGE1),--resume $(ML1M_STAGE1)/$${bb}_s1.pt --stages 2$(,)3,--device $(ML1M_DEVICE)) \
+	    --out $(ML1M_OUT)/$$bb.pt || exit 1; \
 	  $(PY) -m dpr.cli.eval $(ML1M_OUT)/$$bb.pt --dataset ml-1m --data-dir $(ML1M_DIR) \
 	    --json $(ML1M_OUT)/$$bb.json || exit 1; \
 	  echo "$$bb: $$(( $$(date +%s) - start )) s (train + eval)" | tee -a $(ML1M_OUT)/times.txt; \

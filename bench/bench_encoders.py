@@ -42,13 +42,18 @@ def inputs(export):
     return tokens, users
 
 
-def _backend(export, name: str, **opts):
+def _backend(export, name: str, opts: dict):
+    """The backend on the CPU, or a skip naming why it cannot run here."""
     from dpr.engine.backends import backend_class
+    from dpr.errors import DPRError
 
     ok, why = backend_class(name).availability("cpu")
     if not ok:
         pytest.skip(why)
-    return backend_class(name)(export, "cpu", **opts)
+    try:
+        return backend_class(name)(export, "cpu", **opts)
+    except DPRError as exc:
+        pytest.skip(str(exc))
 
 
 PROMPT_VARIANTS = {"torch": ("torch", {}), "onnxruntime-fp32": ("onnxruntime", {}),
@@ -59,13 +64,7 @@ USER_VARIANTS = {"torch": ("torch", {}), "onnxruntime-fused": ("onnxruntime", {"
 
 @pytest.mark.parametrize("variant", list(PROMPT_VARIANTS))
 def test_prompt_encoder(benchmark, export, inputs, variant):
-    from dpr.errors import DPRError
-
-    name, opts = PROMPT_VARIANTS[variant]
-    try:
-        be = _backend(export, name, **opts)
-    except DPRError as exc:
-        pytest.skip(str(exc))
+    be = _backend(export, *PROMPT_VARIANTS[variant])
     ids, mask = inputs[0]
     benchmark.group = f"prompt encoder, {ids.shape[0]} prompts x {ids.shape[1]} tokens"
     benchmark.pedantic(be.encode_prompts, args=(ids, mask), rounds=3, iterations=1, warmup_rounds=1)
@@ -73,13 +72,7 @@ def test_prompt_encoder(benchmark, export, inputs, variant):
 
 @pytest.mark.parametrize("variant", list(USER_VARIANTS))
 def test_user_encoder(benchmark, export, inputs, variant):
-    from dpr.errors import DPRError
-
-    name, opts = USER_VARIANTS[variant]
-    try:
-        be = _backend(export, name, **opts)
-    except DPRError as exc:
-        pytest.skip(str(exc))
+    be = _backend(export, *USER_VARIANTS[variant])
     seq, p_pos, p_neg, presence = inputs[1]
     benchmark.group = f"user encoder, batch {len(seq)}"
     out = benchmark.pedantic(be.encode_users, args=(seq, p_pos, p_neg, presence), rounds=10, iterations=1,

@@ -88,25 +88,12 @@ class BenchConfig:
         return self
 
     def prompt_modes(self) -> list[str]:
-        modes = _split(self.prompts)
-        if modes == ["all"]:
-            return list(PROMPT_MODES)
-        bad = [m for m in modes if m not in PROMPT_MODES]
-        if bad or not modes:
-            raise BenchError(f"--prompts: unknown mode(s) {bad or [self.prompts]}; choose from "
-                             f"{', '.join(PROMPT_MODES)} or all")
-        return list(dict.fromkeys(modes))
+        modes = _choose(self.prompts, PROMPT_MODES, "--prompts", "mode", "all")
+        return list(PROMPT_MODES) if modes == ["all"] else modes
 
     def backend_names(self) -> list[str]:
         """The requested bench backends: ``['auto']``, ``['all']`` or known names."""
-        names = _split(self.backends)
-        if names in (["auto"], ["all"]):
-            return names
-        bad = [n for n in names if n not in BENCH_BACKENDS]
-        if bad or not names:
-            raise BenchError(f"--backends: unknown backend(s) {bad or [self.backends]}; choose auto, all or "
-                             f"a comma list of {', '.join(BENCH_BACKENDS)}")
-        return list(dict.fromkeys(names))
+        return _choose(self.backends, BENCH_BACKENDS, "--backends", "backend", "auto", "all")
 
     def retrieval_sizes(self) -> list[int]:
         out = []
@@ -131,3 +118,16 @@ class BenchConfig:
 
 def _split(s: str) -> list[str]:
     return [x.strip().lower() for x in str(s).split(",") if x.strip()]
+
+
+def _choose(value: str, known, flag: str, what: str, *specials: str) -> list[str]:
+    """The comma list ``value`` checked against ``known`` (duplicates dropped, order kept); one of
+    ``specials`` alone is returned as is."""
+    names = _split(value)
+    if len(names) == 1 and names[0] in specials:
+        return names
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise BenchError(f"{flag}: unknown {what}(s) {bad or [value]}; choose {' or '.join(specials)} or "
+                         f"a comma list of {', '.join(known)}")
+    return list(dict.fromkeys(names))

@@ -8,29 +8,9 @@ CPU the gate is a small part of it, so that ratio is close to 1 (REFERENCE.md se
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import sys
-import warnings
 
 from dpr.errors import DPRError
-
-
-@contextlib.contextmanager
-def _quiet():
-    """The portable gating graph is exported with torch.onnx on the fly: keep its warnings off the report."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.onnx._internal.exporter._registration")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def gating_section(export, batch: int, min_time: float) -> dict:
@@ -39,11 +19,12 @@ def gating_section(export, batch: int, min_time: float) -> dict:
     if mc.get("moe", "moe") != "moe":
         return {"skipped": f"the model has moe={mc.get('moe')!r}: no gate to fuse", "ratio_at_batch": None}
     try:
+        from dpr.export.exporter import quiet_export
         from dpr.kernels.bench_op import bench_fused_gate
 
         batches = tuple(sorted({1, 64, int(batch), 4096}))
         print(f"dpr-bench: gating step, fused vs portable, batches {batches}", file=sys.stderr, flush=True)
-        with _quiet():
+        with quiet_export():
             res = bench_fused_gate(batches=batches, d=int(mc["d"]), n=int(mc["experts_per_polarity"]),
                                    k=int(mc["top_k"]), min_time=min_time)
     except (DPRError, ImportError, OSError, RuntimeError) as exc:

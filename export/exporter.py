@@ -143,7 +143,8 @@ def _commit(tmp: Path, out: Path) -> None:
 # ---- helpers -----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _quiet(verbose: bool):
+def quiet_export(verbose: bool = False):
+    """Silence torch.onnx's logging, warnings and prints (unless ``verbose``); also used by dpr-bench."""
     if verbose:
         yield
         return
@@ -233,7 +234,7 @@ def _onnx_export(module, args, path: Path, input_names, output_names, dynamic_sh
     import torch
 
     try:
-        with _quiet(verbose):
+        with quiet_export(verbose):
             torch.onnx.export(module, args, str(path), dynamo=True, opset_version=opset, external_data=False,
                               input_names=list(input_names), output_names=list(output_names),
                               dynamic_shapes=dynamic_shapes, custom_translation_table=table or None,
@@ -246,7 +247,7 @@ def _onnx_export(module, args, path: Path, input_names, output_names, dynamic_sh
     if path.exists():
         path.unlink()
     try:
-        with _quiet(verbose):
+        with quiet_export(verbose):
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset,
                               input_names=list(input_names), output_names=list(output_names),
                               dynamic_axes=dynamic_axes)
@@ -287,7 +288,7 @@ def _load_text_encoder(ck, override: str | None):
                           "PATH to the encoder the checkpoint was trained with")
     max_tokens = int(ident.get("max_tokens") or 64)
     try:
-        with _quiet(False):
+        with quiet_export(False):
             te = TextEncoder.load(source, max_tokens=max_tokens)
     except DPRError as exc:
         raise ExportError(str(exc)) from None
@@ -460,7 +461,7 @@ def _fused_available() -> tuple[dict | None, str | None, str]:
         from dpr.kernels import build as kbuild
         lib = kbuild.ort_library_path(cuda=False)
         if lib is None:
-            with _quiet(False):
+            with quiet_export(False):
                 kbuild.build(verbose=False, fetch_headers=False, only=["cpu_lib", "ort_lib"])
             lib = kbuild.ort_library_path(cuda=False)
     except Exception as exc:

@@ -75,20 +75,12 @@ def _gelu_fed_matmuls(path: Path) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and producers.get(n.input[0]) == "Gelu"]
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def build_int8_prompt_encoder(folder: Path, fp32_entry: dict, tokenizer, max_tokens: int, catalogue,
                               table: np.ndarray, min_cosine: float = 0.98) -> dict:
     """Quantise the fp32 prompt encoder (``fp32_entry``: its manifest entry) to
     ``folder/prompt_encoder_int8.onnx``, measure it against the fp32 graph on real prompts and return its
     manifest entry (same inputs and outputs); raises ExportError below ``min_cosine``."""
-    from dpr.export.exporter import ExportError
+    from dpr.export.exporter import ExportError, _ort_session
     from dpr.export.parity import compare
 
     folder = Path(folder)
@@ -97,7 +89,7 @@ def build_int8_prompt_encoder(folder: Path, fp32_entry: dict, tokenizer, max_tok
     texts = parity_prompts(catalogue)
     tk = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="np")
     feeds = {"input_ids": tk["input_ids"].astype(np.int64), "attention_mask": tk["attention_mask"].astype(np.int64)}
-    ref = _session(src).run(None, feeds)[0]
+    ref = _ort_session(src).run(None, feeds)[0]
     attempts = []
     for exclude in ([], None):
         if exclude is None:
@@ -105,7 +97,7 @@ def build_int8_prompt_encoder(folder: Path, fp32_entry: dict, tokenizer, max_tok
             if not exclude:
                 break
         settings = quantize_prompt_encoder(src, dst, exclude)
-        got = _session(dst).run(None, feeds)[0]
+        got = _ort_session(dst).run(None, feeds)[0]
         cos = row_cosines(got, ref)
         worst = float(cos.min()) if cos.size else 1.0
         attempts.append({"excluded_nodes": len(exclude), "worst_row_cosine": worst})

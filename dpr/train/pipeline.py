@@ -67,14 +67,13 @@ def train(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, text
                 raise CheckpointError(f"the checkpoint's model expects {model_cfg.text_dim}-d text embeddings but "
                                       f"the text encoder {text_encoder.source} gives {text_encoder.dim}")
             changed["text_dim"] = text_encoder.dim      # stage-1-only checkpoint: no text weights trained yet
+        meta = dict(resume.meta)
         if changed:
             model_cfg, model = _rebuild_steering(resume, changed)
+            meta["stages_done"] = [s for s in meta.get("stages_done", []) if s == 1]
             log(f"resume: steering modules rebuilt with {changed} (backbone and item table kept)")
         else:
             model = resume.build_model()
-        meta = dict(resume.meta)
-        if changed:
-            meta["stages_done"] = [s for s in meta.get("stages_done", []) if s == 1]
     else:
         model_cfg.num_items = dataset.num_items
         model_cfg.num_tags = dataset.catalogue.num_tags

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import sys
@@ -43,6 +44,8 @@ from pathlib import Path
 import numpy as np
 
 from dpr.errors import CheckpointError, DPRError
+
+log = logging.getLogger("dpr.export")
 
 FORMAT_NAME = "dpr-onnx-export"
 FORMAT_VERSION = 1
@@ -212,6 +215,30 @@ def _check_graph(path: Path) -> "onnx.ModelProto":  # noqa: F821
     return inferred
 
 
+def _check_or_repair(path: Path) -> None:
+    """Check a freshly exported graph; when only its recorded intermediate shapes (value_info) contradict
+    ONNX shape inference, drop them and check again (seen with torch 2.11's dynamo exporter + onnx 1.23:
+    "Inferred shape and existing shape differ in dimension 0: (384) vs (64)"). Raises ExportError when the
+    graph is still invalid, so the caller can fall back to the legacy exporter."""
+    import onnx
+
+    try:
+        _check_graph(path)
+        return
+    except ExportError as first:
+        model = onnx.load(str(path))
+        if not len(model.graph.value_info):
+            raise
+        del model.graph.value_info[:]
+        onnx.save(model, str(path))
+        try:
+            _check_graph(path)
+        except ExportError:
+            raise first from None
+        log.warning("dpr-export: %s: dropped exporter shape annotations that contradict shape inference (%s)",
+                    path.name, str(first)[:200])
+
+
 def _custom_ops(model) -> list[dict]:
     ops = []
     seen = set()
@@ -239,6 +266,7 @@ def _onnx_export(module, args, path: Path, input_names, output_names, dynamic_sh
                               input_names=list(input_names), output_names=list(output_names),
                               dynamic_shapes=dynamic_shapes, custom_translation_table=table or None,
                               verbose=verbose)
+        _check_or_repair(path)
         return "dynamo", None
     except Exception as exc:  # the exporter raises many types
         dynamo_err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]

@@ -361,6 +361,151 @@ def test_prompt_cache_hits_and_never_stale_after_reload(export_dir, other_checkp
     assert e3.prompt_cache is not e2.prompt_cache and e3.prompt_cache.stats()["size"] == 0
 
 
+# ---- length-bucketed prompt encoding ------------------------------------------------------------------
+
+_BUCKET_PROMPTS = ["x", "comedy", "no horror please", "show me more comedy films", "comedy",
+                   "I'd love a good sci-fi movie tonight, something with space ships and a clever plot",
+                   "a much longer prompt " * 40, "no horror please", "more drama", "western",
+                   "something light and funny for a rainy sunday afternoon with the family",
+                   " ".join(["drama"] * 300), "thriller or action", "x", "documentary about war please"]
+
+
+def _recording(eng):
+    """Record every (input_ids, attention_mask) the backend's prompt encoder is called with."""
+    calls = []
+    run = eng.backend.encode_prompts
+
+    def wrapped(ids, mask):
+        calls.append((ids.copy(), mask.copy()))
+        return run(ids, mask)
+
+    eng.backend.encode_prompts = wrapped
+    return calls
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_prompt_bucketing_matches_unbucketed(export_dir, tiny_checkpoint, backend):
+    from dpr.engine import Engine
+
+    opts = {"checkpoint": str(tiny_checkpoint)} if backend == "torch" else {}
+
+    def load(tokens, max_batch=None):
+        eng = Engine.load(export_dir, backend=backend, retriever="torch", prompt_cache_size=0,
+                          prompt_chunk_tokens=tokens, backend_options=opts)
+        if max_batch:
+            eng.max_batch = max_batch
+        return eng
+
+    plain = load(0)
+    assert plain.prompt_chunk_tokens == 0 and load(None).prompt_chunk_tokens == 0
+    ref = plain.encode_prompts(_BUCKET_PROMPTS)
+    assert np.array_equal(ref[0], ref[13]) and np.array_equal(ref[1], ref[4])      # duplicates
+    for tokens, max_batch in [(None, None), (1, None), (20, None), (64, None), (1024, None), (10**6, 4),
+                              (64, 3), (10**6, None)]:
+        eng = load(1024 if tokens is None else tokens, max_batch)
+        calls = _recording(eng)
+        got = eng.encode_prompts(_BUCKET_PROMPTS)
+        assert got.shape == ref.shape and got.dtype == np.float32
+        assert np.abs(got - ref).max() < 1e-5, (tokens, max_batch, np.abs(got - ref).max())
+        assert np.array_equal(got[0], got[13]) and np.array_equal(got[1], got[4])
+        assert sum(len(ids) for ids, _ in calls) == len(set(_BUCKET_PROMPTS))     # each distinct prompt once
+        if max_batch:
+            assert len(calls) > 1 and all(len(ids) <= max_batch for ids, _ in calls)
+    # a single prompt, and more prompts than max_batch through the unbucketed path too
+    one = load(1024).encode_prompts(["no horror please"])
+    assert np.abs(one - plain.encode_prompts(["no horror please"])).max() < 1e-5
+    small = load(0, max_batch=4)
+    assert np.abs(small.encode_prompts(_BUCKET_PROMPTS) - ref).max() < 1e-5
+    assert load(1024).encode_prompts([]).shape == (0, plain.dim)
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 40, 100, 1024])
+def test_prompt_chunks_respect_token_budget(export_dir, tokens):
+    from dpr.engine import Engine
+
+    eng = Engine.load(export_dir, backend="onnxruntime", retriever="torch", prompt_cache_size=0,
+                      prompt_chunk_tokens=tokens)
+    eng.max_batch = 6
+    calls = _recording(eng)
+    rng = np.random.default_rng(tokens)
+    words = "show me more comedy horror drama films tonight please with a twist".split()
+    texts = list(dict.fromkeys(" ".join(rng.choice(words, size=int(rng.integers(1, 30)))) for _ in range(60)))
+    timings = {}
+    eng.encode_prompts(texts, timings=timings)
+    assert timings["tokenize"] > 0 and timings["prompt_encoder"] > 0
+    _, full_mask = eng.tokenize(texts)
+    widths = []
+    for ids, mask in calls:
+        rows, width = ids.shape
+        assert mask.shape == ids.shape and 1 <= rows <= eng.max_batch
+        assert rows == 1 or rows * width <= tokens, (rows, width, tokens)
+        assert width == mask.sum(1).max()                 # cut to the chunk's longest prompt
+        assert mask[:, 0].all()                           # right padding kept: every prompt starts at column 0
+        widths.append(width)
+    assert widths == sorted(widths)                       # shortest first
+    assert sorted(m.sum() for _, mask in calls for m in mask) == sorted(full_mask.sum(1))
+    if tokens >= 100:                                     # a real budget packs several prompts per call
+        assert len(calls) < len(texts)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "1024", True, [64]])
+def test_prompt_chunk_tokens_validation(export_dir, bad):
+    from dpr.engine import Engine
+
+    with pytest.raises(InputError, match="prompt_chunk_tokens"):
+        Engine.load(export_dir, backend="onnxruntime", prompt_chunk_tokens=bad)
+
+
+def test_prompt_chunk_tokens_auto_depends_on_the_device():
+    from dpr.engine.engine import CPU_PROMPT_CHUNK_TOKENS, Engine
+
+    assert Engine._check_prompt_chunk_tokens("auto", "cpu") == CPU_PROMPT_CHUNK_TOKENS > 0
+    assert Engine._check_prompt_chunk_tokens("auto", "cuda:0") == 0      # one padded batch on a GPU
+    assert Engine._check_prompt_chunk_tokens(None, "cpu") == 0
+    assert Engine._check_prompt_chunk_tokens(64, "cuda") == 64          # an explicit budget is kept
+
+
+def test_auto_retriever_on_cpu_is_the_fused_kernel_and_agrees(export_dir, engine):
+    """retriever="auto" on the CPU picks the fused C++ kernel when it is built; with history exclusion and
+    shared / per-row hard filters it returns what the onnxruntime retriever returns."""
+    from dpr.engine import Engine
+    from dpr.kernels import score_topk
+
+    if not score_topk.library_available():
+        pytest.skip("libdpr_score_topk.so is not built")
+    auto = Engine.load(export_dir, backend="onnxruntime")
+    assert auto.retriever_name == "fused" and "retriever 'fused'" in auto.choice_reason
+    h, p, n = _requests(engine, 37, seed=5)
+    flt = {"include_tags": [engine.tag_names[0]], "exclude_tags": [engine.tag_names[1]]}
+    for kw in ({}, {"hard_filter": flt}, {"hard_filter": [flt if i % 3 else None for i in range(37)]},
+               {"exclude_history": False}):
+        got, ref = auto.recommend(h, p, n, k=10, **kw), engine.recommend(h, p, n, k=10, **kw)
+        for gi, gs, ri, rs in zip(got.item_ids, got.scores, ref.item_ids, ref.scores):
+            assert len(gi) == len(ri)
+            assert len(set(gi) & set(ri)) >= len(ri) - 1                 # at most one near-tie swap
+            np.testing.assert_allclose(gs, rs, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_lookup_of_results_matches_the_per_row_path(engine):
+    """Full rows of one k take the vectorised lookup; a batch with another k takes the per-row loop: same
+    results, and the tags handed out are copies (mutating them leaves the engine's catalogue alone)."""
+    from dpr.engine import Request
+
+    hist = [engine.item_ids[i] for i in (0, 3, 5)]
+    reqs = [Request(hist, "funny", None, 5), Request(hist[:1], None, "no horror", 5)]
+    fast = engine._run_rows([engine.validate_request(r) for r in reqs])
+    slow = engine._run_rows([engine.validate_request(r) for r in reqs + [Request(hist, None, None, 3)]])
+    assert len(fast) == 2 and len(slow) == 3 and len(slow.item_ids[2]) == 3
+    for field in ("item_ids", "titles", "tags", "scores"):
+        assert getattr(fast, field) == getattr(slow, field)[:2], field
+    assert all(type(s) is float for row in fast.scores for s in row)
+    assert all(type(t) is list for row in fast.tags for t in row)
+    j = engine.item_ids.index(fast.item_ids[0][0])
+    before = list(engine.item_tags[j])
+    fast.tags[0][0].append("mutated")
+    assert engine.item_tags[j] == before
+
+
 def test_batcher_threads_each_future_gets_its_own_result(engine):
     from dpr.engine import DynamicBatcher
 

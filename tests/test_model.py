@@ -69,6 +69,71 @@ def test_gru_unrolled_matches_nn_gru():
     assert torch.allclose(gru_unrolled(m.backbone.gru, x), ref, atol=1e-5)
 
 
+def _left_padded(b: int, L: int, n: int, seed: int) -> torch.Tensor:
+    """Random left-padded histories: row 0 a single item, the last row full length, others random."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.zeros(b, L, dtype=torch.long)
+    lens = torch.randint(1, L + 1, (b,), generator=g)
+    lens[0] = 1
+    lens[-1] = L
+    for i in range(b):
+        seq[i, L - int(lens[i]):] = torch.randint(1, n + 1, (int(lens[i]),), generator=g)
+    return seq
+
+
+SHORTCUT_CASES = [dict(backbone="sasrec", num_blocks=1), dict(backbone="sasrec", num_blocks=2),
+                  dict(backbone="sasrec", num_blocks=3, num_heads=4), dict(backbone="sasrec", num_heads=1),
+                  dict(backbone="gru4rec"), dict(backbone="gru4rec", gru_layers=2)]
+
+
+@pytest.mark.parametrize("kw", SHORTCUT_CASES, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+@pytest.mark.parametrize("b", [1, 3, 17])
+@pytest.mark.parametrize("L", [1, 7, 10])
+def test_forward_is_last_position_of_forward_all(kw, b, L):
+    """The user vector computes only the last position; it equals the full pass's last row."""
+    torch.manual_seed(0)
+    m = DPRModel(_cfg(max_len=10, **kw)).eval()
+    seq = _left_padded(b, L, 50, seed=b * 100 + L)
+    with torch.no_grad():
+        h = m.backbone(seq)
+        ref = m.backbone.forward_all(seq)[:, -1]
+    assert h.shape == (b, 16)
+    assert (h - ref).abs().max() <= 1e-5
+    if b == 17:                                      # a row made only of padding stays finite and equal
+        seq[5] = 0
+        with torch.no_grad():
+            assert (m.backbone(seq) - m.backbone.forward_all(seq)[:, -1]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kw", [dict(backbone="sasrec"), dict(backbone="sasrec", num_blocks=1),
+                                dict(backbone="gru4rec")], ids=["sasrec", "sasrec-1block", "gru4rec"])
+def test_forward_last_position_fp16(kw):
+    """Half precision (the fp16 export's model): finite, and the shortcut agrees with the full pass."""
+    torch.manual_seed(0)
+    m = DPRModel(_cfg(**kw)).eval().half()
+    seq = _left_padded(17, 10, 50, seed=7)
+    with torch.no_grad():
+        h = m.backbone(seq)
+        ref = m.backbone.forward_all(seq)[:, -1]
+    assert h.dtype == torch.float16 and torch.isfinite(h).all()
+    assert (h.float() - ref.float()).abs().max() <= 1e-2
+
+
+def test_gru_unrolled_last_only_and_export_path(monkeypatch):
+    torch.manual_seed(0)
+    m = DPRModel(_cfg(backbone="gru4rec", gru_layers=2)).eval()
+    x = torch.randn(3, 10, 16)
+    full = gru_unrolled(m.backbone.gru, x)
+    assert torch.equal(gru_unrolled(m.backbone.gru, x, last_only=True), full[:, -1])
+    seq = _left_padded(5, 10, 50, seed=3)
+    with torch.no_grad():
+        eager = m.backbone(seq)
+        monkeypatch.setattr(type(m.backbone), "_unroll", staticmethod(lambda: True))   # the export's path
+        unrolled = m.backbone(seq)
+        assert (unrolled - m.backbone.forward_all(seq)[:, -1]).abs().max() <= 1e-5
+    assert (unrolled - eager).abs().max() <= 1e-5
+
+
 def test_moe_reference_hand_computed():
     # d = 2, n = 2 experts per polarity (E = 4), top_k = 1 and 2
     z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])

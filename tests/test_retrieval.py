@@ -11,14 +11,19 @@ from dpr.engine.retrieval import (
     RETRIEVERS, DeviceError, Retriever, available_retrievers, get_retriever, register_retriever,
 )
 from dpr.errors import InputError
+from dpr.kernels import score_topk
 
 _HAS = {"torch": True,
         "onnxruntime": importlib.util.find_spec("onnxruntime") is not None,
-        "faiss": importlib.util.find_spec("faiss") is not None}
+        "faiss": importlib.util.find_spec("faiss") is not None,
+        "fused": score_topk.library_available()}
 NAMES = [pytest.param(n, marks=pytest.mark.skipif(not _HAS[n], reason=f"{n} is not installed"))
-         for n in ("torch", "onnxruntime", "faiss")]
+         for n in ("torch", "onnxruntime", "faiss", "fused")]
 # small tiles exercise the tiling/merge paths (tile smaller than k, N not a multiple of the tile)
 TILED = {"torch": {"tile": 64, "block": 2}, "onnxruntime": {"tile": 48, "block": 4}, "faiss": {}}
+# the fused kernel has no tiles: vary its thread partition instead (1 thread; 3 threads: uneven row or item split)
+ODD = {"fused": {"threads": 3}}
+TILED["fused"] = {"threads": 1}
 
 _CACHE: dict = {}
 
@@ -95,7 +100,7 @@ def test_matches_oracle(name, tiled, n, d, b, k):
         pytest.skip("faiss has no tile option")
     table = _table(n, d)
     q = np.random.default_rng(n + b + k).standard_normal((b, d), dtype=np.float32)
-    opts = {} if not tiled else (TILED[name] if tiled is True else {"tile": 37, "block": 0})
+    opts = {} if not tiled else (TILED[name] if tiled is True else ODD.get(name, {"tile": 37, "block": 0}))
     r = _retriever(name, table, **opts)
     idx, sc = r.search(q, k)
     ref_idx, ref_sc, full = oracle(table, q, k)
@@ -321,3 +326,12 @@ def test_other_cuda(name):
         idx, sc = r.search(q, k)
         ref_idx, ref_sc, full = oracle(table, q, k)
         check(idx, sc, ref_idx, ref_sc, full, k)
+
+
+def test_torch_tile_default_is_per_device():
+    from dpr.engine.retrieval.torch_retriever import CPU_TILE, CUDA_TILE
+
+    assert get_retriever("torch", _table(10, 4)).tile == CPU_TILE < CUDA_TILE   # CUDA: fewer, larger launches
+    assert get_retriever("torch", _table(10, 4), tile=37).tile == 37
+    with pytest.raises(InputError, match="tile"):
+        get_retriever("torch", _table(10, 4), tile=0)

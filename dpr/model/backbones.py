@@ -63,6 +63,26 @@ class _SelfAttentionBlock(nn.Module):
         x = x + self.drop(self.ff2(self.drop(F.gelu(self.ff1(self.ln2(x))))))
         return x * keep
 
+    def forward_last(self, x: torch.Tensor, attn_bias_last: torch.Tensor, keep_last: torch.Tensor) -> torch.Tensor:
+        """``forward(x, attn_bias, keep)[:, -1]`` without the other rows: keys and values for all L
+        positions, but the query, the (B, H, 1, L) attention row, the output projection, the FFN and
+        ``keep`` only for the last position. ``attn_bias_last`` (B, 1, 1, L), ``keep_last`` (B, 1) ->
+        (B, d). Equal to the full block up to float rounding."""
+        b, l, d = x.shape
+        hd = d // self.heads
+        h = self.ln1(x)
+        w, bias = self.qkv.weight, self.qkv.bias
+        k, v = F.linear(h, w[d:], bias[d:]).chunk(2, dim=-1)              # (B, L, d) each
+        q = F.linear(h[:, -1], w[:d], bias[:d]).reshape(b, self.heads, 1, hd)
+        k = k.reshape(b, l, self.heads, hd).transpose(1, 2)
+        v = v.reshape(b, l, self.heads, hd).transpose(1, 2)
+        att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd)) + attn_bias_last   # (B, H, 1, L)
+        att = self.drop(torch.softmax(att, dim=-1))
+        y = (att @ v).reshape(b, d)                     # (B, H, 1, hd): heads in order, as in forward
+        x = x[:, -1] + self.drop(self.out(y))
+        x = x + self.drop(self.ff2(self.drop(F.gelu(self.ff1(self.ln2(x))))))
+        return x * keep_last
+
 
 class SASRec(Backbone):
     def __init__(self, cfg: ModelConfig, item_emb: nn.Embedding):
@@ -73,23 +93,52 @@ class SASRec(Backbone):
                                     for _ in range(cfg.num_blocks))
         self.ln = nn.LayerNorm(cfg.d)
 
-    def forward_all(self, item_seq: torch.Tensor) -> torch.Tensor:
-        b, l = item_seq.shape
+    def _embed(self, item_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Input of the first block (B, L, d) and the key mask ``keep`` (B, L, 1)."""
+        l = item_seq.shape[1]
         keep = (item_seq > 0).unsqueeze(-1).to(self.item_emb.weight.dtype)       # (B, L, 1)
         # Histories are left-padded, so the newest item always sits at position max_len - 1.
         pos = torch.arange(self.cfg.max_len - l, self.cfg.max_len, device=item_seq.device)
         x = self.item_emb(item_seq) * math.sqrt(self.cfg.d) + self.pos_emb(pos).unsqueeze(0)
-        x = self.drop(x) * keep
-        # Additive bias: causal and key-padding. A large finite negative (not -inf) keeps rows made
-        # only of padding finite; their output is zeroed by `keep` and never read. -1e9 overflows to
-        # -inf in float16, so half-precision models (fp16 export) use -1e4.
+        return self.drop(x) * keep, keep
+
+    @staticmethod
+    def _masked(dtype: torch.dtype) -> float:
+        # A large finite negative (not -inf) keeps rows made only of padding finite; their output is
+        # zeroed by `keep` and never read. -1e9 overflows to -inf in float16, so half-precision models
+        # (fp16 export) use -1e4.
+        return -1e4 if dtype == torch.float16 else -1e9
+
+    def _attn_bias(self, item_seq: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive bias (B, 1, L, L): causal and key-padding."""
+        l = item_seq.shape[1]
         causal = torch.ones(l, l, dtype=torch.bool, device=item_seq.device).tril()
         allowed = causal.unsqueeze(0) & (item_seq > 0).unsqueeze(1)                # (B, L, L)
-        masked = -1e4 if x.dtype == torch.float16 else -1e9
-        attn_bias = torch.where(allowed, 0.0, masked).to(x.dtype).unsqueeze(1)      # (B, 1, L, L)
+        return torch.where(allowed, 0.0, self._masked(dtype)).to(dtype).unsqueeze(1)
+
+    def forward_all(self, item_seq: torch.Tensor) -> torch.Tensor:
+        x, keep = self._embed(item_seq)
+        attn_bias = self._attn_bias(item_seq, x.dtype)
         for block in self.blocks:
             x = block(x, attn_bias, keep)
         return self.ln(x)
+
+    def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """``forward_all(item_seq)[:, -1]`` (up to float rounding), with the last block computing only
+        the last position (the only one read): all earlier blocks need every position, the last one
+        only its keys and values."""
+        x, keep = self._embed(item_seq)
+        n = len(self.blocks)
+        if n == 0:
+            return self.ln(x[:, -1])
+        if n > 1:
+            attn_bias = self._attn_bias(item_seq, x.dtype)
+            for block in self.blocks[:-1]:
+                x = block(x, attn_bias, keep)
+        # The causal mask's last row allows every position: only key padding remains.
+        bias_last = torch.where(item_seq > 0, 0.0, self._masked(x.dtype)).to(x.dtype)
+        bias_last = bias_last.reshape(item_seq.shape[0], 1, 1, item_seq.shape[1])   # (B, 1, 1, L)
+        return self.ln(self.blocks[-1].forward_last(x, bias_last, keep[:, -1]))
 
 
 class GRU4Rec(Backbone):
@@ -99,20 +148,35 @@ class GRU4Rec(Backbone):
         self.gru = nn.GRU(cfg.d, cfg.d, num_layers=cfg.gru_layers, batch_first=True)
         self.proj = nn.Linear(cfg.d, cfg.d)
 
+    @staticmethod
+    def _unroll() -> bool:
+        return torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
+
     def forward_all(self, item_seq: torch.Tensor) -> torch.Tensor:
         x = self.drop(self.item_emb(item_seq))
-        if torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        if self._unroll():
             y = gru_unrolled(self.gru, x)
         else:
             y, _ = self.gru(x)
         return self.proj(self.drop(y))
 
+    def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
+        """``forward_all(item_seq)[:, -1]``, projecting only the last step's state."""
+        x = self.drop(self.item_emb(item_seq))
+        if self._unroll():
+            y_last = gru_unrolled(self.gru, x, last_only=True)
+        else:
+            y, _ = self.gru(x)
+            y_last = y[:, -1]
+        return self.proj(self.drop(y_last))
 
-def gru_unrolled(gru: nn.GRU, x: torch.Tensor) -> torch.Tensor:
+
+def gru_unrolled(gru: nn.GRU, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
     """nn.GRU's math as plain MatMul/Sigmoid/Tanh, unrolled over the (static) sequence length.
 
     Used for export: the graph then holds only operators every runtime (TensorRT included) supports,
-    and the input projections of all steps are one matmul. Tested equal to ``nn.GRU``."""
+    and the input projections of all steps are one matmul. Tested equal to ``nn.GRU``. Returns every
+    step's output of the last layer (B, L, H), or with ``last_only`` only its last step (B, H)."""
     b, l, _ = x.shape
     layer_in = x
     for layer in range(gru.num_layers):
@@ -123,6 +187,7 @@ def gru_unrolled(gru: nn.GRU, x: torch.Tensor) -> torch.Tensor:
         hsz = w_hh.shape[1]
         gi_all = layer_in @ w_ih.t() + b_ih                      # (B, L, 3H): r, z, n
         h = layer_in.new_zeros(b, hsz)
+        last = last_only and layer == gru.num_layers - 1
         outs = []
         for t in range(l):
             gi = gi_all[:, t]
@@ -133,7 +198,10 @@ def gru_unrolled(gru: nn.GRU, x: torch.Tensor) -> torch.Tensor:
             z = torch.sigmoid(i_z + h_z)
             n = torch.tanh(i_n + r * h_n)
             h = (1 - z) * n + z * h
-            outs.append(h)
+            if not last:
+                outs.append(h)
+        if last:
+            return h
         layer_in = torch.stack(outs, dim=1)
     return layer_in
 

@@ -43,7 +43,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, export, device: str = "cpu", fused: bool | None = None, intra_op_threads: int | None = None,
-                 custom_op_library: str | None = None, prompt_encoder: str = "fp32", **options):
+                 custom_op_library: str | None = None, prompt_encoder: str = "fp32", spin: bool = False, **options):
         super().__init__(export, device)
         if options:
             raise BackendError(f"onnxruntime backend got unknown option(s): {', '.join(sorted(options))}")
@@ -63,6 +63,7 @@ class OnnxRuntimeBackend(Backend):
         from dpr.engine.retrieval.base import physical_cores
 
         self.threads = int(intra_op_threads or physical_cores())
+        self.spin = bool(spin)        # True: ORT's default busy-wait between runs (lowest latency when alone)
         dev_id = int(device.split(":", 1)[1]) if ":" in device else 0
         self.providers = ([("CUDAExecutionProvider", {"device_id": dev_id}), "CPUExecutionProvider"]
                           if self.on_gpu else ["CPUExecutionProvider"])
@@ -95,6 +96,10 @@ class OnnxRuntimeBackend(Backend):
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
+        if not self.spin:
+            # ORT's idle workers spin after every run; the next stage (the retriever's threads) then shares
+            # its cores with them: 39 vs 23 ms for the fused retrieval that follows the user encoder here
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if lib:
             so.register_custom_ops_library(str(lib))
         try:
@@ -123,7 +128,7 @@ class OnnxRuntimeBackend(Backend):
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "providers": [p if isinstance(p, str) else p[0]
                                                                            for p in self.providers],
-                "intra_op_threads": self.threads, "prompt_graph": self.prompt_graph,
+                "intra_op_threads": self.threads, "spin": self.spin, "prompt_graph": self.prompt_graph,
                 "user_graph": self.user_graph, "fused": self.fused,
                 "fused_reason": self.fused_reason, "onnxruntime": self._ort.__version__}
 

@@ -11,7 +11,9 @@ masks are exact; rows with fewer than ``k`` eligible items are padded with index
 Built-in names (imported lazily, so a missing optional package only matters when used):
 
 * ``"torch"``: tiled matmul + running top-k, CPU or CUDA (always available);
-* ``"onnxruntime"``: in-memory MatMul + TopK graph (fastest exact CPU path here);
+* ``"fused"``: one C++ pass of scoring + running top-k with the filters applied inside (AVX-512; the
+  fastest exact CPU path; needs ``python -m dpr.kernels.build``);
+* ``"onnxruntime"``: in-memory MatMul + TopK graph;
 * ``"faiss"``: ``IndexFlatIP``, CPU or GPU.
 """
 
@@ -40,6 +42,7 @@ Factory = Union[str, Callable[..., Retriever]]
 RETRIEVERS: dict[str, Factory] = {
     "torch": "dpr.engine.retrieval.torch_retriever:TorchRetriever",
     "onnxruntime": "dpr.engine.retrieval.onnxruntime_retriever:OnnxRuntimeRetriever",
+    "fused": "dpr.engine.retrieval.fused_retriever:FusedRetriever",
     "faiss": "dpr.engine.retrieval.faiss_retriever:FaissRetriever",
 }
 
@@ -48,6 +51,12 @@ _DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "torch": ("torch",),
     "onnxruntime": ("onnxruntime", "onnx"),
     "faiss": ("faiss",),
+    "fused": (),
+}
+
+#: extra availability checks ("module:function" returning bool), e.g. a native library that must be built
+_CHECKS: dict[str, str] = {
+    "fused": "dpr.kernels.score_topk:library_available",
 }
 
 
@@ -61,6 +70,7 @@ def register_retriever(name: str, factory: Factory, *, overwrite: bool = False) 
         raise InputError(f"retriever {name!r} is already registered (pass overwrite=True to replace it)")
     RETRIEVERS[name] = factory
     _DEPENDENCIES.pop(name, None)
+    _CHECKS.pop(name, None)
 
 
 def retriever_class(name: str) -> Callable[..., Retriever]:
@@ -86,6 +96,9 @@ def available_retrievers() -> list[str]:
                     importlib.import_module(dep)
             elif isinstance(factory, str):
                 importlib.import_module(factory.split(":", 1)[0])
+            check = _CHECKS.get(name)
+            if check is not None and not resolve_factory(check)():
+                continue
         except ImportError:
             continue
         out.append(name)

@@ -23,6 +23,8 @@ from .base import DeviceError, Filters, Retriever
 
 __all__ = ["TorchRetriever", "tiled_topk", "tiled_topk_filtered"]
 
+CPU_TILE = 16384
+CUDA_TILE = 262144
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -156,7 +158,9 @@ def tiled_topk_filtered(queries: np.ndarray, table: np.ndarray | torch.Tensor, k
 class TorchRetriever(Retriever):
     """Tiled matmul + running top-k in torch (always available).
 
-    Options: ``tile`` (16384 catalogue rows per matmul); ``block`` (16, block-max pruning, see
+    Options: ``tile`` (catalogue rows per matmul: 16384 on the CPU, where the score block should stay in
+    cache; 262144 on CUDA, where each tile costs ~7 kernel launches and small tiles are launch-bound:
+    at 512 x 10^6 an H200 spent 9.3 ms against a 2.1 ms scoring GEMM with 16384); ``block`` (16, block-max pruning, see
     :func:`tiled_topk`; 0 disables it); ``device`` ``"cpu"`` or ``"cuda[:i]"``;
     ``dtype`` ``float32`` (default) or ``float16``/``bfloat16`` (table stored in that precision on
     the device; fp32 accumulation on CUDA).  Filters are exact without over-fetch.
@@ -166,8 +170,10 @@ class TorchRetriever(Retriever):
     supported_dtypes = ("float32", "float16", "bfloat16")
 
     def __init__(self, item_embeddings: np.ndarray, *, device: str = "cpu", dtype: Any = "float32",
-                 tile: int = 16384, block: int = 16, **options: Any) -> None:
+                 tile: int | None = None, block: int = 16, **options: Any) -> None:
         super().__init__(item_embeddings, device=device, dtype=dtype, **options)
+        if tile is None:
+            tile = CUDA_TILE if self.device.startswith("cuda") else CPU_TILE
         if int(tile) < 1 or int(block) < 0:
             raise InputError(f"tile must be >= 1 and block >= 0, got tile={tile}, block={block}")
         self.tile = int(tile)

@@ -1,0 +1,74 @@
+"""Exact top-k in one fused pass: score + running top-k + exclusion/allowed filters (C++, CPU).
+
+The catalogue is packed once into 32-item panels (:func:`dpr.kernels.score_topk.pack`). Each call scores
+12-query x 32-item tiles in AVX-512 registers and keeps only the scores that beat a row's running k-th
+best; those few candidates are checked against the row's history and allowed mask before they enter
+its heap. So filtering costs nothing extra: no over-fetch, no re-fetch of short rows, no subset
+fallback, and the B x N score matrix is never written. Exact for any filter, by construction.
+
+Needs ``libdpr_score_topk.so`` (``python -m dpr.kernels.build``, g++ only); CPU only. Machines
+without AVX-512 run the portable tile from ``kernels/score_topk.h`` (correct, slower).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from dpr.errors import InputError
+
+from .base import DeviceError, Filters, Retriever, pad_results, physical_cores
+
+__all__ = ["FusedRetriever"]
+
+
+class FusedRetriever(Retriever):
+    """Options: ``threads`` (default the physical cores). The base class's over-fetch options are
+    accepted for interface compatibility and unused: filtering happens inside the kernel."""
+
+    name = "fused"
+    supported_dtypes = ("float32",)
+
+    def __init__(self, item_embeddings: np.ndarray, *, device: str = "cpu", dtype: Any = "float32",
+                 threads: int | None = None, **options: Any) -> None:
+        super().__init__(item_embeddings, device=device, dtype=dtype, **options)
+        if self.device != "cpu":
+            raise DeviceError("the fused retriever runs on the CPU only (use 'torch' or 'faiss' on a GPU)")
+        from dpr.kernels import score_topk
+
+        if not score_topk.library_available():
+            raise DeviceError("the fused retriever needs libdpr_score_topk.so: run python -m dpr.kernels.build")
+        if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+            raise InputError(f"threads must be >= 1, got {threads!r}")
+        self.threads = int(threads) if threads else physical_cores()
+        self._kernel = score_topk
+        self._packed = score_topk.pack(self.table)
+        self.isa = score_topk.isa()
+
+    def search(self, queries: np.ndarray, k: int, exclude: Any = None,
+               allowed_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        q = self._check_queries(queries)
+        k = self._check_k(k)
+        filters = Filters.build(q.shape[0], self.num_items, exclude, allowed_mask)
+        if q.shape[0] == 0:
+            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        kk = min(k, self.num_items)
+        offsets = items = allowed = None
+        if filters is not None:
+            if filters.excl_keys.size:
+                n1 = self.num_items + 1
+                rows, items = np.divmod(filters.excl_keys, n1)           # sorted by (row, item)
+                offsets = np.searchsorted(rows, np.arange(q.shape[0] + 1))
+            allowed = filters.allowed
+        idx, sc = self._kernel.score_topk(q, self._packed, self.num_items, kk, offsets, items, allowed,
+                                          threads=self.threads)
+        return pad_results(idx, sc, k)
+
+    __call__ = search
+
+    def _fetch(self, queries: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        return self._kernel.score_topk(queries, self._packed, self.num_items, kk, threads=self.threads)
+
+    def close(self) -> None:
+        self._packed = None

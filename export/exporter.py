@@ -589,9 +589,15 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
     # -- user encoders
     dyn_user = {name: {0: batch} for name in USER_INPUTS}
     dyn_axes_user = {name: {0: "batch"} for name in USER_INPUTS + ("user_vector",)}
+    # A padding-invariant backbone (SASRec) gets a dynamic history length, so the engine can run a batch of
+    # short histories at its own longest length (Engine history_chunk_rows); recurrent ones keep max_len.
+    history_trim = bool(getattr(model.backbone, "padding_invariant", False))
+    if history_trim:
+        dyn_user["item_seq"] = {0: batch, 1: torch.export.Dim("history", min=1, max=max(mcfg.max_len, 2))}
+        dyn_axes_user["item_seq"] = {0: "batch", 1: "history"}
     ex_user = _random_user_batch(rng, 3, mcfg, full=False, p_scale=1.0)
     ex_user_t = tuple(torch.from_numpy(ex_user[k]) for k in USER_INPUTS)
-    profile_user = {"item_seq": {"min": [1, mcfg.max_len], "opt": [opt, mcfg.max_len],
+    profile_user = {"item_seq": {"min": [1, 1 if history_trim else mcfg.max_len], "opt": [opt, mcfg.max_len],
                                  "max": [cfg.max_batch, mcfg.max_len]}}
     for name in ("p_pos", "p_neg"):
         profile_user[name] = {"min": [1, mcfg.d], "opt": [opt, mcfg.d], "max": [cfg.max_batch, mcfg.d]}
@@ -604,7 +610,7 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
                                          dyn_axes_user, cfg.opset, _portable_table(), cfg.verbose,
                                          allow_fallback=True)
     graphs[USER_ENCODER_PORTABLE] = {"file": up_path.name, "exporter": exporter, "dynamo_error": dyn_err,
-                                     "tensorrt_profile": profile_user}
+                                     "tensorrt_profile": profile_user, "history_trim": history_trim}
 
     custom_lib = None
     if cfg.fused and mcfg.moe != "moe":
@@ -624,7 +630,8 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
                                                  dyn_axes_user, cfg.opset, table_all, cfg.verbose,
                                                  allow_fallback=False)
             graphs[USER_ENCODER] = {"file": uf_path.name, "exporter": exporter, "dynamo_error": dyn_err,
-                                    "custom_op_library": Path(custom_lib).name, "tensorrt_profile": profile_user}
+                                    "custom_op_library": Path(custom_lib).name, "tensorrt_profile": profile_user,
+                                    "history_trim": history_trim}
     else:
         skipped[USER_ENCODER] = "not requested (--no-fused)"
 
@@ -782,14 +789,22 @@ def _parity(model, penc, te, catalogue, folder: Path, graphs: dict, custom_lib, 
     combos = np.array([[0, 0], [1, 0], [0, 1], [1, 1]], dtype=np.int64)
     presence = combos[np.arange(b) % 4]
     user_cases["real"] = {"item_seq": seq, "p_pos": p_ref[ip], "p_neg": p_ref[n_pos + ineg], "presence": presence}
+    short = user_cases[f"random_b{b}_short"]
+    longest = max(1, int((short["item_seq"] > 0).sum(axis=1).max()))
     for name in (USER_ENCODER_PORTABLE, USER_ENCODER):
         if name not in graphs:
             continue
         sess = _ort_session(folder / graphs[name]["file"], custom_lib if name == USER_ENCODER else None)
+        cases = dict(user_cases)
+        if graphs[name].get("history_trim"):
+            # the graph run on histories cut to the batch's longest, against PyTorch on the full max_len
+            cases["trimmed_history"] = dict(short, item_seq=np.ascontiguousarray(short["item_seq"][:, -longest:]),
+                                            _reference_seq=short["item_seq"])
         res = {}
-        for key, inp in user_cases.items():
+        for key, inp in cases.items():
             with torch.no_grad():
-                ref = model(*(torch.from_numpy(inp[k]) for k in USER_INPUTS)).numpy()
+                ref = model(*(torch.from_numpy(inp.get("_reference_seq", inp["item_seq"]) if k == "item_seq"
+                                               else inp[k]) for k in USER_INPUTS)).numpy()
             got = sess.run(None, {k: inp[k] for k in USER_INPUTS})[0]
             res[key] = compare(got, ref, table)
         # end to end on real prompts: ONNX prompt vectors into the ONNX user encoder vs all-PyTorch

@@ -486,6 +486,66 @@ def test_auto_retriever_on_cpu_is_the_fused_kernel_and_agrees(export_dir, engine
             np.testing.assert_allclose(gs, rs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend,opts", BACKENDS)
+def test_history_trimming_matches_full_length(export_dir, backend, opts):
+    """Short histories run in length-ordered chunks cut to their longest history give the user vectors of
+    the full max_len pass; the backend sees narrower item_seq arrays, never a cut history."""
+    from dpr.engine import Engine
+
+    if opts.get("fused") and not _fused_ok(export_dir):
+        pytest.skip("fused graph or custom-op library unavailable")
+    eng = Engine.load(export_dir, backend=backend, backend_options=opts, history_chunk_rows=4)
+    plain = Engine.load(export_dir, backend=backend, backend_options=opts, history_chunk_rows=0)
+    assert eng.backend.trims_history, "the test export is SASRec: its user graph takes cut histories"
+    L = eng.max_len
+    rng = np.random.default_rng(3)
+    lens = [1, L, 2, 3, L // 2, 1, 4, 2, 3, L - 1, 1]
+    seq = np.zeros((len(lens), L), np.int64)
+    for i, ln in enumerate(lens):
+        seq[i, L - ln:] = rng.integers(1, eng.num_items + 1, ln)
+    seq[9, L - 5] = 0                               # a 0 inside a history: its width still counts from the first item
+    p = rng.standard_normal((len(lens), eng.dim)).astype(np.float32)
+    pres = np.array([[1, 0], [0, 1], [1, 1], [0, 0]] * 3, np.int64)[:len(lens)]
+    widths = []
+    real = eng.backend.encode_users
+
+    def spy(item_seq, *a):
+        widths.append((item_seq.shape[0], item_seq.shape[1]))
+        return real(item_seq, *a)
+
+    eng.backend.encode_users = spy
+    got = eng.encode_users(seq, p, -p, pres)
+    ref = plain.encode_users(seq, p, -p, pres)
+    assert np.abs(got - ref).max() <= 1e-5
+    assert all(r <= 4 for r, _ in widths) and sum(r for r, _ in widths) == len(lens)
+    srt = sorted(lens)
+    assert [w for _, w in widths] == [max(srt[i:i + 4]) for i in range(0, len(srt), 4)]   # e.g. 2, 4, max_len
+    assert eng.describe()["history_chunk_rows"] == 4 and plain.describe()["history_chunk_rows"] == 0
+    with pytest.raises(InputError, match="history_chunk_rows"):
+        Engine.load(export_dir, backend=backend, history_chunk_rows=-1)
+    assert Engine._check_history_chunk_rows("auto", "cuda") == 0 < Engine._check_history_chunk_rows("auto", "cpu")
+
+
+def test_ort_session_settings(export_dir):
+    """CPU sessions skip ORT's SkipLayerNormalization fusion (slow CPU kernel) and do not spin; the vectors
+    equal those of ORT's defaults; malformed settings are clear errors."""
+    from dpr.engine import Engine
+    from dpr.engine.errors import BackendError
+
+    eng = Engine.load(export_dir, backend="onnxruntime")
+    stock = Engine.load(export_dir, backend="onnxruntime", backend_options={"disabled_optimizers": [], "spin": True})
+    d = eng.backend.describe()
+    assert d["disabled_optimizers"] == ["SkipLayerNormFusion"] and d["spin"] is False
+    assert stock.backend.describe()["disabled_optimizers"] == [] and stock.backend.describe()["spin"] is True
+    texts = ["something funny", "no horror tonight please", "x", "a long prompt " * 20]
+    assert np.abs(eng.encode_prompts(texts) - stock.encode_prompts(texts)).max() <= 1e-5
+    h, p, n = _requests(eng, 9, seed=2)
+    a, b = eng.recommend(h, p, n, k=5), stock.recommend(h, p, n, k=5)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+    with pytest.raises(BackendError, match="disabled_optimizers"):
+        Engine.load(export_dir, backend="onnxruntime", backend_options={"disabled_optimizers": "SkipLayerNormFusion"})
+
+
 def test_batch_lookup_of_results_matches_the_per_row_path(engine):
     """Full rows of one k take the vectorised lookup; a batch with another k takes the per-row loop: same
     results, and the tags handed out are copies (mutating them leaves the engine's catalogue alone)."""

@@ -94,11 +94,17 @@ def _check_export(folder: Path, ckpt: Path, expect_fused: bool, fp16: bool = Fal
             assert {"random_b1", "random_b7", "random_b512", "real_prompts"} <= set(g["parity"])
         else:
             assert list(ins) == list(USER_INPUTS)
-            assert ins["item_seq"]["shape"][1] == L and ins["item_seq"]["dtype"] == "int64"
+            # SASRec (padding invariant): a dynamic history length, checked on cut histories; GRU4Rec: max_len
+            trim = man["model_config"]["backbone"] == "sasrec"
+            assert g["history_trim"] is trim
+            assert ins["item_seq"]["shape"][1] == ("history" if trim else L) and ins["item_seq"]["dtype"] == "int64"
             assert ins["p_pos"]["dtype"] == "float32" and ins["presence"]["shape"][1] == 2
-            assert all(set(i["dynamic_axes"]) == {"0"} for i in ins.values())
+            assert set(ins["item_seq"]["dynamic_axes"]) == ({"0", "1"} if trim else {"0"})
+            assert all(set(i["dynamic_axes"]) == {"0"} for n, i in ins.items() if n != "item_seq")
             assert outs["user_vector"]["shape"][1] == d
             assert {"random_b512_short", "random_b512_full", "real", "real_end_to_end"} <= set(g["parity"])
+            assert ("trimmed_history" in g["parity"]) is trim
+            assert g["tensorrt_profile"]["item_seq"]["min"][1] == (1 if trim else L)
             assert set(g["tensorrt_profile"]) == set(USER_INPUTS)
         custom = {(c["domain"], c["name"]) for c in g["custom_ops"]}
         if name == "user_encoder":

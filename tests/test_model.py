@@ -105,6 +105,24 @@ def test_forward_is_last_position_of_forward_all(kw, b, L):
             assert (m.backbone(seq) - m.backbone.forward_all(seq)[:, -1]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
+def test_cutting_left_padding_is_exact_only_where_declared(backbone):
+    """padding_invariant backbones (SASRec) give the same user vector when a batch's leading padding columns
+    are cut to its longest history (what the engine does to short histories); GRU4Rec does not claim it."""
+    torch.manual_seed(0)
+    m = DPRModel(_cfg(backbone=backbone, max_len=10)).eval()
+    seq = torch.zeros(5, 10, dtype=torch.int64)
+    for i, ln in enumerate([1, 3, 4, 2, 4]):
+        seq[i, 10 - ln:] = torch.randint(1, 50, (ln,))
+    with torch.no_grad():
+        full, cut = m.backbone(seq), m.backbone(seq[:, -4:])
+    if m.backbone.padding_invariant:
+        assert backbone == "sasrec"
+        assert (full - cut).abs().max() <= 1e-5
+    else:
+        assert backbone == "gru4rec" and (full - cut).abs().max() > 1e-6   # the padding steps do matter
+
+
 @pytest.mark.parametrize("kw", [dict(backbone="sasrec"), dict(backbone="sasrec", num_blocks=1),
                                 dict(backbone="gru4rec")], ids=["sasrec", "sasrec-1block", "gru4rec"])
 def test_forward_last_position_fp16(kw):

@@ -142,3 +142,21 @@ def test_portable_tile_matches_the_avx512_tile():
     assert outs["generic"]["isa"] == "generic"
     np.testing.assert_array_equal(outs["generic"]["i"], outs[""]["i"])
     np.testing.assert_allclose(outs["generic"]["v"], outs[""]["v"], rtol=1e-5, atol=1e-5)
+
+
+def test_retriever_large_k_and_closed():
+    """k above the heap limit goes to the exact tiled path (same answer); a closed retriever says so."""
+    from dpr.engine.retrieval import get_retriever
+    from dpr.errors import InputError
+
+    rng = np.random.default_rng(9)
+    table = rng.standard_normal((6001, 8), dtype=np.float32)
+    q = rng.standard_normal((3, 8), dtype=np.float32)
+    r = get_retriever("fused", table)
+    r.max_heap_k = 50
+    ex = [[1, 2, 3], [], [7]]
+    got = r.search(q, 60, exclude=ex)
+    assert_matches(got, reference(q, table, 60, ex), min_overlap=0.99)
+    r.close()
+    with pytest.raises(InputError, match="closed"):
+        r.search(q, 5)

@@ -17,6 +17,11 @@ from dpr.config import ModelConfig
 
 
 class Backbone(nn.Module):
+    #: True when leading (left) padding columns can be cut off without changing the output, so a batch of
+    #: short histories may be run at its own longest length (SASRec: padded keys are masked and positions
+    #: count from the newest item). False for recurrent backbones: padding steps still move their state.
+    padding_invariant = False
+
     def __init__(self, cfg: ModelConfig, item_emb: nn.Embedding):
         super().__init__()
         self.cfg = cfg
@@ -85,6 +90,8 @@ class _SelfAttentionBlock(nn.Module):
 
 
 class SASRec(Backbone):
+    padding_invariant = True
+
     def __init__(self, cfg: ModelConfig, item_emb: nn.Embedding):
         super().__init__(cfg, item_emb)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d)

@@ -26,6 +26,9 @@ class Backend:
     # Which prompt-encoder numerics produce this backend's prompt vectors ("fp32", "int8", "fp16"):
     # part of the prompt-cache key, so engines sharing one cache never hand each other's vectors out.
     prompt_variant = "fp32"
+    # True when encode_users accepts item_seq cut to fewer than max_len columns (leading padding removed)
+    # with the same result: the engine then runs short histories at their own length.
+    trims_history = False
 
     def __init__(self, export, device: str = "cpu", **options):
         self.export = export

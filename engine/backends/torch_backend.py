@@ -73,6 +73,7 @@ class TorchBackend(Backend):
             raise BackendError(f"the torch weights do not match the export's model config: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
         self.model = model.eval().to(self.tdevice)
+        self.trims_history = bool(getattr(self.model.backbone, "padding_invariant", False))
         te = self._load_text_encoder(export, text_encoder)
         self.prompt_encoder = PromptEncoder(te, self.model.projection).eval().to(self.tdevice)
 

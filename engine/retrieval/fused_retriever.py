@@ -29,6 +29,7 @@ class FusedRetriever(Retriever):
 
     name = "fused"
     supported_dtypes = ("float32",)
+    max_heap_k = 4096      # larger k: the exact tiled torch path (same results, no k-sized heaps per row)
 
     def __init__(self, item_embeddings: np.ndarray, *, device: str = "cpu", dtype: Any = "float32",
                  threads: int | None = None, **options: Any) -> None:
@@ -53,7 +54,12 @@ class FusedRetriever(Retriever):
         filters = Filters.build(q.shape[0], self.num_items, exclude, allowed_mask)
         if q.shape[0] == 0:
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+        if self._packed is None:
+            raise InputError("this retriever is closed")
         kk = min(k, self.num_items)
+        if kk > self.max_heap_k:
+            # a running heap per row suits small k; a huge k (a full re-ranking) goes to the tiled torch kernel
+            return pad_results(*self._exact(q, kk, filters), k)
         offsets = items = allowed = None
         if filters is not None:
             if filters.excl_keys.size:

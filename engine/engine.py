@@ -215,26 +215,25 @@ class Engine:
                    prompt_chunk_tokens=prompt_chunk_tokens, history_chunk_rows=history_chunk_rows)
 
     @staticmethod
-    def _check_history_chunk_rows(v, device: str) -> int:
+    def _chunk_setting(name: str, v, device: str, cpu_default: int) -> int:
+        """A chunking knob: ``"auto"`` (``cpu_default`` on the CPU, 0 = off on a GPU), None/0 (off) or a count."""
         if v is None:
             return 0
         if isinstance(v, str) and v == "auto":
-            return 0 if str(device).startswith("cuda") else CPU_HISTORY_CHUNK_ROWS
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise InputError(f"history_chunk_rows must be 'auto', a non-negative integer or None, got {v!r}")
+            return 0 if str(device).startswith("cuda") else cpu_default
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise InputError(f"{name} must be 'auto', a non-negative integer or None, got {v!r}")
+        if v < 0:
+            raise InputError(f"{name} must be >= 0 (0 or None: off), got {v}")
         return int(v)
 
-    @staticmethod
-    def _check_prompt_chunk_tokens(v, device: str) -> int:
-        if v is None:
-            return 0
-        if isinstance(v, str) and v == "auto":
-            return 0 if str(device).startswith("cuda") else CPU_PROMPT_CHUNK_TOKENS
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise InputError(f"prompt_chunk_tokens must be 'auto', a non-negative integer or None, got {v!r}")
-        if v < 0:
-            raise InputError(f"prompt_chunk_tokens must be >= 0 (0 or None: no length bucketing), got {v}")
-        return int(v)
+    @classmethod
+    def _check_history_chunk_rows(cls, v, device: str) -> int:
+        return cls._chunk_setting("history_chunk_rows", v, device, CPU_HISTORY_CHUNK_ROWS)
+
+    @classmethod
+    def _check_prompt_chunk_tokens(cls, v, device: str) -> int:
+        return cls._chunk_setting("prompt_chunk_tokens", v, device, CPU_PROMPT_CHUNK_TOKENS)
 
     @staticmethod
     def _resolve_device(device: str) -> str:

@@ -321,11 +321,7 @@ class Retriever:
         filters = Filters.build(q.shape[0], self.num_items, exclude, allowed_mask)
         if q.shape[0] == 0:
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        kk = min(k, self.num_items)
-        if filters is None:
-            idx, sc = self._fetch(q, kk)
-        else:
-            idx, sc = self._search_filtered(q, kk, filters)
+        idx, sc = self._search(q, min(k, self.num_items), filters)
         idx = np.ascontiguousarray(idx, dtype=np.int64)
         sc = np.ascontiguousarray(sc, dtype=np.float32)
         return pad_results(idx, sc, k)
@@ -339,6 +335,13 @@ class Retriever:
         return f"{type(self).__name__}(items={self.num_items}, d={self.dim}, device={self.device!r}, dtype={self.dtype!r})"
 
     # ------------------------------------------------------------------ backend hooks
+    def _search(self, q: np.ndarray, kk: int, filters: "Filters | None") -> tuple[np.ndarray, np.ndarray]:
+        """Checked queries, ``1 <= kk <= N``, validated filters -> top-``kk`` (may be padded with -1 / -inf).
+        Default: an unfiltered ``_fetch``, or exact filtering by over-fetch (``_search_filtered``)."""
+        if filters is None:
+            return self._fetch(q, kk)
+        return self._search_filtered(q, kk, filters)
+
     def _fetch(self, queries: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         """Unfiltered top-``kk`` (``1 <= kk <= N``) over items ``1..N``, sorted descending."""
         raise NotImplementedError

@@ -18,7 +18,7 @@ import numpy as np
 
 from dpr.errors import InputError
 
-from .base import DeviceError, Filters, Retriever, pad_results, physical_cores
+from .base import DeviceError, Filters, Retriever, physical_cores
 
 __all__ = ["FusedRetriever"]
 
@@ -47,31 +47,20 @@ class FusedRetriever(Retriever):
         self._packed = score_topk.pack(self.table)
         self.isa = score_topk.isa()
 
-    def search(self, queries: np.ndarray, k: int, exclude: Any = None,
-               allowed_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        q = self._check_queries(queries)
-        k = self._check_k(k)
-        filters = Filters.build(q.shape[0], self.num_items, exclude, allowed_mask)
-        if q.shape[0] == 0:
-            return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+    def _search(self, q: np.ndarray, kk: int, filters: Filters | None) -> tuple[np.ndarray, np.ndarray]:
         if self._packed is None:
             raise InputError("this retriever is closed")
-        kk = min(k, self.num_items)
         if kk > self.max_heap_k:
             # a running heap per row suits small k; a huge k (a full re-ranking) goes to the tiled torch kernel
-            return pad_results(*self._exact(q, kk, filters), k)
+            return self._exact(q, kk, filters)
         offsets = items = allowed = None
         if filters is not None:
             if filters.excl_keys.size:
-                n1 = self.num_items + 1
-                rows, items = np.divmod(filters.excl_keys, n1)           # sorted by (row, item)
+                rows, items = np.divmod(filters.excl_keys, self.num_items + 1)    # sorted by (row, item)
                 offsets = np.searchsorted(rows, np.arange(q.shape[0] + 1))
             allowed = filters.allowed
-        idx, sc = self._kernel.score_topk(q, self._packed, self.num_items, kk, offsets, items, allowed,
-                                          threads=self.threads)
-        return pad_results(idx, sc, k)
-
-    __call__ = search
+        return self._kernel.score_topk(q, self._packed, self.num_items, kk, offsets, items, allowed,
+                                       threads=self.threads)
 
     def _fetch(self, queries: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         return self._kernel.score_topk(queries, self._packed, self.num_items, kk, threads=self.threads)

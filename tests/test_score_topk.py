@@ -160,3 +160,12 @@ def test_retriever_large_k_and_closed():
     r.close()
     with pytest.raises(InputError, match="closed"):
         r.search(q, 5)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, "2", True])
+def test_retriever_rejects_bad_thread_counts(bad):
+    from dpr.engine.retrieval import get_retriever
+    from dpr.errors import InputError
+
+    with pytest.raises(InputError, match="threads"):
+        get_retriever("fused", np.ones((5, 4), np.float32), threads=bad)

@@ -25,7 +25,8 @@ __all__ = ["FusedRetriever"]
 
 class FusedRetriever(Retriever):
     """Options: ``threads`` (default the physical cores). The base class's over-fetch options are
-    accepted for interface compatibility and unused: filtering happens inside the kernel."""
+    accepted for interface compatibility and unused: filtering happens inside the kernel. Memory: the
+    packed table (about the size of the item table) besides the float32 table the exact fallback uses."""
 
     name = "fused"
     supported_dtypes = ("float32",)
@@ -40,7 +41,8 @@ class FusedRetriever(Retriever):
 
         if not score_topk.library_available():
             raise DeviceError("the fused retriever needs libdpr_score_topk.so: run python -m dpr.kernels.build")
-        if threads is not None and (isinstance(threads, bool) or int(threads) < 1):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer))
+                                    or threads < 1):
             raise InputError(f"threads must be >= 1, got {threads!r}")
         self.threads = int(threads) if threads else physical_cores()
         self._kernel = score_topk

@@ -335,3 +335,31 @@ def test_torch_tile_default_is_per_device():
     assert get_retriever("torch", _table(10, 4), tile=37).tile == 37
     with pytest.raises(InputError, match="tile"):
         get_retriever("torch", _table(10, 4), tile=0)
+    # on CUDA the default tile shrinks with the batch so the fp32 score block stays under CUDA_SCORE_BYTES
+    from dpr.engine.retrieval.torch_retriever import CUDA_SCORE_BYTES
+
+    r = get_retriever("torch", _table(10, 4))
+    r.device, r.tile = "cuda:0", CUDA_TILE                    # the rule alone (no GPU needed)
+    assert r._tile_for(1) == CUDA_TILE
+    assert r._tile_for(512) == CUDA_SCORE_BYTES // (4 * 512) < CUDA_TILE
+    assert r._tile_for(10 ** 6) == 16384                      # never below the CPU tile
+    r._auto_tile = False
+    assert r._tile_for(512) == CUDA_TILE                      # an explicit tile is kept
+
+
+@pytest.mark.parametrize("n,tile,block,k", [(1000, 100, 16, 3), (1000, 1001, 16, 5), (4099, 4100, 16, 10),
+                                           (777, 250, 7, 20), (50, 50, 16, 2)])
+def test_torch_block_max_with_tiles_not_a_multiple_of_the_block(n, tile, block, k):
+    """Block-max pruning on the whole multiple-of-block part of every tile, the leftover columns searched
+    plainly: still exact, with and without filters."""
+    table = _table(n, 16, seed=tile)
+    rng = np.random.default_rng(n + tile)
+    q = rng.standard_normal((9, 16), dtype=np.float32)
+    r = get_retriever("torch", table, tile=tile, block=block)
+    idx, sc = r.search(q, k)
+    ref_idx, ref_sc, full = oracle(table, q, k)
+    check(idx, sc, ref_idx, ref_sc, full, k)
+    ex = [rng.choice(np.arange(1, n + 1), size=min(n, 30), replace=False) for _ in range(9)]
+    idx, sc = r.search(q, k, exclude=ex)
+    ref_idx, ref_sc, full = oracle(table, q, k, ex)
+    check(idx, sc, ref_idx, ref_sc, full, k, exclude=ex)

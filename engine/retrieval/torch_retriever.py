@@ -24,7 +24,8 @@ from .base import DeviceError, Filters, Retriever
 __all__ = ["TorchRetriever", "tiled_topk", "tiled_topk_filtered"]
 
 CPU_TILE = 16384
-CUDA_TILE = 262144
+CUDA_TILE = 1 << 20
+CUDA_SCORE_BYTES = 1 << 30       # at most this much fp32 score block per tile on a GPU (smaller tiles for big batches)
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -85,13 +86,20 @@ def tiled_topk(q: torch.Tensor, table: torch.Tensor, k: int, *, tile: int = 6553
             lo, hi = int(bounds[n_t]), int(bounds[n_t + 1])
             s[er_t[lo:hi], ec_t[lo:hi] - s0] = neg_inf
         w = s1 - s0
-        if use_blocks and w % block == 0 and w // block > kk:
-            nb = w // block
-            bmax = s.view(r, block, nb).amax(dim=1)  # block j = columns j, j + nb, j + 2 nb, ...
+        nb = w // block if use_blocks else 0
+        if use_blocks and nb > kk:
+            # block j = columns j, j + nb, j + 2 nb, ... of the first nb * block columns, read in place
+            # (as_strided, no copy, whatever the tile width); the < block leftover columns are searched plainly
+            bmax = s.as_strided((r, block, nb), (s.stride(0), nb, 1)).amax(dim=1)
             bi = torch.topk(bmax, kk, dim=1, largest=True, sorted=False)[1]
             cols = (bi.unsqueeze(1) + lanes * nb).reshape(r, -1)
             v, j = torch.topk(torch.gather(s, 1, cols), kk, dim=1, largest=True, sorted=False)
             i = torch.gather(cols, 1, j)
+            if w > nb * block:
+                vt, it = torch.topk(s[:, nb * block:], min(kk, w - nb * block), dim=1, largest=True, sorted=False)
+                v, i = torch.cat((v, vt), dim=1), torch.cat((i, it + nb * block), dim=1)
+                v, j = torch.topk(v, kk, dim=1, largest=True, sorted=False)
+                i = torch.gather(i, 1, j)
         else:
             v, i = torch.topk(s, min(kk, w), dim=1, largest=True, sorted=False)
         i += s0
@@ -159,8 +167,9 @@ class TorchRetriever(Retriever):
     """Tiled matmul + running top-k in torch (always available).
 
     Options: ``tile`` (catalogue rows per matmul: 16384 on the CPU, where the score block should stay in
-    cache; 262144 on CUDA, where each tile costs ~7 kernel launches and small tiles are launch-bound:
-    at 512 x 10^6 an H200 spent 9.3 ms against a 2.1 ms scoring GEMM with 16384); ``block`` (16, block-max pruning, see
+    cache; on CUDA up to 2^20, bounded so the fp32 score block stays under 1 GiB at the call's batch:
+    each tile costs ~7 kernel launches, and at 512 x 10^6 an H200 spent 9.3 ms with 16384-item tiles,
+    4.9 ms with 262144, against a 2.1 ms scoring GEMM); ``block`` (16, block-max pruning, see
     :func:`tiled_topk`; 0 disables it); ``device`` ``"cpu"`` or ``"cuda[:i]"``;
     ``dtype`` ``float32`` (default) or ``float16``/``bfloat16`` (table stored in that precision on
     the device; fp32 accumulation on CUDA).  Filters are exact without over-fetch.
@@ -172,6 +181,7 @@ class TorchRetriever(Retriever):
     def __init__(self, item_embeddings: np.ndarray, *, device: str = "cpu", dtype: Any = "float32",
                  tile: int | None = None, block: int = 16, **options: Any) -> None:
         super().__init__(item_embeddings, device=device, dtype=dtype, **options)
+        self._auto_tile = tile is None
         if tile is None:
             tile = CUDA_TILE if self.device.startswith("cuda") else CPU_TILE
         if int(tile) < 1 or int(block) < 0:
@@ -187,14 +197,20 @@ class TorchRetriever(Retriever):
         base = torch.from_numpy(self.table)
         self._table_t = base.to(device=self.device, dtype=tdt) if (self.device != "cpu" or tdt != torch.float32) else base
 
+    def _tile_for(self, batch: int) -> int:
+        if not self.device.startswith("cuda") or not self._auto_tile:
+            return self.tile
+        return max(16384, min(self.tile, CUDA_SCORE_BYTES // (4 * max(batch, 1))))
+
     def _fetch(self, queries: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         q = torch.from_numpy(queries).to(self._table_t.device)
         with torch.inference_mode():
-            return tiled_topk(q, self._table_t, kk, tile=self.tile, block=self.block)
+            return tiled_topk(q, self._table_t, kk, tile=self._tile_for(q.shape[0]), block=self.block)
 
     def _search_filtered(self, q: np.ndarray, k: int, f: Filters) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode():
-            return tiled_topk_filtered(q, self._table_t, k, f, tile=self.tile, subset_fraction=self.subset_fraction,
+            return tiled_topk_filtered(q, self._table_t, k, f, tile=self._tile_for(q.shape[0]),
+                                       subset_fraction=self.subset_fraction,
                                        block=self.block)
 
     def _exact(self, queries: np.ndarray, k: int, filters: Filters | None) -> tuple[np.ndarray, np.ndarray]:

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dpr.config import ModelConfig
 from dpr.model import DPRModel, moe_gate_reference
@@ -248,3 +249,17 @@ def test_resolve_text_encoder_error(monkeypatch):
     with pytest.raises(DPRError, match=r"dpr\[encoder\]"):
         resolve_text_encoder(None)
     assert resolve_text_encoder("/some/path") == "/some/path"
+
+
+@pytest.mark.parametrize("moe", ["moe", "shared"])
+@pytest.mark.parametrize("b", [1, 3, 17])
+def test_expert_outputs_match_the_einsum_specification(moe, b):
+    """The experts run as one GEMM + one batched matmul; the math is the per-expert MLP of the spec."""
+    torch.manual_seed(b)
+    m = DPRModel(_cfg(moe=moe)).eval().moe
+    z = torch.randn(b, m.w1.shape[1])
+    with torch.no_grad():
+        got = m.expert_outputs(z)
+        ref = torch.einsum("beh,ehd->bed", F.gelu(torch.einsum("bd,edh->beh", z, m.w1) + m.b1), m.w2) + m.b2
+    assert got.shape == (b, m.w1.shape[0], m.w1.shape[1])
+    assert (got - ref).abs().max() <= 1e-5

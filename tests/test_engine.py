@@ -546,6 +546,21 @@ def test_ort_session_settings(export_dir):
         Engine.load(export_dir, backend="onnxruntime", backend_options={"disabled_optimizers": "SkipLayerNormFusion"})
 
 
+def test_torch_backend_compiled_user_encoder_agrees(export_dir):
+    """backend_options={"compile": True}: the torch.compile'd user encoder equals the eager one, at the
+    batch shapes the engine sends (cut histories of several widths, batch 1 included)."""
+    from dpr.engine import Engine
+
+    eng = Engine.load(export_dir, backend="torch", backend_options={"compile": True}, history_chunk_rows=3)
+    plain = Engine.load(export_dir, backend="torch", history_chunk_rows=0)
+    assert eng.backend.describe()["compiled"] is True and plain.backend.describe()["compiled"] is False
+    h, p, n = _requests(eng, 10, seed=4)
+    for batch in ((h, p, n), ([h[0]], [p[0]], [n[0]])):
+        a, b = eng.recommend(*batch, k=5), plain.recommend(*batch, k=5)
+        assert a.item_ids == b.item_ids
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+
+
 def test_batch_lookup_of_results_matches_the_per_row_path(engine):
     """Full rows of one k take the vectorised lookup; a batch with another k takes the per-row loop: same
     results, and the tags handed out are copies (mutating them leaves the engine's catalogue alone)."""

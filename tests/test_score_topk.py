@@ -169,3 +169,22 @@ def test_retriever_rejects_bad_thread_counts(bad):
 
     with pytest.raises(InputError, match="threads"):
         get_retriever("fused", np.ones((5, 4), np.float32), threads=bad)
+
+
+def test_concurrent_searches_from_many_threads():
+    """One retriever shared by several threads (the engine is thread-safe): each gets its own answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dpr.engine.retrieval import get_retriever
+
+    rng = np.random.default_rng(4)
+    table = rng.standard_normal((3001, 16), dtype=np.float32)
+    r = get_retriever("fused", table)
+    qs = [rng.standard_normal((int(rng.integers(1, 40)), 16), dtype=np.float32) for _ in range(24)]
+    exs = [[rng.integers(1, 3001, 20) for _ in range(q.shape[0])] for q in qs]
+    want = [r.search(q, 7, exclude=ex) for q, ex in zip(qs, exs)]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda a: r.search(a[0], 7, exclude=a[1]), zip(qs, exs)))
+    for (gi, gs), (wi, ws) in zip(got, want):
+        np.testing.assert_array_equal(gi, wi)
+        np.testing.assert_array_equal(gs, ws)

@@ -47,7 +47,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, export, device: str = "cpu", checkpoint: str | None = None, text_encoder: str | None = None,
-                 threads: int | None = None, **options):
+                 threads: int | None = None, compile: bool = False, **options):
         super().__init__(export, device)
         if options:
             raise BackendError(f"torch backend got unknown option(s): {', '.join(sorted(options))}")
@@ -76,6 +76,32 @@ class TorchBackend(Backend):
         self.trims_history = bool(getattr(self.model.backbone, "padding_invariant", False))
         te = self._load_text_encoder(export, text_encoder)
         self.prompt_encoder = PromptEncoder(te, self.model.projection).eval().to(self.tdevice)
+        self.compiled = bool(compile)
+        self._user_fn = self.model
+        self._user_lock = None
+        if self.compiled:
+            self._compile_user_encoder()
+
+    def _compile_user_encoder(self) -> None:
+        """``compile=True``: the user encoder through ``torch.compile(dynamic=True)`` (fused element-wise
+        kernels: the SASRec user encoder at batch 256 went 19.6 -> 10.3 ms at max_len 50 on 2 CPU cores;
+        about 30 s of compilation). Compiled once here on a small batch, so a missing compiler is a load
+        error; calls are serialised (dynamo's compile caches are not meant for concurrent first calls)."""
+        import threading
+
+        torch = self._torch
+        fn = torch.compile(self.model, dynamic=True)
+        L, d = int(self.export.max_len), int(self.model.cfg.d)
+        probe = (torch.ones(2, L, dtype=torch.int64, device=self.tdevice), torch.zeros(2, d, device=self.tdevice),
+                 torch.zeros(2, d, device=self.tdevice), torch.zeros(2, 2, dtype=torch.int64, device=self.tdevice))
+        try:
+            with torch.inference_mode():
+                fn(*probe)
+        except Exception as exc:  # noqa: BLE001 - inductor raises many types (compiler missing, ...)
+            raise BackendError(f"torch backend: compile=True failed: {type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        self._user_fn = fn
+        self._user_lock = threading.Lock()
 
     def _load_state(self, export, checkpoint):
         st = export.path / "model_state.safetensors"
@@ -129,12 +155,16 @@ class TorchBackend(Backend):
         torch = self._torch
         t = [torch.from_numpy(np.ascontiguousarray(a)).to(self.tdevice) for a in (item_seq, p_pos, p_neg, presence)]
         with torch.inference_mode():
-            out = self.model(*t)
+            if self._user_lock is None:
+                out = self._user_fn(*t)
+            else:
+                with self._user_lock:
+                    out = self._user_fn(*t)
         return out.float().cpu().numpy()
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "torch": self._torch.__version__,
-                "weights": self.weights_source, "text_encoder": self.text_encoder_source}
+                "weights": self.weights_source, "text_encoder": self.text_encoder_source, "compiled": self.compiled}
 
     @classmethod
     def availability(cls, device: str) -> tuple[bool, str]:

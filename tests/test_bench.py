@@ -357,3 +357,29 @@ def test_shared_prompt_cache_keeps_int8_and_fp32_apart(bench_export):
     again = fp32.encode_prompts(texts)
     np.testing.assert_array_equal(again, a)                       # fp32 still gets its own back
     assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_default_model_int8_fallback_and_gpu(monkeypatch, tmp_path, tiny_encoder_dir, device):
+    """A failing int8 export (ONNX Runtime 1.30's quantiser on a GPU machine) is retried without int8 and
+    the reason kept; a GPU run never asks for the int8 graph."""
+    import dpr.export
+    from dpr.bench import default_model
+    from dpr.bench.config import BenchConfig
+    from dpr.export import ExportError
+
+    calls = []
+
+    def fake_export(ckpt, cfg):
+        calls.append(cfg.int8)
+        if cfg.int8:
+            raise ExportError("quantiser: [ShapeInferenceError] (384) vs (64)")
+        return cfg.out
+
+    monkeypatch.setattr(dpr.export, "export", fake_export)
+    cfg = BenchConfig(items=50, text_encoder=str(tiny_encoder_dir), cache_dir=str(tmp_path), device=device)
+    model = default_model.default_model(cfg)
+    if device == "cpu":
+        assert calls == [True, False] and "ShapeInferenceError" in model.info["int8_skipped"]
+    else:
+        assert calls == [False] and "int8_skipped" not in model.info

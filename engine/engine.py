@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
+from itertools import chain
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -601,9 +602,48 @@ class Engine:
         excl = per_row(exclude_history, "exclude_history") if isinstance(exclude_history, (list, tuple)) \
             else [exclude_history] * b
         k = self._check_k(k)
-        rows = [self.validate_request(Request(histories[i], pos[i], neg[i], k, excl[i], filters[i]),
-                                      what=f"request {i}") for i in range(b)]
+        # column by column, each distinct prompt / the shared filter checked once (templates repeat): the
+        # same checks and messages as validate_request, without its per-row call overhead
+        seqs = self._history_batch(histories)
+        if seqs is None:                       # something to report or skip: row by row, naming the request
+            seqs = [self._history_indices(histories[i], f"request {i}: history") for i in range(b)]
+        pos = self._check_prompt_column(pos, "prompt")
+        neg = self._check_prompt_column(neg, "negative prompt")
+        if filters and all(f is filters[0] for f in filters):
+            fkeys = [self._filter_key(filters[0], "hard_filter")] * b
+        else:
+            fkeys = [self._filter_key(f, f"request {i}: hard_filter") for i, f in enumerate(filters)]
+        rows = [_Row(seqs[i], pos[i], neg[i], k, bool(excl[i]), fkeys[i]) for i in range(b)]
         return self._run_rows(rows, timings)
+
+    def _history_batch(self, histories) -> list[np.ndarray] | None:
+        """Every history mapped in one pass (one C-level map over all ids, then views of one array): the
+        fast path when every id of every row is known. None sends the batch to the per-row checks."""
+        try:
+            if any(isinstance(h, (str, bytes)) for h in histories):
+                return None
+            lens = [len(h) for h in histories]
+            if 0 in lens:
+                return None
+            flat = list(map(self._id_to_index.get, chain.from_iterable(histories)))
+        except TypeError:                      # an unsized history or an unhashable id
+            return None
+        if None in flat:
+            return None
+        return np.split(np.array(flat, dtype=np.int64), np.cumsum(lens)[:-1])
+
+    def _check_prompt_column(self, column: list, what: str) -> list:
+        checked: dict[str, str | None] = {}
+        out = []
+        for i, p in enumerate(column):
+            if isinstance(p, str) and p in checked:
+                out.append(checked[p])
+                continue
+            v = self._check_prompt(p, f"request {i}: {what}")
+            if isinstance(p, str):
+                checked[p] = v
+            out.append(v)
+        return out
 
     def _run_rows(self, rows: list[_Row], timings: dict | None = None) -> Recommendations:
         b = len(rows)

@@ -205,6 +205,22 @@ def test_truncation_keeps_most_recent(engine):
 GOOD = dict(histories=[["__first__"]], prompts=["more comedy"], k=5)
 
 
+def test_batch_validation_names_the_request(engine):
+    """The batch fast path (all ids known) falls back to per-row checks that name the offending request."""
+    first, second = engine.item_ids[:2]
+    h = [[first], [second, first], ["no-such-item"], [first]]
+    with pytest.raises(InputError, match=r"request 2: history holds unknown item id 'no-such-item'"):
+        engine.recommend(h, k=3)
+    with pytest.raises(InputError, match=r"request 1: history"):
+        engine.recommend([[first], [[first]]], k=3)                    # an unhashable id
+    with pytest.raises(InputError, match=r"request 3: history is empty"):
+        engine.recommend([[first]] * 3 + [[]], k=3)
+    with pytest.raises(InputError, match=r"request 1: prompt is empty"):
+        engine.recommend([[first]] * 3, prompts=["fun", " ", "fun"], k=3)
+    recs = engine.recommend([[first], (second,), np.array([first, second])], k=3)   # tuples and arrays work
+    assert len(recs) == 3 and all(len(r) == 3 for r in recs.item_ids)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(histories=[[]]), "empty"),
     (dict(histories=[]), "empty"),

@@ -70,4 +70,6 @@ def load_engine(plan: BackendPlan, export_dir, device: str, checkpoint: str = ""
     opts = dict(plan.options)
     if checkpoint and plan.engine_backend == "torch":
         opts["checkpoint"] = checkpoint
-    return Engine.load(export_dir, backend=plan.engine_backend, device=device, backend_options=opts)
+    # the runner's load_export has already checked every file's sha256: do not hash the export again per backend
+    return Engine.load(export_dir, backend=plan.engine_backend, device=device, backend_options=opts,
+                       verify_hashes=False)

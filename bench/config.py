@@ -5,9 +5,15 @@ which the JSON report records verbatim."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 
 from dpr.errors import DPRError
+
+
+def log(msg: str) -> None:
+    """A ``dpr-bench:`` progress line on stderr (stdout is the report)."""
+    print(f"dpr-bench: {msg}", file=sys.stderr, flush=True)
 
 #: the prompt modes a run can measure (see dpr.bench.workload)
 PROMPT_MODES = ("unique", "templates", "none")

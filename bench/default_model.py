@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dpr.errors import DPRError
 
 from .config import BenchConfig, BenchError
+from .config import log as _log
 
 ARCH = {"backbone": "sasrec", "d": 64, "max_len": 50, "num_blocks": 2, "num_heads": 1,
         "experts_per_polarity": 4, "top_k": 2}
@@ -38,9 +38,6 @@ class DefaultModel:
     export_dir: Path
     info: dict                     # what the report says about the model (untrained label, encoder, items)
 
-
-def _log(msg: str) -> None:
-    print(f"dpr-bench: {msg}", file=sys.stderr, flush=True)
 
 
 def resolve_encoder(explicit: str, cache_dir: Path) -> tuple[str, dict]:

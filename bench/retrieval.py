@@ -11,16 +11,14 @@ Rows: ``items, retriever, ms, gflops, gbps, ceiling_gflops, ceiling_gbps, pct_of
 
 from __future__ import annotations
 
-import sys
 import time
 
 from dpr.errors import DPRError
 
+from .config import log as _log
+
 BUDGET_S = 10.0        # timed seconds per retriever and size before the number of searches is cut
 
-
-def _log(msg: str) -> None:
-    print(f"dpr-bench: {msg}", file=sys.stderr, flush=True)
 
 
 def gpu_ceilings(device: str, size: int = 8192, iters: int = 5) -> dict:
@@ -124,7 +122,7 @@ def retrieval_section(sizes: list[int], d: int, batch: int, k: int, device: str,
             row = {"items": n, "retriever": name, "device": device if on_gpu else "cpu", "ms": r["ms_median"],
                    "ms_min": r["ms_min"], "gflops": r["gflops"], "gbps": r["gbps"],
                    "ceiling_gflops": ceil["matmul_gflops"], "ceiling_gbps": ceil["copy_gbps"],
-                   "pct_of_ceiling": 100.0 * r["gflops"] / ceil["matmul_gflops"],
+                   "pct_of_ceiling": r["pct_of_ceiling"],
                    "pct_of_copy": 100.0 * r["gbps"] / ceil["copy_gbps"], "batch": batch, "k": k, "d": d,
                    "iters": n_iters}
             if gemm is not None:

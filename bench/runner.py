@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import gc
-import sys
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from dpr.errors import DPRError
 
 from .backends import load_engine, plan_backends, resolve_device
 from .config import BenchConfig, BenchError
+from .config import log as _log
 from .gating import gating_section
 from .machine import machine_info, versions
 from .measure import (Runner, engine_call, overlap, pipeline_call, run_mode, time_user_encoders,
@@ -32,9 +32,6 @@ from .report import check_plot_available, retrieval_summary, speedups
 from .retrieval import retrieval_section
 from .workload import Workload
 
-
-def _log(msg: str) -> None:
-    print(f"dpr-bench: {msg}", file=sys.stderr, flush=True)
 
 
 def _open_model(cfg: BenchConfig):

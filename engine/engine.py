@@ -146,8 +146,8 @@ class Engine:
         self.item_tags: list[list[str]] = [list(t) for t in items["tags"]]
         self.tag_names: list[str] = list(items.get("tag_names") or sorted({t for ts in self.item_tags for t in ts}))
         self.num_items = len(self.item_ids)
-        self._ids_obj = np.array(self.item_ids + [None], dtype=object)[:-1]     # 1-D even if ids look alike
-        self._titles_obj = np.array(self.titles + [None], dtype=object)[:-1]
+        self._ids_obj = np.array(self.item_ids, dtype=object)        # for the batch lookup of results
+        self._titles_obj = np.array(self.titles, dtype=object)
         self._tags_obj = np.empty(self.num_items, dtype=object)
         for i, t in enumerate(self.item_tags):     # element-wise: numpy would turn equal-length lists into 2-D
             self._tags_obj[i] = t
@@ -450,7 +450,7 @@ class Engine:
         vec = {t: v for t, v in zip(uniq, cached) if v is not None}
         todo = [t for t, v in zip(uniq, cached) if v is None]
         t_tok = t_enc = 0.0
-        if todo and self.prompt_chunk_tokens:
+        if todo:
             t0 = time.perf_counter()
             ids, mask = self.tokenize(todo)
             t1 = time.perf_counter()
@@ -463,17 +463,6 @@ class Engine:
             t_tok += t1 - t0
             self.prompt_cache.put_many(self.prompt_cache_key, todo, out)
             vec.update(zip(todo, out))
-        else:
-            for s in range(0, len(todo), self.max_batch):
-                chunk = todo[s:s + self.max_batch]
-                t0 = time.perf_counter()
-                ids, mask = self.tokenize(chunk)
-                t1 = time.perf_counter()
-                out = np.asarray(self.backend.encode_prompts(ids, mask), dtype=np.float32)
-                t_enc += time.perf_counter() - t1
-                t_tok += t1 - t0
-                self.prompt_cache.put_many(self.prompt_cache_key, chunk, out)
-                vec.update(zip(chunk, out))
         if timings is not None:
             timings["tokenize"] = timings.get("tokenize", 0.0) + t_tok
             timings["prompt_encoder"] = timings.get("prompt_encoder", 0.0) + t_enc
@@ -482,18 +471,20 @@ class Engine:
         return np.stack([vec[t] for t in texts]).astype(np.float32, copy=False)
 
     def _prompt_chunks(self, mask: np.ndarray):
-        """Length buckets of a tokenized batch: ``(rows, lo, hi)`` per chunk, ``rows`` indices into the
-        batch (ordered by token length, stable), ``[lo, hi)`` the token columns any of them uses (the
-        tokenizer pads to the batch's longest prompt; a chunk only needs its own longest). A chunk holds
-        at most ``prompt_chunk_tokens`` tokens (rows x longest) and ``max_batch`` rows, at least one row."""
+        """Chunks of a tokenized batch: ``(rows, lo, hi)`` per chunk, ``rows`` indices into the batch, ``[lo,
+        hi)`` the token columns any of them uses (the tokenizer pads to the batch's longest prompt; a chunk
+        only needs its own longest). With ``prompt_chunk_tokens``: length buckets (rows ordered by token
+        length, stable), at most that many tokens (rows x longest) and ``max_batch`` rows, at least one row.
+        Without (0): consecutive runs of ``max_batch`` rows in the batch's order."""
         lens = mask.sum(axis=1)
-        order = np.argsort(lens, kind="stable")
-        budget, n = self.prompt_chunk_tokens, len(order)
+        budget, n = self.prompt_chunk_tokens, len(lens)
+        order = np.argsort(lens, kind="stable") if budget else np.arange(n)
         start = 0
         while start < n:
-            end = start + 1
+            end = min(n, start + self.max_batch) if not budget else start + 1
             # ascending lengths: adding row `end` makes it the chunk's longest
-            while end < n and end - start < self.max_batch and (end - start + 1) * int(lens[order[end]]) <= budget:
+            while budget and end < n and end - start < self.max_batch \
+                    and (end - start + 1) * int(lens[order[end]]) <= budget:
                 end += 1
             rows = order[start:end]
             used = np.flatnonzero(mask[rows].any(axis=0))

@@ -215,16 +215,16 @@ def _check_graph(path: Path) -> "onnx.ModelProto":  # noqa: F821
     return inferred
 
 
-def _check_or_repair(path: Path) -> None:
-    """Check a freshly exported graph; when only its recorded intermediate shapes (value_info) contradict
-    ONNX shape inference, drop them and check again (seen with torch 2.11's dynamo exporter + onnx 1.23:
-    "Inferred shape and existing shape differ in dimension 0: (384) vs (64)"). Raises ExportError when the
-    graph is still invalid, so the caller can fall back to the legacy exporter."""
+def _check_or_repair(path: Path) -> "onnx.ModelProto":  # noqa: F821
+    """Check a freshly exported graph (returns what ``_check_graph`` returns); when only its recorded
+    intermediate shapes (value_info) contradict ONNX shape inference, drop them and check again (seen with
+    torch 2.11's dynamo exporter + onnx 1.23: "Inferred shape and existing shape differ in dimension 0:
+    (384) vs (64)"). Raises ExportError when the graph is still invalid, so the caller can fall back to the
+    legacy exporter."""
     import onnx
 
     try:
-        _check_graph(path)
-        return
+        return _check_graph(path)
     except ExportError as first:
         model = onnx.load(str(path))
         if not len(model.graph.value_info):
@@ -232,11 +232,12 @@ def _check_or_repair(path: Path) -> None:
         del model.graph.value_info[:]
         onnx.save(model, str(path))
         try:
-            _check_graph(path)
+            inferred = _check_graph(path)
         except ExportError:
             raise first from None
         log.warning("dpr-export: %s: dropped exporter shape annotations that contradict shape inference (%s)",
                     path.name, str(first)[:200])
+        return inferred
 
 
 def _custom_ops(model) -> list[dict]:
@@ -255,9 +256,10 @@ def _custom_ops(model) -> list[dict]:
 
 
 def _onnx_export(module, args, path: Path, input_names, output_names, dynamic_shapes, dynamic_axes, opset: int,
-                 table: dict | None, verbose: bool, allow_fallback: bool) -> tuple[str, str | None]:
+                 table: dict | None, verbose: bool, allow_fallback: bool) -> tuple[str, str | None, "onnx.ModelProto"]:  # noqa: F821
     """torch.onnx.export with the dynamo exporter; on failure, the legacy (TorchScript) exporter when allowed.
-    Returns (exporter used, dynamo failure message or None)."""
+    Returns (exporter used, dynamo failure message or None, the checked and shape-inferred ModelProto: the
+    graph is checked once, here)."""
     import torch
 
     try:
@@ -266,8 +268,7 @@ def _onnx_export(module, args, path: Path, input_names, output_names, dynamic_sh
                               input_names=list(input_names), output_names=list(output_names),
                               dynamic_shapes=dynamic_shapes, custom_translation_table=table or None,
                               verbose=verbose)
-        _check_or_repair(path)
-        return "dynamo", None
+        return "dynamo", None, _check_or_repair(path)
     except Exception as exc:  # the exporter raises many types
         dynamo_err = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
         if not allow_fallback:
@@ -282,7 +283,7 @@ def _onnx_export(module, args, path: Path, input_names, output_names, dynamic_sh
     except Exception as exc:
         raise ExportError(f"cannot export {path.name}: dynamo exporter: {dynamo_err}; legacy exporter: "
                           f"{type(exc).__name__}: {exc}") from None
-    return "torchscript", dynamo_err
+    return "torchscript", dynamo_err, _check_graph(path)
 
 
 def _ort_session(path: Path, custom_lib: str | None = None):
@@ -556,6 +557,7 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
     batch, seq = _dims(cfg.max_batch, max_tokens)
     opt = cfg.opt_batch or cfg.max_batch
     graphs: dict[str, dict] = {}
+    inferred_models: dict = {}          # graph name -> its checked, shape-inferred ModelProto (from _onnx_export)
     skipped: dict[str, str] = {}
     table = model.item_emb.weight.detach().float().numpy().copy()
     rng = np.random.default_rng(cfg.seed)
@@ -576,9 +578,10 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
     dyn_axes_pe = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "seq"},
                    "prompt_vector": {0: "batch"}}
     with torch.no_grad():
-        exporter, dyn_err = _onnx_export(penc, ex_args, pe_path, PROMPT_INPUTS, ["prompt_vector"],
-                                         {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-                                         dyn_axes_pe, cfg.opset, None, cfg.verbose, allow_fallback=True)
+        exporter, dyn_err, inferred_models[PROMPT_ENCODER] = _onnx_export(
+            penc, ex_args, pe_path, PROMPT_INPUTS, ["prompt_vector"],
+            {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+            dyn_axes_pe, cfg.opset, None, cfg.verbose, allow_fallback=True)
     graphs[PROMPT_ENCODER] = {"file": pe_path.name, "exporter": exporter, "dynamo_error": dyn_err,
                               "tensorrt_profile": {
                                   "input_ids": {"min": [1, 1], "opt": [opt, min(max_tokens, 32)],
@@ -606,9 +609,9 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
     up_path = folder / f"{USER_ENCODER_PORTABLE}.onnx"
     with torch.no_grad():
         model.moe.gate = moe_gate_reference
-        exporter, dyn_err = _onnx_export(model, ex_user_t, up_path, USER_INPUTS, ["user_vector"], dyn_user,
-                                         dyn_axes_user, cfg.opset, _portable_table(), cfg.verbose,
-                                         allow_fallback=True)
+        exporter, dyn_err, inferred_models[USER_ENCODER_PORTABLE] = _onnx_export(
+            model, ex_user_t, up_path, USER_INPUTS, ["user_vector"], dyn_user, dyn_axes_user, cfg.opset,
+            _portable_table(), cfg.verbose, allow_fallback=True)
     graphs[USER_ENCODER_PORTABLE] = {"file": up_path.name, "exporter": exporter, "dynamo_error": dyn_err,
                                      "tensorrt_profile": profile_user, "history_trim": history_trim}
 
@@ -626,9 +629,9 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
             with torch.no_grad():
                 table_all = dict(_portable_table())
                 table_all.update(ftable)
-                exporter, dyn_err = _onnx_export(fmodel, ex_user_t, uf_path, USER_INPUTS, ["user_vector"], dyn_user,
-                                                 dyn_axes_user, cfg.opset, table_all, cfg.verbose,
-                                                 allow_fallback=False)
+                exporter, dyn_err, inferred_models[USER_ENCODER] = _onnx_export(
+                    fmodel, ex_user_t, uf_path, USER_INPUTS, ["user_vector"], dyn_user, dyn_axes_user, cfg.opset,
+                    table_all, cfg.verbose, allow_fallback=False)
             graphs[USER_ENCODER] = {"file": uf_path.name, "exporter": exporter, "dynamo_error": dyn_err,
                                     "custom_op_library": Path(custom_lib).name, "tensorrt_profile": profile_user,
                                     "history_trim": history_trim}
@@ -639,7 +642,7 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
     from dpr.export.trt_ops import check_tensorrt_ops, graph_ops
 
     for name, g in graphs.items():
-        inferred = _check_graph(folder / g["file"])
+        inferred = inferred_models.pop(name)
         g["inputs"] = _io_spec(inferred.graph.input)
         g["outputs"] = _io_spec(inferred.graph.output)
         g["opset"] = {o.domain or "ai.onnx": int(o.version) for o in inferred.opset_import}
@@ -849,7 +852,7 @@ def _export_fp16(ck, te, folder: Path, graphs: dict, custom_lib, cfg: ExportConf
                 mod = PromptEncoder(te16, proj16).eval()
                 args = ex_args
                 with torch.no_grad():
-                    exporter, _ = _onnx_export(mod, args, path, PROMPT_INPUTS, ["prompt_vector"],
+                    exporter, _, inferred = _onnx_export(mod, args, path, PROMPT_INPUTS, ["prompt_vector"],
                                                {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
                                                dyn_axes_pe, cfg.opset, None, cfg.verbose, allow_fallback=True)
             else:
@@ -864,10 +867,9 @@ def _export_fp16(ck, te, folder: Path, graphs: dict, custom_lib, cfg: ExportConf
                 else:
                     mod.moe.gate = moe_gate_reference
                 with torch.no_grad():
-                    exporter, _ = _onnx_export(mod, args, path, USER_INPUTS, ["user_vector"], dyn_user, dyn_axes_user,
+                    exporter, _, inferred = _onnx_export(mod, args, path, USER_INPUTS, ["user_vector"], dyn_user, dyn_axes_user,
                                                cfg.opset, tbl, cfg.verbose, allow_fallback=(kind is None))
             entry["exporter"] = exporter
-            inferred = _check_graph(path)
             entry["inputs"] = _io_spec(inferred.graph.input)
             entry["outputs"] = _io_spec(inferred.graph.output)
             entry["ops"] = [f"{d}::{o}" if d else o for d, o in graph_ops(inferred)]

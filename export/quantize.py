@@ -30,11 +30,9 @@ INT8_FILE = f"{INT8_GRAPH}.onnx"
 
 def parity_prompts(catalogue, seed: int = 0) -> list[str]:
     """Real prompt texts: every bank template x tag (both polarities), then each with a title appended."""
-    from dpr.data.prompts import NEGATIVE, POSITIVE, PromptBank
+    from dpr.data.prompts import PromptBank
 
-    bank = PromptBank()
-    tags = list(catalogue.tag_names) or ["comedy"]
-    base = [bank.render(t, tag) for pol in (POSITIVE, NEGATIVE) for t in bank.templates(pol) for tag in tags]
+    base = PromptBank().all_prompts(list(catalogue.tag_names) or ["comedy"])
     rng = np.random.default_rng(seed)
     titles = list(catalogue.titles) or ["The Silent Harbor"]
     return base + [f"{p}, like {titles[int(rng.integers(len(titles)))]}" for p in base]

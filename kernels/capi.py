@@ -22,8 +22,24 @@ class KernelError(RuntimeError):
     """A native kernel returned an error status."""
 
 
-def load(name: str) -> ctypes.CDLL | None:
-    """The loaded library of build target ``name`` ("cpu_lib" or "cuda_lib"), or None when not built."""
+def _configure_gate(name: str, lib: ctypes.CDLL) -> None:
+    lib.dpr_status_string.restype = ctypes.c_char_p
+    lib.dpr_status_string.argtypes = [ctypes.c_int]
+    if name == "cpu_lib":
+        for fn in (lib.dpr_fused_moe_gate_cpu_f32, lib.dpr_fused_moe_gate_cpu_f16):
+            fn.restype = ctypes.c_int
+            fn.argtypes = _ARGS + [ctypes.c_int]
+    else:
+        for fn in (lib.dpr_fused_moe_gate_cuda_f32, lib.dpr_fused_moe_gate_cuda_f16):
+            fn.restype = ctypes.c_int
+            fn.argtypes = _ARGS + [_P]
+        lib.dpr_cuda_last_error.restype = ctypes.c_char_p
+
+
+def load(name: str, configure=None) -> ctypes.CDLL | None:
+    """The loaded library of build target ``name``, or None when not built; loaded once per process (until
+    :func:`reset`). ``configure(lib)`` declares its signatures (default: the fused gate's, for "cpu_lib" and
+    "cuda_lib")."""
     with _lock:
         if name in _libs:
             return _libs[name]
@@ -31,17 +47,10 @@ def load(name: str) -> ctypes.CDLL | None:
         lib = None
         if path is not None:
             lib = ctypes.CDLL(str(path))
-            lib.dpr_status_string.restype = ctypes.c_char_p
-            lib.dpr_status_string.argtypes = [ctypes.c_int]
-            if name == "cpu_lib":
-                for fn in (lib.dpr_fused_moe_gate_cpu_f32, lib.dpr_fused_moe_gate_cpu_f16):
-                    fn.restype = ctypes.c_int
-                    fn.argtypes = _ARGS + [ctypes.c_int]
+            if configure is not None:
+                configure(lib)
             else:
-                for fn in (lib.dpr_fused_moe_gate_cuda_f32, lib.dpr_fused_moe_gate_cuda_f16):
-                    fn.restype = ctypes.c_int
-                    fn.argtypes = _ARGS + [_P]
-                lib.dpr_cuda_last_error.restype = ctypes.c_char_p
+                _configure_gate(name, lib)
         _libs[name] = lib
         return lib
 

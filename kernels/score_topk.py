@@ -7,43 +7,31 @@ applied to the score matrix (see ``tests/test_score_topk.py``).
 from __future__ import annotations
 
 import ctypes
-import threading
 
 import numpy as np
 
-from dpr.kernels import build as _build
+from dpr.kernels import capi
 
 PANEL = 32
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
-
-_lock = threading.Lock()
-_lib: list = []
+KernelError = capi.KernelError      # a native kernel returned an error status (a bug in the caller's arguments)
 
 
-class KernelError(RuntimeError):
-    """The native kernel returned an error status (a bug in the caller's arguments)."""
+def _configure(lib: ctypes.CDLL) -> None:
+    lib.dpr_score_topk_status_string.restype = ctypes.c_char_p
+    lib.dpr_score_topk_status_string.argtypes = [ctypes.c_int]
+    lib.dpr_score_topk_isa.restype = ctypes.c_char_p
+    lib.dpr_score_topk_isa.argtypes = []
+    lib.dpr_score_topk_pack_f32.restype = ctypes.c_int
+    lib.dpr_score_topk_pack_f32.argtypes = [_P, _I64, _I64, _P]
+    lib.dpr_score_topk_f32.restype = ctypes.c_int
+    lib.dpr_score_topk_f32.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _I64, _P, _P, ctypes.c_int]
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded ``libdpr_score_topk.so``, or None when it is not built (``python -m dpr.kernels.build``)."""
-    with _lock:
-        if _lib:
-            return _lib[0]
-        path = _build.artifact_path("topk_lib")
-        lib = None
-        if path is not None:
-            lib = ctypes.CDLL(str(path))
-            lib.dpr_score_topk_status_string.restype = ctypes.c_char_p
-            lib.dpr_score_topk_status_string.argtypes = [ctypes.c_int]
-            lib.dpr_score_topk_isa.restype = ctypes.c_char_p
-            lib.dpr_score_topk_isa.argtypes = []
-            lib.dpr_score_topk_pack_f32.restype = ctypes.c_int
-            lib.dpr_score_topk_pack_f32.argtypes = [_P, _I64, _I64, _P]
-            lib.dpr_score_topk_f32.restype = ctypes.c_int
-            lib.dpr_score_topk_f32.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _I64, _P, _P, ctypes.c_int]
-            _lib.append(lib)
-        return lib
+    return capi.load("topk_lib", _configure)
 
 
 def library_available() -> bool:

@@ -2,7 +2,7 @@
 # Stage 1 (the costly, text-free stage) of the ML-1M recipe for several variants at once on one GPU,
 # each under a wall-clock budget; keeps the best checkpoint per backbone (validation NDCG@10).
 # The variants are the lines of $SWEEP_FILE (default configs/ml1m-sweep.txt).
-# Stages 2-3 and the evaluation then run on the CPU from those checkpoints (make ml1m RESUME=...).
+# Stages 2-3 and the evaluation then run on the CPU from those checkpoints (make ml1m ML1M_STAGE1=OUT_DIR).
 #   bash scripts/ml1m_stage1_sweep.sh DATA_DIR OUT_DIR [MINUTES]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ while read -r name cfg flags; do
 done < "$SWEEP_FILE"
 wait
 $PY - "$OUT" <<'PYEOF'
-import json, shutil, sys, torch
+import json, shutil, sys
 from pathlib import Path
 from dpr.checkpoint import load_checkpoint
 out = Path(sys.argv[1]); rows = []

@@ -156,26 +156,23 @@ class GRU4Rec(Backbone):
         self.proj = nn.Linear(cfg.d, cfg.d)
 
     @staticmethod
-    def _unroll() -> bool:
+    def _unroll() -> bool:        # export and compile take the unrolled plain-op form (gru_unrolled)
         return torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
-    def forward_all(self, item_seq: torch.Tensor) -> torch.Tensor:
+    def _states(self, item_seq: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """The GRU's outputs (B, L, d), or only the last step's (B, d)."""
         x = self.drop(self.item_emb(item_seq))
         if self._unroll():
-            y = gru_unrolled(self.gru, x)
-        else:
-            y, _ = self.gru(x)
-        return self.proj(self.drop(y))
+            return gru_unrolled(self.gru, x, last_only=last_only)
+        y, _ = self.gru(x)
+        return y[:, -1] if last_only else y
+
+    def forward_all(self, item_seq: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.drop(self._states(item_seq, last_only=False)))
 
     def forward(self, item_seq: torch.Tensor) -> torch.Tensor:
         """``forward_all(item_seq)[:, -1]``, projecting only the last step's state."""
-        x = self.drop(self.item_emb(item_seq))
-        if self._unroll():
-            y_last = gru_unrolled(self.gru, x, last_only=True)
-        else:
-            y, _ = self.gru(x)
-            y_last = y[:, -1]
-        return self.proj(self.drop(y_last))
+        return self.proj(self.drop(self._states(item_seq, last_only=True)))
 
 
 def gru_unrolled(gru: nn.GRU, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:

@@ -20,6 +20,7 @@ the manifest's.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -78,7 +79,7 @@ class TorchBackend(Backend):
         self.prompt_encoder = PromptEncoder(te, self.model.projection).eval().to(self.tdevice)
         self.compiled = bool(compile)
         self._user_fn = self.model
-        self._user_lock = None
+        self._user_lock = contextlib.nullcontext()     # a real lock once compiled
         if self.compiled:
             self._compile_user_encoder()
 
@@ -154,12 +155,8 @@ class TorchBackend(Backend):
     def encode_users(self, item_seq, p_pos, p_neg, presence):
         torch = self._torch
         t = [torch.from_numpy(np.ascontiguousarray(a)).to(self.tdevice) for a in (item_seq, p_pos, p_neg, presence)]
-        with torch.inference_mode():
-            if self._user_lock is None:
-                out = self._user_fn(*t)
-            else:
-                with self._user_lock:
-                    out = self._user_fn(*t)
+        with torch.inference_mode(), self._user_lock:
+            out = self._user_fn(*t)
         return out.float().cpu().numpy()
 
     def describe(self) -> dict:

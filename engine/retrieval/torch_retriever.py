@@ -200,7 +200,7 @@ class TorchRetriever(Retriever):
     def _tile_for(self, batch: int) -> int:
         if not self.device.startswith("cuda") or not self._auto_tile:
             return self.tile
-        return max(16384, min(self.tile, CUDA_SCORE_BYTES // (4 * max(batch, 1))))
+        return max(CPU_TILE, min(self.tile, CUDA_SCORE_BYTES // (4 * max(batch, 1))))
 
     def _fetch(self, queries: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
         q = torch.from_numpy(queries).to(self._table_t.device)

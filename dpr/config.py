@@ -63,8 +63,15 @@ class TrainConfig:
     weight_decay: float = 0.0
     # stage 1: collaborative (backbone + item table)
     stage1_epochs: int = 30
+    stage1_batch_size: int = 0         # stage-1 batch (0: batch_size, which stages 2-3 use)
     stage1_max_minutes: float = 0.0    # wall-clock budget for stage 1 (0: none); the best epoch so far is kept
     stage1_all_windows: bool = False   # train on every max_len window of long histories, not only the newest
+    stage1_window_stride: int = 0      # with all windows: items between window ends (0: max_len, no overlap)
+    stage1_lr_schedule: str = "constant"  # "constant" | "cosine" (to 0 over stage1_epochs or the time budget)
+    stage1_warmup_epochs: float = 0.0  # linear warm-up of the learning rate (epochs, fractions allowed)
+    stage1_label_smoothing: float = 0.0
+    stage1_mask_history: bool = True   # leave the window's earlier items out of each position's softmax, as
+                                       # evaluation and serving leave the history out of the ranking
     patience: int = 5                  # early stopping on validation NDCG@10 (epochs without gain)
     eval_every: int = 1
     # stage 2: alignment (projection P (+ Fusion)), backbone/items/text encoder frozen
@@ -76,7 +83,10 @@ class TrainConfig:
     stage3_epochs: int = 10
     stage3_steps_per_epoch: int = 100  # examples are sampled (random user, random cut), so epochs are step counts
     stage3_lr: float = 3e-3
-    neg_lambda: float = 1.0            # weight of -log(1 - forbidden-tag softmax mass)
+    stage3_mask_history: bool = True   # leave each example's history items out of the steering softmax
+    neg_lambda: float = 3.0            # weight of -log(1 - forbidden-tag softmax mass)
+    neg_keep_lambda: float = 1.0       # negative-only rows: weight of KL(backbone || steered) over the items the
+                                       # prompt allows, so suppressing a tag keeps the backbone's order elsewhere
     mix_positive: float = 0.4          # share of positive / negative / compound examples in stage 3
     mix_negative: float = 0.4
     mix_compound: float = 0.2

@@ -21,4 +21,6 @@ train no-moe          --stages 2,3 --moe shared
 train no-stage2       --stages 3
 train top1            --stages 2,3 --top-k 1
 train top4-all        --stages 2,3 --top-k 4
-$PY -m dpr.eval.results_md "$OUT"/{default,no-fusion,no-moe,no-stage2,top1,top4-all}.json --summary
+train no-s3-mask      --stages 2,3 --no-stage3-mask-history
+train no-keep-order   --stages 2,3 --neg-keep-lambda 0 --neg-lambda 1
+$PY -m dpr.eval.results_md "$OUT"/{default,no-fusion,no-moe,no-stage2,top1,top4-all,no-s3-mask,no-keep-order}.json --ablation

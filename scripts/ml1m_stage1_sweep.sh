@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 DATA=${1:?ml-1m folder}; OUT=${2:?output folder}; MIN=${3:-4.5}
 PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}; EXTRA=${EXTRA:-}   # EXTRA: flags added to every run (e.g. a quick CPU smoke test)
+# KEEP_RUNS=1 keeps every run's checkpoint (OUT/runs.tar), not only the best per backbone
 mkdir -p "$OUT/runs"
 run() {  # name config extra-flags...
   local name=$1 cfg=$2; shift 2
@@ -44,4 +45,7 @@ for bb in ("sasrec", "gru4rec"):
         print(f"best {bb}: {best['run']}")
 (out / "sweep.json").write_text(json.dumps(rows, indent=1))
 PYEOF
-tar czf "$OUT/sweep_logs.tgz" -C "$OUT/runs" $(cd "$OUT/runs" && ls *.log) && rm -rf "$OUT/runs"
+tar czf "$OUT/sweep_logs.tgz" -C "$OUT/runs" $(cd "$OUT/runs" && ls *.log)
+# KEEP_RUNS=1: every run's checkpoint, in one tar (a device tool returns only so many files)
+if [ -n "${KEEP_RUNS:-}" ]; then rm -f "$OUT"/runs/*.log; tar cf "$OUT/runs.tar" -C "$OUT" runs; fi
+rm -rf "$OUT/runs"

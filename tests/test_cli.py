@@ -25,7 +25,7 @@ def test_train_then_eval(tmp_path, tiny_encoder_dir, capsys):
     res = json.loads(out.read_text())
     for task in ("standard", "positive", "negative", "compound", "positive_heldout"):
         assert task in res
-    for method in ("backbone", "post_filter", "hard_filter", "rerank", "dpr", "dpr_hard_filter"):
+    for method in ("backbone", "post_filter", "post_filter_k", "hard_filter", "rerank", "dpr", "dpr_hard_filter"):
         assert "ndcg@10" in res["positive"][method]
         assert "violation@10" in res["negative"][method]
     assert res["cases"]["standard"] == 60

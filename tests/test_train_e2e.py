@@ -34,6 +34,13 @@ def test_dpr_steers(trained, text_encoder):
     # filters behave as defined
     assert pos["hard_filter"]["tag_precision@10"] == 1.0
     assert neg["hard_filter"]["violation@10"] == 0.0
+    # post_filter_k filters the backbone's own top 10 in place: a target (it always passes the filter)
+    # stays in the list and can only move up, and the list is a prefix of post_filter's
+    for task in (pos, neg, r["compound"]):
+        assert task["post_filter_k"]["recall@10"] == pytest.approx(task["backbone"]["recall@10"])
+        assert task["backbone"]["ndcg@10"] <= task["post_filter_k"]["ndcg@10"] <= task["post_filter"]["ndcg@10"] + 1e-12
+    assert pos["post_filter_k"]["ndcg@10"] > pos["backbone"]["ndcg@10"]
+    assert neg["post_filter_k"]["violation@10"] == 0.0
     assert set(r) >= {"compound", "positive_heldout", "negative_heldout", "cases"}
 
 

@@ -2,8 +2,8 @@
 
 Tasks: ``standard`` (no prompt), ``positive``, ``negative``, ``compound`` (a positive and a
 negative prompt together), and the steering tasks again with held-out prompt wordings
-(``positive_heldout``, ...). Methods: backbone, post_filter, hard_filter, rerank, dpr,
-dpr_hard_filter. Full ranking over the whole catalogue, history items masked, vectorised.
+(``positive_heldout``, ...). Methods: backbone, post_filter (top-100, filtered, first k),
+post_filter_k (the top-k filtered in place, no refill), hard_filter, rerank, dpr, dpr_hard_filter. Full ranking over the whole catalogue, history items masked, vectorised.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dpr.eval.ranking import filter_candidates, topk_full
 from dpr.model.moe import POLARITY_NEGATIVE, POLARITY_POSITIVE
 from dpr.train.prompt_table import PromptTable
 
-METHODS = ("backbone", "post_filter", "hard_filter", "rerank", "dpr", "dpr_hard_filter")
+METHODS = ("backbone", "post_filter", "post_filter_k", "hard_filter", "rerank", "dpr", "dpr_hard_filter")
 STEERING_TASKS = ("positive", "negative", "compound")
 CANDIDATES = 100          # post_filter / rerank work on the backbone's top-100
 
@@ -108,10 +108,13 @@ def run_task(model, catalogue, cases: EvalCases, ctx: EvalContext, heldout: bool
 
         if "backbone" in per:
             add("backbone", topk_full(h, table, k, hist), sl)
-        if "post_filter" in per or "rerank" in per:
+        if "post_filter" in per or "post_filter_k" in per or "rerank" in per:
             cand = topk_full(h, table, CANDIDATES, hist)
             keep = np.take_along_axis(allowed_np, np.maximum(cand, 0), axis=1) & (cand >= 0)
             add("post_filter", filter_candidates(cand, keep, k), sl)
+            # the shown list filtered in place: the backbone's top-k minus the items the prompt rules out,
+            # no refill (a shorter list); the weaker reading of "filter baseline"
+            add("post_filter_k", filter_candidates(cand[:, :k], keep[:, :k], k), sl)
         if "hard_filter" in per:
             add("hard_filter", topk_full(h, table, k, hist, allowed=allowed), sl)
 

@@ -2,7 +2,8 @@
 
     python -m dpr.eval.results_md build/ml1m/sasrec.json build/ml1m/gru4rec.json [--summary]
 
-Every task x method x metric per file; ``--summary`` gives the short cross-backbone table (the targets
+Every task x method x metric per file; ``--ablation`` gives one row per file (variants of one backbone, the
+first file the default) with the steering columns and a last row of the filters; ``--summary`` gives the short cross-backbone table (the targets
 of the ML-1M issue: standard NDCG@10, positive NDCG@10 of dpr vs post_filter, negative violation@10 and
 Recall@10). The paper's published figures are printed beside ours where it has one.
 """
@@ -49,6 +50,10 @@ def summary_table(named: dict[str, dict]) -> str:
         ("positive NDCG@10: post_filter", lambda r: r["positive"]["post_filter"]["ndcg@10"]),
         ("positive: dpr / post_filter (paper 1.72)",
          lambda r: r["positive"]["dpr"]["ndcg@10"] / max(r["positive"]["post_filter"]["ndcg@10"], 1e-12)),
+        ("positive NDCG@10: post_filter_k (top-10 filtered, no refill)",
+         lambda r: r["positive"]["post_filter_k"]["ndcg@10"]),
+        ("positive: dpr / post_filter_k",
+         lambda r: r["positive"]["dpr"]["ndcg@10"] / max(r["positive"]["post_filter_k"]["ndcg@10"], 1e-12)),
         ("positive NDCG@10: dpr_hard_filter vs hard_filter",
          lambda r: f"{r['positive']['dpr_hard_filter']['ndcg@10']:.4f} vs {r['positive']['hard_filter']['ndcg@10']:.4f}"),
         ("positive tag_precision@10: dpr", lambda r: r["positive"]["dpr"]["tag_precision@10"]),
@@ -76,10 +81,48 @@ def summary_table(named: dict[str, dict]) -> str:
     return "\n".join(out)
 
 
+# (column header, task, method, metric) of the ablation table
+ABLATION_COLUMNS = (
+    ("positive NDCG@10 dpr", "positive", "dpr", "ndcg@10"),
+    ("positive tag prec. dpr", "positive", "dpr", "tag_precision@10"),
+    ("positive NDCG@10 dpr_hard_filter", "positive", "dpr_hard_filter", "ndcg@10"),
+    ("negative violation@10 dpr", "negative", "dpr", "violation@10"),
+    ("negative Recall@10 dpr", "negative", "dpr", "recall@10"),
+    ("negative Recall@10 dpr_hard_filter", "negative", "dpr_hard_filter", "recall@10"),
+    ("compound NDCG@10 dpr", "compound", "dpr", "ndcg@10"),
+)
+# what the filters score in the same column (all variants share the backbone, so any file has them)
+ABLATION_FILTERS = {"positive NDCG@10 dpr": ("positive", "hard_filter", "ndcg@10"),
+                    "negative violation@10 dpr": ("negative", "backbone", "violation@10"),
+                    "negative Recall@10 dpr": ("negative", "hard_filter", "recall@10"),
+                    "compound NDCG@10 dpr": ("compound", "hard_filter", "ndcg@10")}
+
+
+def ablation_table(named: dict[str, dict]) -> str:
+    def get(r, task, method, metric):
+        try:
+            return r[task][method][metric]
+        except (KeyError, TypeError):
+            return None
+
+    out = ["| variant | " + " | ".join(c[0] for c in ABLATION_COLUMNS) + " |",
+           "|---|" + "---:|" * len(ABLATION_COLUMNS)]
+    for name, r in named.items():
+        out.append(f"| {name} | " + " | ".join(_fmt(get(r, *c[1:])) for c in ABLATION_COLUMNS) + " |")
+    first = next(iter(named.values()))
+    cells = []
+    for c in ABLATION_COLUMNS:
+        f = ABLATION_FILTERS.get(c[0])
+        cells.append(f"{f[1]} {_fmt(get(first, *f))}" if f else "")
+    out.append("| *filters / backbone, same users* | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", help="dpr-eval --json outputs")
     p.add_argument("--summary", action="store_true", help="only the short cross-file summary")
+    p.add_argument("--ablation", action="store_true", help="one row per file: variants of one backbone")
     args = p.parse_args(argv)
     named = {}
     for f in args.files:
@@ -88,6 +131,9 @@ def main(argv=None) -> int:
         except (OSError, json.JSONDecodeError) as exc:
             print(f"results_md: error: cannot read {f}: {exc}", file=sys.stderr)
             return 2
+    if args.ablation:
+        print(ablation_table(named))
+        return 0
     print(summary_table(named))
     if not args.summary:
         for n, r in named.items():

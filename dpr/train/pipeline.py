@@ -16,9 +16,9 @@ from dpr.errors import CheckpointError
 from dpr.eval.protocol import build_context
 from dpr.model import DPRModel, TextEncoder
 from dpr.train.common import evaluate_standard, seed_everything
-from dpr.train.stage1 import train_stage1
+from dpr.train.stage1 import check_stage1_config, train_stage1
 from dpr.train.stage2 import train_stage2
-from dpr.train.stage3 import train_stage3
+from dpr.train.stage3 import check_stage3_config, train_stage3
 
 
 # Model fields that only shape the steering modules (projection, Fusion, MoE): a run resuming from a
@@ -50,6 +50,10 @@ def train(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, text
     (collaborative training never reads text): the checkpoint then binds no encoder, and the run of
     stages 2-3 that resumes from it binds one (its ``dim`` must equal the model's ``text_dim``)."""
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if 1 in stages:
+        check_stage1_config(train_cfg)      # fail before any work, not after hours of an earlier stage
+    if 3 in stages:
+        check_stage3_config(train_cfg)
     rng = seed_everything(train_cfg.seed)
     if text_encoder is None and set(stages) - {1}:
         raise ValueError(f"stages {sorted(set(stages) - {1})} need a text encoder (only stage 1 runs without one)")

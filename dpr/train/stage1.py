@@ -1,8 +1,11 @@
 """Stage 1, collaborative: backbone + item table, next-item prediction at every position,
-full-softmax cross-entropy over all items, early stopping on validation NDCG@10."""
+full-softmax cross-entropy over all items (by default without the items already in the window, which
+the ranking never returns), optional warm-up + cosine learning rate, early stopping on validation
+NDCG@10."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -16,11 +19,16 @@ from dpr.train.common import evaluate_standard
 
 
 def _windows(dataset: Dataset, users: np.ndarray, max_len: int,
-             all_windows: bool = False) -> tuple[np.ndarray, np.ndarray]:
+             all_windows: bool = False, stride: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(input, next-item) training windows of max_len + 1 items. By default one per user: the newest
     max_len + 1 items of the training sequence. With ``all_windows`` the older part of a long history
-    is cut into further non-overlapping windows too (on ML-1M the newest 200 items hold only 66% of the
-    interactions), so no interaction is wasted; the windows still never cross into validation/test."""
+    is cut into further windows too (on ML-1M the newest 200 items hold only 66% of the interactions),
+    so no interaction is wasted; the windows still never cross into validation/test. Consecutive window
+    ends are ``stride`` items apart (0: max_len, no overlap); a smaller stride also trains the first
+    targets of each window with a long context."""
+    if stride < 0 or stride > max_len:
+        raise ValueError(f"stage1_window_stride must be in [0, max_len={max_len}], got {stride}")
+    stride = stride or max_len
     inputs, targets = [], []
     for u in users:
         seq = dataset.train_sequence(int(u))
@@ -31,8 +39,72 @@ def _windows(dataset: Dataset, users: np.ndarray, max_len: int,
             targets.append(s[1:])
             if not all_windows:
                 break
-            end -= max_len        # the next window ends where this one's first target was its input
+            if end - (max_len + 1) <= 0:
+                break             # this window already starts at the sequence's first item
+            end -= stride         # stride == max_len: the next window ends at this one's first input
     return left_pad(inputs, max_len), left_pad(targets, max_len)
+
+
+def check_stage1_config(cfg: TrainConfig) -> None:
+    """Reject stage-1 settings that cannot train, before any work (the pipeline calls it up front)."""
+    if not 0.0 <= cfg.stage1_label_smoothing < 1.0:
+        raise ValueError(f"stage1_label_smoothing must be in [0, 1), got {cfg.stage1_label_smoothing}")
+    if cfg.stage1_warmup_epochs < 0:
+        raise ValueError(f"stage1_warmup_epochs must be >= 0, got {cfg.stage1_warmup_epochs}")
+    if (cfg.stage1_batch_size or cfg.batch_size) < 1:
+        raise ValueError(f"stage-1 batch size must be >= 1, got {cfg.stage1_batch_size or cfg.batch_size}")
+    if cfg.stage1_lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"stage1_lr_schedule must be 'constant' or 'cosine', got {cfg.stage1_lr_schedule!r}")
+
+
+def _lr_schedule(cfg: TrainConfig, steps_per_epoch: int):
+    """lr(step, elapsed seconds): linear warm-up, then constant or cosine to 0. Under a wall-clock budget
+    the cosine follows whichever runs out first, the epochs or the time, so a budgeted run still ends
+    on a decayed learning rate."""
+    if cfg.stage1_lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"stage1_lr_schedule must be 'constant' or 'cosine', got {cfg.stage1_lr_schedule!r}")
+    total = max(1, cfg.stage1_epochs * steps_per_epoch)
+    warm = cfg.stage1_warmup_epochs * steps_per_epoch
+    budget = 60.0 * cfg.stage1_max_minutes
+
+    def lr_at(step: int, elapsed: float) -> float:
+        if step < warm:
+            return cfg.lr * (step + 1) / warm
+        if cfg.stage1_lr_schedule == "constant":
+            return cfg.lr
+        done = (step - warm) / max(1.0, total - warm)
+        if budget > 0:
+            done = max(done, elapsed / budget)
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, done)))
+
+    return lr_at
+
+
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Cross-entropy with label smoothing spread over the allowed (finite-logit) items only: torch's
+    ``label_smoothing`` also puts mass on the -inf columns (padding, masked history) and returns inf."""
+    if smoothing == 0:
+        return F.cross_entropy(logits, target)
+    logp = torch.log_softmax(logits, dim=-1)
+    allowed = torch.isfinite(logits)
+    nll = -logp.gather(1, target.unsqueeze(1)).squeeze(1)
+    uniform = -torch.where(allowed, logp, 0.0).sum(1) / allowed.sum(1)
+    return ((1.0 - smoothing) * nll + smoothing * uniform).mean()
+
+
+def _seen_mask(x: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, L, N + 1) bool: True where the item already occurred in the window up to and including
+    position t's input, i.e. among the items the evaluation masks from that user's ranking. The target
+    itself is never masked (a re-consumed item stays learnable)."""
+    b, l = x.shape
+    t = torch.arange(l, device=x.device)
+    # first position of each item (of n table rows) in the window, l where absent
+    first = torch.full((b, n), l, dtype=torch.long, device=x.device)
+    first.scatter_reduce_(1, x, t.expand(b, l), reduce="amin")
+    seen = first.unsqueeze(1) <= t.view(1, l, 1)                        # (B, L, n)
+    seen[..., 0] = False
+    seen.scatter_(2, y.unsqueeze(-1), False)
+    return seen
 
 
 def train_stage1(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Generator,
@@ -49,7 +121,11 @@ def train_stage1(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
     users = np.array([u for u in range(dataset.num_users) if len(dataset.train_sequence(u)) >= 2])
     if cfg.max_train_users:
         users = users[: cfg.max_train_users]
-    x_all, y_all = _windows(dataset, users, model.cfg.max_len, cfg.stage1_all_windows)
+    x_all, y_all = _windows(dataset, users, model.cfg.max_len, cfg.stage1_all_windows, cfg.stage1_window_stride)
+    check_stage1_config(cfg)
+    batch_size = cfg.stage1_batch_size or cfg.batch_size
+    steps_per_epoch = -(-len(x_all) // batch_size)
+    lr_at = _lr_schedule(cfg, steps_per_epoch)
     best, best_state, bad, history = -1.0, None, 0, []
     t0 = time.time()
     bar = tqdm(range(cfg.stage1_epochs), desc="stage 1 (collaborative)", leave=False)
@@ -57,15 +133,19 @@ def train_stage1(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
         model.train()
         perm = rng.permutation(len(x_all))
         total, count = 0.0, 0
-        for s in range(0, len(perm), cfg.batch_size):
-            idx = perm[s:s + cfg.batch_size]
+        for i, s in enumerate(range(0, len(perm), batch_size)):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(epoch * steps_per_epoch + i, time.time() - t0)
+            idx = perm[s:s + batch_size]
             x = torch.from_numpy(x_all[idx]).to(device, non_blocking=True)
             y = torch.from_numpy(y_all[idx]).to(device, non_blocking=True)
             hidden = model.backbone.forward_all(x)                 # (B, L, d)
             sel = y > 0
             logits = hidden[sel] @ model.item_table.t()            # (M, N + 1)
+            if cfg.stage1_mask_history:
+                logits = logits.masked_fill(_seen_mask(x, y, logits.shape[1])[sel], float("-inf"))
             logits[:, 0] = float("-inf")
-            loss = F.cross_entropy(logits, y[sel])
+            loss = _cross_entropy(logits, y[sel], cfg.stage1_label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

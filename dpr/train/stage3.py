@@ -1,6 +1,9 @@
 """Stage 3, steering: Fusion + MoE (+ P) trained with the backbone frozen, on a mix of positive,
-negative and compound examples. Loss: cross-entropy on the target, plus for negative prompts
-``neg_lambda * -log(1 - softmax mass on the forbidden tag's items)``."""
+negative and compound examples. Loss, over the catalogue minus each example's history (the ranking
+never returns it): cross-entropy on the target; for negative prompts
+``neg_lambda * -log(1 - softmax mass on the forbidden tag's items)``; for rows with only a negative
+prompt ``neg_keep_lambda * KL(backbone || steered)`` over the allowed items, so suppressing a tag
+keeps the backbone's order among the rest (the order the hard filter ranks by)."""
 
 from __future__ import annotations
 
@@ -33,6 +36,28 @@ def steering_loss(logits: torch.Tensor, targets: torch.Tensor, forbidden: torch.
     return ce + neg_lambda * penalty.mean()
 
 
+def keep_order_loss(base_logits: torch.Tensor, steered_logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(p_base || p_steered), both softmaxes taken over the ``allowed`` items only
+    (B, N + 1 bool; each row must allow at least one item). Zero when steering leaves the order and the
+    relative scores of the allowed items as the backbone had them; the hard filter's ranking is exactly
+    the backbone's order over the allowed items, so this pulls `dpr_hard_filter` towards it while the
+    CE term pushes beyond it."""
+    neg_inf = float("-inf")
+    lb = torch.log_softmax(base_logits.masked_fill(~allowed, neg_inf), dim=1)
+    ls = torch.log_softmax(steered_logits.masked_fill(~allowed, neg_inf), dim=1)
+    kl = torch.where(allowed, lb.exp() * (lb - ls), 0.0).sum(1)
+    return kl.mean()
+
+
+def history_mask(histories: torch.Tensor, targets: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, n) bool: each row's history items, which the ranking never returns (the evaluation and the
+    engine exclude them), so the steering need not spend its shift on pushing them down. The target
+    is never masked (a re-consumed item stays learnable); padding (0) is masked anyway."""
+    seen = torch.zeros(histories.shape[0], n, dtype=torch.bool).scatter_(1, histories, True)
+    seen[torch.arange(len(targets)), targets] = False
+    return seen
+
+
 def steering_score(results: dict) -> float:
     """Model selection: NDCG of steered cases plus a small bonus for tag precision, minus violations."""
     pos, neg = results.get("positive", {}), results.get("negative", {})
@@ -40,10 +65,17 @@ def steering_score(results: dict) -> float:
             + 0.1 * (pos.get("tag_precision@10", 0.0) - neg.get("violation@10", 0.0)))
 
 
+def check_stage3_config(cfg: TrainConfig) -> None:
+    """Reject stage-3 settings that cannot train, before any work (the pipeline calls it up front)."""
+    if cfg.neg_lambda < 0 or cfg.neg_keep_lambda < 0:
+        raise ValueError(f"neg_lambda and neg_keep_lambda must be >= 0, got {cfg.neg_lambda} and {cfg.neg_keep_lambda}")
+
+
 def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Generator, ctx,
                  validate: bool = True, val_users: int = 1000, log=print) -> dict:
     from dpr.eval.protocol import run_task
 
+    check_stage3_config(cfg)
     for p in model.parameters():
         p.requires_grad_(False)
     params = [p for n, p in model.named_parameters() if n.startswith(STEERED)]
@@ -86,12 +118,22 @@ def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
             presence = torch.from_numpy(np.stack([has_pos, has_neg], axis=1).astype(np.int64))
             h2 = model.steer(h, model.project_prompt(t_pos), model.project_prompt(t_neg), presence)
             logits = h2 @ model.item_table.t()
+            targets = torch.from_numpy(batch.targets)
+            if cfg.stage3_mask_history:
+                logits = logits.masked_fill(history_mask(torch.from_numpy(batch.histories), targets,
+                                                         logits.shape[1]), float("-inf"))
             logits[:, 0] = float("-inf")
             forbidden = item_tags[:, np.maximum(batch.neg_tag, 0)].t()
             # rows with no prompt carry no trainable signal (h' == h); they are left out of the loss
             rows = torch.from_numpy(has_pos | has_neg)
-            loss = steering_loss(logits[rows], torch.from_numpy(batch.targets)[rows], forbidden[rows],
+            loss = steering_loss(logits[rows], targets[rows], forbidden[rows],
                                  torch.from_numpy(has_neg)[rows], cfg.neg_lambda)
+            neg_only = torch.from_numpy(has_neg & ~has_pos)
+            if cfg.neg_keep_lambda and bool(neg_only.any()):
+                with torch.no_grad():
+                    base = (h @ model.item_table.t()).masked_fill(torch.isinf(logits), float("-inf"))
+                allowed = ~forbidden & torch.isfinite(logits)
+                loss = loss + cfg.neg_keep_lambda * keep_order_loss(base[neg_only], logits[neg_only], allowed[neg_only])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,0 +1,170 @@
+"""Stage-1 training pieces: the training windows, the learning-rate schedule and the history mask,
+each against a brute-force statement of what it should do."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dpr.config import ModelConfig, TrainConfig
+from dpr.data.dataset import Catalogue, Dataset
+from dpr.train.stage1 import _lr_schedule, _seen_mask, _windows, train_stage1
+
+
+def _dataset(lengths, num_items=50, seed=0):
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(1, num_items + 1, size=n).astype(np.int64) for n in lengths]
+    cat = Catalogue(ids=[str(i) for i in range(1, num_items + 1)], titles=[f"t{i}" for i in range(num_items)],
+                    tags=[["a" if i % 2 else "b"] for i in range(num_items)])
+    return Dataset("t", cat, [str(u) for u in range(len(lengths))], seqs)
+
+
+def _pairs(x, y):
+    """The (context tuple, target) training pairs a batch of windows holds."""
+    out = set()
+    for xi, yi in zip(x, y):
+        for t in range(len(xi)):
+            if yi[t] > 0:
+                ctx = tuple(int(v) for v in xi[: t + 1] if v > 0)
+                out.add((ctx, int(yi[t])))
+    return out
+
+
+@pytest.mark.parametrize("max_len,stride", [(m, s) for m in (1, 4, 7) for s in (0, 1, 3) if s <= m])
+def test_windows_cover_every_training_target_and_never_cross_into_evaluation(max_len, stride):
+    ds = _dataset([1, 2, 3, 5, 9, 10, 23, 31])
+    users = np.arange(ds.num_users)
+    x, y = _windows(ds, users, max_len, all_windows=True, stride=stride)
+    assert x.shape == y.shape and x.shape[1] == max_len
+    pairs = _pairs(x, y)
+    for u in users:
+        seq = ds.train_sequence(int(u))
+        train_targets = {int(v) for v in seq[1:]}
+        got = {t for _, t in pairs}
+        assert train_targets <= got
+        for ctx, tgt in pairs:     # every context is a contiguous slice of some training sequence
+            assert len(ctx) <= max_len
+    # every target's context is at most max_len items of the true prefix, and at least one item
+    assert all(1 <= len(c) <= max_len for c, _ in pairs)
+    held_out = {int(s[-1]) for s in ds.sequences if len(s) >= 3} | {int(s[-2]) for s in ds.sequences if len(s) >= 3}
+    # no window reaches into the last two items of a user with >= 3 items
+    for xi, yi in zip(x, y):
+        row = [int(v) for v in np.concatenate([xi[xi > 0][:1], yi[yi > 0]])]
+        assert any(row == list(ds.train_sequence(u)[i:i + len(row)]) for u in users
+                   for i in range(len(ds.train_sequence(u)) - len(row) + 1))
+    assert held_out  # the fixture has evaluation items at all
+
+
+def test_windows_stride_adds_overlap_and_default_is_disjoint():
+    ds = _dataset([40])
+    ds.sequences[0] = np.arange(1, 41, dtype=np.int64)   # distinct items, so a target names its position
+    seq = ds.train_sequence(0)                         # 38 items -> 37 targets
+    x0, y0 = _windows(ds, np.array([0]), 10, all_windows=True)
+    assert int((y0 > 0).sum()) == len(seq) - 1        # non-overlapping: each target exactly once
+    for stride in (5, 2):
+        x1, y1 = _windows(ds, np.array([0]), 10, all_windows=True, stride=stride)
+        assert len(x1) > len(x0) and int((y1 > 0).sum()) > len(seq) - 1
+        longest = {}                                   # target -> its longest context over all windows
+        for xi, yi in zip(x1, y1):
+            for t in range(10):
+                if yi[t] > 0:
+                    longest[int(yi[t])] = max(longest.get(int(yi[t]), 0), int((xi[: t + 1] > 0).sum()))
+        # overlap: every target past the first window sees at least max_len - stride + 1 items of context
+        assert min(c for j, c in longest.items() if j > 10) == 10 - stride + 1
+    xn, _ = _windows(ds, np.array([0]), 10, all_windows=False, stride=5)
+    assert len(xn) == 1
+
+
+@pytest.mark.parametrize("stride", [-1, 11])
+def test_windows_reject_bad_stride(stride):
+    with pytest.raises(ValueError, match="stage1_window_stride"):
+        _windows(_dataset([12]), np.array([0]), 10, all_windows=True, stride=stride)
+
+
+def test_lr_schedule_warmup_cosine_and_time_budget():
+    cfg = TrainConfig(lr=0.01, stage1_epochs=10, stage1_lr_schedule="cosine", stage1_warmup_epochs=1)
+    lr = _lr_schedule(cfg, steps_per_epoch=10)
+    assert lr(0, 0) == pytest.approx(0.001)                # warm-up starts low and rises linearly
+    assert lr(4, 0) == pytest.approx(0.005)
+    assert lr(10, 0) == pytest.approx(0.01)                 # peak right after warm-up
+    assert lr(55, 0) == pytest.approx(0.005)                # half-way through the cosine
+    assert lr(100, 0) == pytest.approx(0.0, abs=1e-12)
+    assert all(lr(s, 0) >= lr(s + 1, 0) for s in range(10, 100))
+    timed = TrainConfig(lr=0.01, stage1_epochs=1000, stage1_lr_schedule="cosine", stage1_max_minutes=1.0)
+    lr_t = _lr_schedule(timed, steps_per_epoch=10)
+    assert lr_t(5, 30.0) == pytest.approx(0.005)            # the time budget runs out before the epochs
+    assert lr_t(5, 0.0) == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 5 / 10000)))
+    const = _lr_schedule(TrainConfig(lr=0.02), steps_per_epoch=10)
+    assert const(0, 0) == const(10 ** 6, 10 ** 6) == 0.02
+    with pytest.raises(ValueError, match="stage1_lr_schedule"):
+        _lr_schedule(TrainConfig(stage1_lr_schedule="linear"), 10)
+
+
+def test_seen_mask_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    b, l, n = 5, 9, 13
+    x = torch.randint(0, n, (b, l), generator=g)          # repeats and padding (0) included
+    x[0, :4] = 0
+    y = torch.randint(1, n, (b, l), generator=g)
+    y[1, 3] = x[1, 2]                                      # a target that re-occurs in its own prefix
+    m = _seen_mask(x, y, n)
+    assert m.shape == (b, l, n)
+    for i in range(b):
+        for t in range(l):
+            want = {int(v) for v in x[i, : t + 1] if v > 0} - {int(y[i, t])}
+            assert {int(j) for j in torch.nonzero(m[i, t]).flatten()} == want
+
+
+@pytest.mark.parametrize("options", [
+    dict(stage1_lr_schedule="cosine", stage1_warmup_epochs=0.5, stage1_batch_size=32),
+    dict(stage1_mask_history=True, stage1_label_smoothing=0.1, stage1_all_windows=True, stage1_window_stride=3),
+])
+def test_stage1_options_train(small_dataset, options):
+    from dpr.model.dpr_model import DPRModel
+
+    torch.manual_seed(0)
+    model = DPRModel(ModelConfig(num_items=small_dataset.num_items, num_tags=small_dataset.catalogue.num_tags,
+                                 d=16, max_len=8))
+    cfg = TrainConfig(stage1_epochs=4, batch_size=64, lr=5e-3, **options)
+    res = train_stage1(model, small_dataset, cfg, np.random.default_rng(0), log=lambda *a: None)
+    losses = [h["loss"] for h in res["history"]]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert res["best_valid_ndcg@10"] > 0
+
+
+def test_cross_entropy_smoothing_ignores_masked_columns():
+    from dpr.train.stage1 import _cross_entropy
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 9, generator=g)
+    target = torch.tensor([1, 2, 3, 4, 5, 8])
+    assert torch.allclose(_cross_entropy(logits, target, 0.0), torch.nn.functional.cross_entropy(logits, target))
+    # without masked columns it is torch's label smoothing
+    assert torch.allclose(_cross_entropy(logits, target, 0.2),
+                          torch.nn.functional.cross_entropy(logits, target, label_smoothing=0.2), atol=1e-6)
+    # masked columns (-inf) take no smoothing mass: equal to smoothing over the remaining columns
+    masked = logits.clone()
+    masked[:, 0] = float("-inf")
+    got = _cross_entropy(masked, target, 0.2)
+    want = torch.nn.functional.cross_entropy(logits[:, 1:], target - 1, label_smoothing=0.2)
+    assert torch.isfinite(got) and torch.allclose(got, want, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(stage1_label_smoothing=1.0), "stage1_label_smoothing"),
+    (dict(stage1_label_smoothing=-0.1), "stage1_label_smoothing"),
+    (dict(stage1_warmup_epochs=-1), "stage1_warmup_epochs"),
+    (dict(stage1_batch_size=-4), "batch size"),
+    (dict(stage1_lr_schedule="step"), "stage1_lr_schedule"),
+])
+def test_stage1_rejects_bad_settings_before_training(small_dataset, bad, match):
+    from dpr.model.dpr_model import DPRModel
+
+    model = DPRModel(ModelConfig(num_items=small_dataset.num_items, num_tags=small_dataset.catalogue.num_tags,
+                                 d=8, max_len=6))
+    with pytest.raises(ValueError, match=match):
+        train_stage1(model, small_dataset, TrainConfig(stage1_epochs=1, **bad), np.random.default_rng(0),
+                     log=lambda *a: None)

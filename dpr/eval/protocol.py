@@ -111,10 +111,12 @@ def run_task(model, catalogue, cases: EvalCases, ctx: EvalContext, heldout: bool
         if "post_filter" in per or "post_filter_k" in per or "rerank" in per:
             cand = topk_full(h, table, CANDIDATES, hist)
             keep = np.take_along_axis(allowed_np, np.maximum(cand, 0), axis=1) & (cand >= 0)
-            add("post_filter", filter_candidates(cand, keep, k), sl)
-            # the shown list filtered in place: the backbone's top-k minus the items the prompt rules out,
-            # no refill (a shorter list); the weaker reading of "filter baseline"
-            add("post_filter_k", filter_candidates(cand[:, :k], keep[:, :k], k), sl)
+            if "post_filter" in per:
+                add("post_filter", filter_candidates(cand, keep, k), sl)
+            if "post_filter_k" in per:
+                # the shown list filtered in place: the backbone's top-k minus the items the prompt rules
+                # out, no refill (a shorter list); the weaker reading of "filter baseline"
+                add("post_filter_k", filter_candidates(cand[:, :k], keep[:, :k], k), sl)
         if "hard_filter" in per:
             add("hard_filter", topk_full(h, table, k, hist, allowed=allowed), sl)
 

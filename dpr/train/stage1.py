@@ -61,8 +61,7 @@ def _lr_schedule(cfg: TrainConfig, steps_per_epoch: int):
     """lr(step, elapsed seconds): linear warm-up, then constant or cosine to 0. Under a wall-clock budget
     the cosine follows whichever runs out first, the epochs or the time, so a budgeted run still ends
     on a decayed learning rate."""
-    if cfg.stage1_lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"stage1_lr_schedule must be 'constant' or 'cosine', got {cfg.stage1_lr_schedule!r}")
+    check_stage1_config(cfg)      # an unknown schedule name must not silently run as cosine
     total = max(1, cfg.stage1_epochs * steps_per_epoch)
     warm = cfg.stage1_warmup_epochs * steps_per_epoch
     budget = 60.0 * cfg.stage1_max_minutes
@@ -109,6 +108,7 @@ def _seen_mask(x: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
 
 def train_stage1(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Generator,
                  val_users: np.ndarray | None = None, log=print) -> dict:
+    check_stage1_config(cfg)
     device = torch.device(cfg.device)
     model.to(device)          # stage 1 is the only costly stage; it alone runs on cfg.device (e.g. cuda)
     model.train()
@@ -122,7 +122,6 @@ def train_stage1(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
     if cfg.max_train_users:
         users = users[: cfg.max_train_users]
     x_all, y_all = _windows(dataset, users, model.cfg.max_len, cfg.stage1_all_windows, cfg.stage1_window_stride)
-    check_stage1_config(cfg)
     batch_size = cfg.stage1_batch_size or cfg.batch_size
     steps_per_epoch = -(-len(x_all) // batch_size)
     lr_at = _lr_schedule(cfg, steps_per_epoch)

@@ -130,10 +130,11 @@ def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
                                  torch.from_numpy(has_neg)[rows], cfg.neg_lambda)
             neg_only = torch.from_numpy(has_neg & ~has_pos)
             if cfg.neg_keep_lambda and bool(neg_only.any()):
+                steered = logits[neg_only]                  # only these rows enter the term
+                allowed = ~forbidden[neg_only] & torch.isfinite(steered)
                 with torch.no_grad():
-                    base = (h @ model.item_table.t()).masked_fill(torch.isinf(logits), float("-inf"))
-                allowed = ~forbidden & torch.isfinite(logits)
-                loss = loss + cfg.neg_keep_lambda * keep_order_loss(base[neg_only], logits[neg_only], allowed[neg_only])
+                    base = h[neg_only] @ model.item_table.t()
+                loss = loss + cfg.neg_keep_lambda * keep_order_loss(base, steered, allowed)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -30,7 +30,7 @@ ARCH = {"backbone": "sasrec", "d": 64, "max_len": 50, "num_blocks": 2, "num_head
 NUM_TAGS = 16                      # the synthetic generator's readable genre names
 STANDIN_NAME = "minilm-shaped-random-bert"
 UNTRAINED_LABEL = "UNTRAINED (random initialisation): real architecture and speed, meaningless recommendations"
-_CACHE_VERSION = 4                 # bump when the default model's recipe or exported graphs change (4: experts as GEMMs)
+_CACHE_VERSION = 5                 # bump when the default model's recipe or exported graphs change (5: lean attention block)
 
 
 @dataclass

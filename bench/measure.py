@@ -114,35 +114,18 @@ def overlap(a: list[list[str]] | None, b: list[list[str]] | None) -> float | Non
 
 def user_encoder_inputs(engine, batch) -> tuple:
     """(item_seq, p_pos, p_neg, presence) of one batch, as the engine would feed its user encoder."""
-    seqs = [engine.validate_request({"history": h}).seq for h in batch.histories]
-    seq = engine.pad_histories(seqs)
-    b = len(seqs)
-    p_pos = np.zeros((b, engine.dim), np.float32)
-    p_neg = np.zeros((b, engine.dim), np.float32)
-    presence = np.zeros((b, 2), np.int64)
-    for col, texts, dst in ((0, batch.prompts, p_pos), (1, batch.negative_prompts, p_neg)):
-        rows = [i for i, t in enumerate(texts) if t is not None]
-        if rows:
-            dst[rows] = engine.encode_prompts([texts[i] for i in rows])
-            presence[rows, col] = 1
-    return seq, p_pos, p_neg, presence
+    return engine.user_encoder_inputs(batch.histories, batch.prompts, batch.negative_prompts)
 
 
-def time_user_encoders(backends: dict, inputs: tuple, max_batch: int, iters: int, warmup: int) -> dict:
-    """Median ms of each ``backend.encode_users`` over the batch (chunked by the export's max batch),
-    the backends interleaved call by call like the runners."""
+def time_user_encoders(encoders: dict, inputs: tuple, iters: int, warmup: int) -> dict:
+    """Median ms of each ``encode(item_seq, p_pos, p_neg, presence)`` over the whole batch (an engine's
+    ``encode_users``: chunked and run as the engine serves it), interleaved call by call like the runners."""
     seq, p_pos, p_neg, presence = inputs
-    times: dict[str, list[float]] = {name: [] for name in backends}
-
-    def once(be):
-        for s in range(0, len(seq), max_batch):
-            sl = slice(s, s + max_batch)
-            be.encode_users(seq[sl], p_pos[sl], p_neg[sl], presence[sl])
-
+    times: dict[str, list[float]] = {name: [] for name in encoders}
     for i in range(max(1, warmup) + iters):
-        for name, be in backends.items():
+        for name, encode in encoders.items():
             t0 = time.perf_counter()
-            once(be)
+            encode(seq, p_pos, p_neg, presence)
             if i >= max(1, warmup):
                 times[name].append(time.perf_counter() - t0)
     return {name: summarise(t, len(seq)) for name, t in times.items()}

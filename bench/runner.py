@@ -152,20 +152,22 @@ def run(cfg: BenchConfig) -> dict:
 
 
 def _user_encoder_gating(cfg, engine, export, device, batches, modes) -> dict | None:
-    """The whole user encoder, fused graph vs portable graph, on one prompted batch."""
-    from dpr.engine.backends import backend_class
+    """The whole user encoder, fused graph vs portable graph, on one prompted batch, each through an engine's
+    ``encode_users`` (history chunks, concurrent chunk workers: the user-encoder stage as served)."""
+    from dpr.engine import Engine
 
     if not getattr(engine.backend, "fused", False):
         return None
     mode = next((m for m in ("templates", "unique") if m in modes), modes[0])
     _log("user encoder: fused graph vs portable graph")
     inputs = user_encoder_inputs(engine, batches[mode][-1])
-    portable = backend_class("onnxruntime")(export, device, fused=False)
+    portable = Engine.load(export.path, backend="onnxruntime", device=device, backend_options={"fused": False},
+                           verify_hashes=False)
     try:
-        t = time_user_encoders({"fused": engine.backend, "portable": portable}, inputs, export.max_batch,
+        t = time_user_encoders({"fused": engine.encode_users, "portable": portable.encode_users}, inputs,
                                cfg.iters, cfg.warmup)
     finally:
         portable.close()
     return {"fused": t["fused"], "portable": t["portable"],
             "ratio": t["portable"]["median_ms"] / t["fused"]["median_ms"], "batch": cfg.batch, "prompts": mode,
-            "graphs": [engine.backend.user_graph, portable.user_graph]}
+            "graphs": [engine.backend.user_graph, portable.backend.user_graph]}

@@ -16,9 +16,11 @@ disallows. Rows with fewer eligible items than ``k`` return fewer results.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -28,6 +30,7 @@ import numpy as np
 from dpr.errors import DPRError, InputError
 
 from .backends import AUTO_ORDER, backend_class, cuda_available
+from .retrieval.base import Exclusions
 from .errors import BackendError
 from .manifest import ExportFolder, load_export
 from .prompt_cache import PromptCache
@@ -40,12 +43,16 @@ DEFAULT_MAX_PROMPT_BYTES = 16 * 1024
 # GPU, one padded batch (many small chunks are launch-bound there: 3.6x slower on an H200).
 DEFAULT_PROMPT_CHUNK_TOKENS = "auto"
 CPU_PROMPT_CHUNK_TOKENS = 1024
+# With a backend that runs several chunks at once (concurrent_runs > 1), smaller chunks: MiniLM on 640
+# unique prompts, 2 cores, two chunks at a time: 771 ms at 1024 tokens, 721 ms at 512 (int8: 258 -> 239).
+CPU_CONCURRENT_PROMPT_CHUNK_TOKENS = 512
 # Histories are run in chunks of this many rows, ordered by length, each cut to its longest history, when
-# the backend allows it (padding-invariant backbone, graph with a dynamic history axis). "auto": 256 on the
-# CPU (SASRec user encoder at batch 512, median history 30 of max_len 50: 46 -> 26 ms on 2 cores); off on
-# a GPU (not measured there).
+# the backend allows it (padding-invariant backbone, graph with a dynamic history axis). "auto": 64 on the
+# CPU (SASRec user encoder at batch 512, median history 30 of max_len 50, 2 cores: 46 ms uncut -> 26 ms in
+# chunks of 256 -> 13 ms in chunks of 64 run two at a time; serially 64 and 256 rows tie); off on a GPU (not
+# measured there).
 DEFAULT_HISTORY_CHUNK_ROWS = "auto"
-CPU_HISTORY_CHUNK_ROWS = 256
+CPU_HISTORY_CHUNK_ROWS = 64
 FILTER_KEYS = ("include_tags", "exclude_tags", "exclude_items")
 
 
@@ -110,6 +117,27 @@ class _Row:
     filter_key: tuple | None
 
 
+@dataclass
+class _Batch:
+    """Validated rows, column by column: the histories as one array with offsets (no per-row arrays)."""
+    flat: np.ndarray           # every row's internal indices, concatenated (chronological within a row)
+    offsets: np.ndarray        # (B + 1,): row i is flat[offsets[i]:offsets[i + 1]]
+    prompts: list              # str | None per row
+    negatives: list
+    ks: list[int]
+    exclude_history: np.ndarray    # bool (B,)
+    filter_keys: list
+
+    @classmethod
+    def from_rows(cls, rows: list[_Row]) -> "_Batch":
+        lens = [len(r.seq) for r in rows]
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        flat = np.concatenate([np.asarray(r.seq, np.int64) for r in rows]) if rows else np.zeros(0, np.int64)
+        return cls(flat, offsets, [r.prompt for r in rows], [r.negative for r in rows], [r.k for r in rows],
+                   np.array([r.exclude_history for r in rows], dtype=bool), [r.filter_key for r in rows])
+
+
 # ---- the engine ------------------------------------------------------------------------------------
 
 class Engine:
@@ -122,8 +150,12 @@ class Engine:
                  history_chunk_rows: int | str | None = DEFAULT_HISTORY_CHUNK_ROWS):
         if unknown_items not in ("error", "ignore"):
             raise InputError(f"unknown_items must be 'error' or 'ignore', got {unknown_items!r}")
-        self.prompt_chunk_tokens = self._check_prompt_chunk_tokens(prompt_chunk_tokens, device)
+        # a backend whose calls each run on one thread: the engine runs that many chunks of a batch at once
+        self.chunk_workers = max(1, int(getattr(backend, "concurrent_runs", 1) or 1))
+        self.prompt_chunk_tokens = self._check_prompt_chunk_tokens(prompt_chunk_tokens, device, self.chunk_workers)
         self.history_chunk_rows = self._check_history_chunk_rows(history_chunk_rows, device)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self.export = export
         self.backend = backend
         self.backend_name = backend.name
@@ -152,6 +184,7 @@ class Engine:
         for i, t in enumerate(self.item_tags):     # element-wise: numpy would turn equal-length lists into 2-D
             self._tags_obj[i] = t
         self._id_to_index = {a: i + 1 for i, a in enumerate(self.item_ids)}
+        self._id_index = self._make_id_index(self.item_ids)
         self._tag_index = {t: i for i, t in enumerate(self.tag_names)}
         tm = np.zeros((self.num_items + 1, max(1, len(self.tag_names))), dtype=bool)
         for i, ts in enumerate(self.item_tags, start=1):
@@ -233,8 +266,9 @@ class Engine:
         return cls._chunk_setting("history_chunk_rows", v, device, CPU_HISTORY_CHUNK_ROWS)
 
     @classmethod
-    def _check_prompt_chunk_tokens(cls, v, device: str) -> int:
-        return cls._chunk_setting("prompt_chunk_tokens", v, device, CPU_PROMPT_CHUNK_TOKENS)
+    def _check_prompt_chunk_tokens(cls, v, device: str, workers: int = 1) -> int:
+        return cls._chunk_setting("prompt_chunk_tokens", v, device,
+                                  CPU_CONCURRENT_PROMPT_CHUNK_TOKENS if workers > 1 else CPU_PROMPT_CHUNK_TOKENS)
 
     @staticmethod
     def _resolve_device(device: str) -> str:
@@ -283,6 +317,22 @@ class Engine:
                                f"available: {', '.join(avail)}")
         return name, get_retriever(name, export.item_embeddings(), device=dev, **opts)
 
+    @staticmethod
+    def _make_id_index(ids: list[str]):
+        """The C++ id index (a batch's history ids in one call, cache misses overlapped: ~4.7 -> 1.7 ms for
+        21,000 ids on a cold cache), or None (library not built, or ids it cannot hold): the dict then."""
+        try:
+            from dpr.kernels import id_index
+        except Exception:  # noqa: BLE001 - the kernels package is optional at run time
+            return None
+        if not id_index.library_available():
+            return None
+        try:
+            return id_index.IdIndex(ids)
+        except (ValueError, id_index.KernelError) as exc:
+            log.info("dpr.engine: item ids mapped by a dict (%s)", exc)
+            return None
+
     def _make_tokenizer(self):
         from tokenizers import Tokenizer
 
@@ -303,13 +353,38 @@ class Engine:
                 "choice_reason": self.choice_reason, "num_items": self.num_items, "d": self.dim,
                 "max_len": self.max_len, "max_batch": self.max_batch, "prompt_chunk_tokens": self.prompt_chunk_tokens,
                 "history_chunk_rows": self.history_chunk_rows if self._trims_history else 0,
+                "chunk_workers": self.chunk_workers,
                 "prompt_cache": self.prompt_cache.stats()}
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            with self._pool_lock:
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                    self._pool = None
             self.backend.close()
             self.retriever.close()
+            if self._id_index is not None:
+                self._id_index.close()
+
+    def _run_chunks(self, fn, chunks: list) -> None:
+        """``fn(chunk)`` for every chunk: ``chunk_workers`` at a time on the engine's thread pool when the
+        backend runs each call single-threaded, else in order on this thread. ``fn`` writes disjoint rows."""
+        if self.chunk_workers <= 1 or len(chunks) <= 1:
+            for c in chunks:
+                fn(c)
+            return
+        with self._pool_lock:
+            if self._closed:
+                raise DPRError("the engine is closed")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.chunk_workers, thread_name_prefix="dpr-chunk")
+            futures = [self._pool.submit(fn, c) for c in chunks]
+        for f in futures:            # every chunk finishes before the first error (if any) is raised
+            f.exception()
+        for f in futures:
+            f.result()
 
     def __enter__(self):
         return self
@@ -455,10 +530,14 @@ class Engine:
             ids, mask = self.tokenize(todo)
             t1 = time.perf_counter()
             out = np.empty((len(todo), self.dim), np.float32)
-            for rows, lo, hi in self._prompt_chunks(mask):
+
+            def run(chunk):
+                rows, lo, hi = chunk
                 out[rows] = np.asarray(self.backend.encode_prompts(np.ascontiguousarray(ids[rows, lo:hi]),
                                                                    np.ascontiguousarray(mask[rows, lo:hi])),
                                        dtype=np.float32)
+
+            self._run_chunks(run, list(self._prompt_chunks(mask)))
             t_enc += time.perf_counter() - t1
             t_tok += t1 - t0
             self.prompt_cache.put_many(self.prompt_cache_key, todo, out)
@@ -475,15 +554,17 @@ class Engine:
         hi)`` the token columns any of them uses (the tokenizer pads to the batch's longest prompt; a chunk
         only needs its own longest). With ``prompt_chunk_tokens``: length buckets (rows ordered by token
         length, stable), at most that many tokens (rows x longest) and ``max_batch`` rows, at least one row.
-        Without (0): consecutive runs of ``max_batch`` rows in the batch's order."""
+        Without (0): consecutive runs of ``max_batch`` rows in the batch's order. With several chunk workers,
+        at most ceil(rows / workers) rows per chunk, so that a small batch still keeps every worker busy."""
         lens = mask.sum(axis=1)
         budget, n = self.prompt_chunk_tokens, len(lens)
+        cap = min(self.max_batch, max(1, math.ceil(n / self.chunk_workers)))
         order = np.argsort(lens, kind="stable") if budget else np.arange(n)
         start = 0
         while start < n:
-            end = min(n, start + self.max_batch) if not budget else start + 1
+            end = min(n, start + cap) if not budget else start + 1
             # ascending lengths: adding row `end` makes it the chunk's longest
-            while budget and end < n and end - start < self.max_batch \
+            while budget and end < n and end - start < cap \
                     and (end - start + 1) * int(lens[order[end]]) <= budget:
                 end += 1
             rows = order[start:end]
@@ -499,6 +580,18 @@ class Engine:
             s = np.asarray(s, dtype=np.int64)[-self.max_len:]
             if len(s):
                 out[i, self.max_len - len(s):] = s
+        return out
+
+    def _pad_flat(self, flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """``pad_histories`` of the rows ``flat[offsets[i]:offsets[i + 1]]``, in one vectorised pass."""
+        b, L = len(offsets) - 1, self.max_len
+        out = np.zeros((b, L), dtype=np.int64)
+        take = np.minimum(np.diff(offsets), L)                  # the most recent max_len items of each row
+        total = int(take.sum())
+        if total:
+            row = np.repeat(np.arange(b), take)
+            within = np.arange(total) - np.repeat(np.cumsum(take) - take, take)     # 0.. take-1 per row
+            out[row, L - take[row] + within] = flat[offsets[1:][row] - take[row] + within]
         return out
 
     def encode_users(self, histories, p_pos=None, p_neg=None, presence=None, timings: dict | None = None) -> np.ndarray:
@@ -519,17 +612,15 @@ class Engine:
             if a.shape != shape:
                 raise InputError(f"{name} must have shape {shape}, got {a.shape}")
         t0 = time.perf_counter()
-        if self._trims_history and b:
-            out = np.empty((b, self.dim), np.float32)
-            for rows, width in self._history_chunks(seq):
-                out[rows] = np.asarray(self.backend.encode_users(np.ascontiguousarray(seq[rows, self.max_len - width:]),
-                                                                 p_pos[rows], p_neg[rows], presence[rows]),
-                                       dtype=np.float32)
-        else:
-            outs = [np.asarray(self.backend.encode_users(seq[s:s + self.max_batch], p_pos[s:s + self.max_batch],
-                                                         p_neg[s:s + self.max_batch], presence[s:s + self.max_batch]),
-                               dtype=np.float32) for s in range(0, b, self.max_batch)]
-            out = np.concatenate(outs) if outs else np.zeros((0, self.dim), np.float32)
+        out = np.empty((b, self.dim), np.float32)
+
+        def run(chunk):
+            rows, width = chunk
+            out[rows] = np.asarray(self.backend.encode_users(np.ascontiguousarray(seq[rows, self.max_len - width:]),
+                                                             p_pos[rows], p_neg[rows], presence[rows]),
+                                   dtype=np.float32)
+
+        self._run_chunks(run, list(self._history_chunks(seq)))
         if timings is not None:
             timings["user_encoder"] = timings.get("user_encoder", 0.0) + time.perf_counter() - t0
         return out
@@ -539,14 +630,24 @@ class Engine:
         return bool(self.history_chunk_rows) and bool(getattr(self.backend, "trims_history", False))
 
     def _history_chunks(self, seq: np.ndarray):
-        """``(rows, width)`` per chunk: rows ordered by history length (stable), ``history_chunk_rows`` (and at
-        most ``max_batch``) per chunk, ``width`` the chunk's longest history (>= 1), measured from the first
-        non-padding column so that a history with a 0 inside is never cut."""
+        """``(rows, width)`` per chunk. Trimming: rows ordered by history length (stable),
+        ``history_chunk_rows`` (and at most ``max_batch``) per chunk, ``width`` the chunk's longest history
+        (>= 1), measured from the first non-padding column so that a history with a 0 inside is never cut.
+        Otherwise consecutive rows at full width: ``max_batch`` per chunk, or with several chunk workers
+        ``history_chunk_rows`` (when set). Several workers: at most ceil(rows / workers) rows per chunk."""
+        n = len(seq)
+        spread = max(1, math.ceil(n / self.chunk_workers))
+        if not self._trims_history:
+            step = self.history_chunk_rows if self.chunk_workers > 1 and self.history_chunk_rows else self.max_batch
+            step = max(1, min(step, self.max_batch, spread))
+            for s in range(0, n, step):
+                yield slice(s, min(s + step, n)), self.max_len
+            return
         nz = seq > 0
         lens = np.where(nz.any(axis=1), self.max_len - nz.argmax(axis=1), 0)
         order = np.argsort(lens, kind="stable")
-        step = max(1, min(self.history_chunk_rows, self.max_batch))
-        for s in range(0, len(order), step):
+        step = max(1, min(self.history_chunk_rows, self.max_batch, spread))
+        for s in range(0, n, step):
             rows = order[s:s + step]
             yield rows, max(1, int(lens[rows].max()))
 
@@ -566,6 +667,18 @@ class Engine:
         ``prompts`` / ``negative_prompts``: None or a list of str-or-None of the same length; ``hard_filter``:
         None, one dict shared by all rows (keys include_tags / exclude_tags / exclude_items), or a list of
         per-row dicts-or-None. ``timings`` (a dict) receives seconds per stage."""
+        batch = self._validated_batch(histories, prompts, negative_prompts, k, exclude_history, hard_filter)
+        return self._run_batch(batch, timings)
+
+    def user_encoder_inputs(self, histories, prompts=None, negative_prompts=None) -> tuple:
+        """What the user encoder gets for a batch, checked as ``recommend`` checks it: ``(item_seq (B, max_len)
+        int64 left-padded internal indices, p_pos (B, d), p_neg (B, d), presence (B, 2) int64)``; feed them
+        to :meth:`encode_users`. Prompts are encoded (or taken from the cache)."""
+        batch = self._validated_batch(histories, prompts, negative_prompts, 1, True, None)
+        p_pos, p_neg, presence = self._prompt_vectors(batch, None)
+        return self._pad_flat(batch.flat, batch.offsets), p_pos, p_neg, presence
+
+    def _validated_batch(self, histories, prompts, negative_prompts, k, exclude_history, hard_filter) -> _Batch:
         if isinstance(histories, (str, bytes)) or not isinstance(histories, Sequence) and not isinstance(
                 histories, np.ndarray):
             raise InputError(f"histories must be a list of histories (lists of item ids), got {type(histories).__name__}")
@@ -595,33 +708,45 @@ class Engine:
         k = self._check_k(k)
         # column by column, each distinct prompt / the shared filter checked once (templates repeat): the
         # same checks and messages as validate_request, without its per-row call overhead
-        seqs = self._history_batch(histories)
-        if seqs is None:                       # something to report or skip: row by row, naming the request
+        mapped = self._history_batch(histories)
+        if mapped is None:                     # something to report or skip: row by row, naming the request
             seqs = [self._history_indices(histories[i], f"request {i}: history") for i in range(b)]
+            lens = [len(x) for x in seqs]
+            mapped = np.concatenate(seqs), lens
+        flat, lens = mapped
+        offsets = np.zeros(b + 1, np.int64)
+        np.cumsum(lens, out=offsets[1:])
         pos = self._check_prompt_column(pos, "prompt")
         neg = self._check_prompt_column(neg, "negative prompt")
         if filters and all(f is filters[0] for f in filters):
             fkeys = [self._filter_key(filters[0], "hard_filter")] * b
         else:
             fkeys = [self._filter_key(f, f"request {i}: hard_filter") for i, f in enumerate(filters)]
-        rows = [_Row(seqs[i], pos[i], neg[i], k, bool(excl[i]), fkeys[i]) for i in range(b)]
-        return self._run_rows(rows, timings)
+        return _Batch(flat, offsets, pos, neg, [k] * b, np.array([bool(e) for e in excl]), fkeys)
 
-    def _history_batch(self, histories) -> list[np.ndarray] | None:
-        """Every history mapped in one pass (one C-level map over all ids, then views of one array): the
-        fast path when every id of every row is known. None sends the batch to the per-row checks."""
+    def _history_batch(self, histories) -> tuple[np.ndarray, list[int]] | None:
+        """Every history mapped in one pass (the C++ id index, else one C-level dict map over all ids):
+        ``(flat indices, row lengths)``, the fast path when every id of every row is known. None sends the
+        batch to the per-row checks, which name the problem."""
         try:
             if any(isinstance(h, (str, bytes)) for h in histories):
                 return None
             lens = [len(h) for h in histories]
             if 0 in lens:
                 return None
-            flat = list(map(self._id_to_index.get, chain.from_iterable(histories)))
+            flat = None
+            if self._id_index is not None:
+                flat = self._id_index.lookup(chain.from_iterable(histories), sum(lens))
+                if flat is not None and not flat.all():
+                    return None                # an unknown id
+            if flat is None:                   # no index, or ids it cannot take (not strings, a NUL inside)
+                got = list(map(self._id_to_index.get, chain.from_iterable(histories)))
+                if None in got:
+                    return None
+                flat = np.array(got, dtype=np.int64)
         except TypeError:                      # an unsized history or an unhashable id
             return None
-        if None in flat:
-            return None
-        return np.split(np.array(flat, dtype=np.int64), np.cumsum(lens)[:-1])
+        return flat, lens
 
     def _check_prompt_column(self, column: list, what: str) -> list:
         checked: dict[str, str | None] = {}
@@ -637,30 +762,45 @@ class Engine:
         return out
 
     def _run_rows(self, rows: list[_Row], timings: dict | None = None) -> Recommendations:
-        b = len(rows)
-        texts = [r.prompt for r in rows if r.prompt] + [r.negative for r in rows if r.negative]
+        """Rows checked one by one (``validate_request``; the dynamic batcher) through the batch pipeline."""
+        return self._run_batch(_Batch.from_rows(rows), timings)
+
+    def _prompt_vectors(self, batch: _Batch, timings: dict | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(p_pos, p_neg, presence) of a batch: each distinct prompt encoded (or found in the cache) once."""
+        b = len(batch.prompts)
         p_pos = np.zeros((b, self.dim), np.float32)
         p_neg = np.zeros((b, self.dim), np.float32)
         presence = np.zeros((b, 2), np.int64)
-        if texts:
-            uniq = list(dict.fromkeys(texts))
-            vecs = self.encode_prompts(uniq, timings=timings)
-            lut = {t: vecs[i] for i, t in enumerate(uniq)}
-            for i, r in enumerate(rows):
-                if r.prompt:
-                    p_pos[i], presence[i, 0] = lut[r.prompt], 1
-                if r.negative:
-                    p_neg[i], presence[i, 1] = lut[r.negative], 1
-        elif timings is not None:
-            timings.setdefault("tokenize", 0.0)
-            timings.setdefault("prompt_encoder", 0.0)
-        seq = self.pad_histories([r.seq for r in rows])
+        uniq = list(dict.fromkeys(t for t in chain(batch.prompts, batch.negatives) if t))
+        if not uniq:
+            if timings is not None:
+                timings.setdefault("tokenize", 0.0)
+                timings.setdefault("prompt_encoder", 0.0)
+            return p_pos, p_neg, presence
+        vecs = self.encode_prompts(uniq, timings=timings)
+        where = {t: i for i, t in enumerate(uniq)}
+        for col, texts, dst in ((0, batch.prompts, p_pos), (1, batch.negatives, p_neg)):
+            rows = [i for i, t in enumerate(texts) if t]
+            if rows:
+                dst[rows] = vecs[[where[texts[i]] for i in rows]]
+                presence[rows, col] = 1
+        return p_pos, p_neg, presence
+
+    def _run_batch(self, batch: _Batch, timings: dict | None = None) -> Recommendations:
+        p_pos, p_neg, presence = self._prompt_vectors(batch, timings)
+        seq = self._pad_flat(batch.flat, batch.offsets)
         users = self.encode_users(seq, p_pos, p_neg, presence, timings=timings)
-        kmax = max(r.k for r in rows)
-        exclude = [r.seq if r.exclude_history else np.zeros(0, np.int64) for r in rows]
-        if not any(r.exclude_history for r in rows):
-            exclude = None
-        keys = [r.filter_key for r in rows]
+        kmax = max(batch.ks)
+        exclude = None
+        if batch.exclude_history.any():
+            if batch.exclude_history.all():
+                exclude = Exclusions(batch.offsets, batch.flat)
+            else:                              # keep the rows that exclude their history
+                lens = np.diff(batch.offsets) * batch.exclude_history
+                offsets = np.zeros_like(batch.offsets)
+                np.cumsum(lens, out=offsets[1:])
+                exclude = Exclusions(offsets, batch.flat[np.repeat(batch.exclude_history, np.diff(batch.offsets))])
+        keys = batch.filter_keys
         mask = None
         if any(keys):
             masks = {key: self._mask_for(key) for key in set(keys) if key}
@@ -672,16 +812,16 @@ class Engine:
                 mask = np.stack([masks[key] if key else full for key in keys])
         idx, sc = self.retrieve(users, kmax, exclude=exclude, allowed_mask=mask, timings=timings)
         out = Recommendations()
-        if (idx > 0).all() and all(r.k == kmax for r in rows):
+        if (idx > 0).all() and all(k == kmax for k in batch.ks):
             # every row full: look the batch up in one go (object arrays, C loops) instead of per item
             pos = idx - 1
             out.item_ids = self._ids_obj[pos].tolist()
             out.titles = self._titles_obj[pos].tolist()
             out.scores = sc.tolist()
-            out.tags = [[list(t) for t in row] for row in self._tags_obj[pos].tolist()]   # copies, not aliases
+            out.tags = [list(map(list, row)) for row in self._tags_obj[pos].tolist()]   # copies, not aliases
             return out
-        for i, r in enumerate(rows):
-            ii, ss = idx[i, :r.k], sc[i, :r.k]
+        for i, k in enumerate(batch.ks):
+            ii, ss = idx[i, :k], sc[i, :k]
             keep = ii > 0
             ii, ss = ii[keep], ss[keep]
             out.item_ids.append([self.item_ids[j - 1] for j in ii])

@@ -167,8 +167,11 @@ DPR_HD void dpr_select_topk(const float* logits, int n, int k, int* idx, float* 
 // Non-finite logits propagate: NaN or +inf yield NaN weights, as in torch.softmax.
 DPR_HD void dpr_softmax_topk(float* val, int k) {
   const float m = val[0];
-  float s = 0.f;
-  for (int r = 0; r < k; ++r) {
+  // The best logit's weight is expf(0) = 1 exactly when m is finite (m - m == 0 is false for inf and NaN,
+  // which keep expf's NaN): one expf fewer per row, the same bits.
+  val[0] = (m - m == 0.f) ? 1.f : expf(val[0] - m);
+  float s = val[0];
+  for (int r = 1; r < k; ++r) {
     val[r] = expf(val[r] - m);
     s += val[r];
   }

@@ -1,6 +1,25 @@
 // CPU twin of the fused MoE gate: the per-row math of fused_moe_gate.h, OpenMP over rows.
 // Plain C ABI (ctypes-friendly); also linked into the ONNX Runtime custom-op library.
+//
+// float32 with d a multiple of 16 on an AVX-512 CPU takes a vector layout of the same math: the router
+// weight transposed once per call (E x d), so each router logit is a d-long dot product over zmm registers,
+// and the combine out = res + sum_r gate_r * y[sel_r] runs 16 lanes at a time. Selection and softmax are the
+// header's; only the order of the router's d additions differs (float rounding). The header's loop, built
+// for baseline x86-64, vectorises over the n experts of a group (4 SSE lanes at n = 4). 2-core Xeon, batch
+// 512, d 64, 4+4 experts, top-2: 26 -> 16 us per call (through ONNX Runtime 32 -> 24 us).
+// DPR_GATE_ISA=generic forces the header's loop (the tests run both).
 #include <stdint.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define DPR_GATE_X86 1
+#endif
 
 #include "fused_moe_gate.h"
 #include "fused_moe_gate_api.h"
@@ -31,6 +50,94 @@ void run_rows(const T* z, const T* w, const T* b, const T* y, const int64_t* pol
   (void)num_threads;
 }
 
+#ifdef DPR_GATE_X86
+__attribute__((target("avx512f,avx512dq"))) inline float hsum(__m512 v) {
+  const __m256 h = _mm256_add_ps(_mm512_extractf32x8_ps(v, 0), _mm512_extractf32x8_ps(v, 1));
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
+}
+
+// Rows [r0, r1) with the transposed router weight wt (E x d), d % 16 == 0. Same contract as the header row.
+__attribute__((target("avx512f,avx512dq"))) void rows_avx512(const float* z, const float* wt, const float* bias,
+                                                     const float* y, const int64_t* pol, const float* res,
+                                                     float* out, int64_t r0, int64_t r1, int64_t d, int64_t E,
+                                                     int n, int k) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* zr = z + r * d;
+    const float* rr = res + r * d;
+    float* o = out + r * d;
+    const int g = dpr_polarity_group(pol[r]);
+    if (g < 0) {
+      std::memcpy(o, rr, sizeof(float) * static_cast<size_t>(d));   // bit-exact copy
+      continue;
+    }
+    const int off = g * n;
+    float logits[DPR_MAX_EXPERTS_PER_POLARITY];
+    for (int j = 0; j < n; ++j) {
+      const float* wj = wt + static_cast<int64_t>(off + j) * d;
+      __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();    // two chains hide the FMA latency
+      int64_t i = 0;
+      for (; i + 32 <= d; i += 32) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(zr + i), _mm512_loadu_ps(wj + i), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(zr + i + 16), _mm512_loadu_ps(wj + i + 16), a1);
+      }
+      if (i < d) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(zr + i), _mm512_loadu_ps(wj + i), a0);
+      logits[j] = bias[off + j] + hsum(_mm512_add_ps(a0, a1));
+    }
+    int sel[DPR_MAX_TOP_K];
+    float gate[DPR_MAX_TOP_K];
+    sel[0] = 0;
+    gate[0] = 0.f;
+    dpr_select_topk(logits, n, k, sel, gate);
+    dpr_softmax_topk(gate, k);
+    const float* yr = y + r * E * d;
+    for (int64_t i = 0; i < d; i += 16) {
+      __m512 acc = _mm512_mul_ps(_mm512_set1_ps(gate[0]), _mm512_loadu_ps(yr + (off + sel[0]) * d + i));
+      for (int q = 1; q < k; ++q)
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(gate[q]), _mm512_loadu_ps(yr + (off + sel[q]) * d + i), acc);
+      _mm512_storeu_ps(o + i, _mm512_add_ps(_mm512_loadu_ps(rr + i), acc));
+    }
+  }
+}
+
+bool gate_avx512() {
+  static const bool yes = [] {
+    const char* force = std::getenv("DPR_GATE_ISA");
+    if (force != nullptr && std::strcmp(force, "generic") == 0) return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0 && __builtin_cpu_supports("avx512dq") != 0;
+  }();
+  return yes;
+}
+
+int run_f32_avx512(const float* z, const float* w, const float* b, const float* y, const int64_t* pol,
+                   const float* res, float* out, int64_t B, int64_t d, int64_t E, int64_t n, int64_t k,
+                   int num_threads) {
+  std::vector<float> wt;
+  try {
+    wt.resize(static_cast<size_t>(E * d));
+  } catch (const std::bad_alloc&) {
+    return DPR_ERR_TOO_LARGE;
+  }
+  for (int64_t i = 0; i < d; ++i)
+    for (int64_t e = 0; e < E; ++e) wt[e * d + i] = w[i * E + e];
+  const int64_t work = B * d * (n + k);
+  int parts = 1;
+#ifdef _OPENMP
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  if (work >= kParallelWork && B > 1 && threads > 1) parts = threads;
+#else
+  (void)num_threads;
+  (void)work;
+#endif
+#pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
+  for (int p = 0; p < parts; ++p)
+    rows_avx512(z, wt.data(), b, y, pol, res, out, B * p / parts, B * (p + 1) / parts, d, E, (int)n, (int)k);
+  return DPR_OK;
+}
+#endif
+
 template <typename T>
 int run(const T* z, const T* w, const T* b, const T* y, const int64_t* pol, const T* res, T* out, int64_t B,
         int64_t d, int64_t E, int64_t n, int64_t k, int num_threads) {
@@ -39,6 +146,12 @@ int run(const T* z, const T* w, const T* b, const T* y, const int64_t* pol, cons
   if (B == 0) return DPR_OK;
   if (!z || !w || !b || !y || !pol || !res || !out) return DPR_ERR_NULL_POINTER;
   if (d > INT32_MAX) return DPR_ERR_TOO_LARGE;
+#ifdef DPR_GATE_X86
+  if constexpr (std::is_same<T, float>::value) {
+    if (d % 16 == 0 && E * d <= (int64_t{1} << 24) && gate_avx512())
+      return run_f32_avx512(z, w, b, y, pol, res, out, B, d, E, n, k, num_threads);
+  }
+#endif
   switch (n) {  // common group sizes get a compile-time trip count for the router loop
     case 2: run_rows<2>(z, w, b, y, pol, res, out, B, d, E, n, k, num_threads); break;
     case 4: run_rows<4>(z, w, b, y, pol, res, out, B, d, E, n, k, num_threads); break;

@@ -73,6 +73,7 @@ def check(out, x, n, k, dtype):
 CASES = [
     (1, 16, 2, 1), (1, 64, 4, 4), (7, 16, 4, 2), (7, 100, 8, 8), (7, 64, 2, 2),
     (513, 64, 4, 2), (513, 100, 4, 1), (513, 16, 8, 2), (513, 64, 8, 8), (64, 100, 2, 1),
+    (5, 48, 3, 2), (33, 32, 16, 3),     # AVX-512 path: d % 32 == 16 (tail vector), n not a power of two
 ]
 DTYPES = [np.float32, np.float16]
 
@@ -106,6 +107,34 @@ def test_cpu_ctypes_threads_agree(built):
     two = fused_moe_gate_numpy(*x.values(), 4, 2, num_threads=2)
     assert np.array_equal(one, two)
     check(two, x, 4, 2, np.float32)
+
+
+def test_generic_build_matches_the_avx512_path(built):
+    """The header's loop (forced with DPR_GATE_ISA=generic, in a child process: the ISA is chosen once) and the
+    AVX-512 layout give the same outputs up to float rounding of the router sum, on d = 64, 48 and 100."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, numpy as np\n"
+            "from dpr.kernels.capi import fused_moe_gate_numpy\n"
+            "from tests.test_kernels import make_case\n"
+            "out = {}\n"
+            "for B, d, n, k in ((257, 64, 4, 2), (9, 48, 3, 3), (11, 100, 4, 1)):\n"
+            "    x = make_case(B, d, n, seed=d, dtype=np.float32)\n"
+            "    out[str(d)] = fused_moe_gate_numpy(*x.values(), n, k).tolist()\n"
+            "print(json.dumps(out))\n")
+    outs = {}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for isa in ("generic", ""):
+        env = dict(os.environ, DPR_GATE_ISA=isa, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                              cwd=root)
+        assert proc.returncode == 0, proc.stderr
+        outs[isa] = json.loads(proc.stdout.strip().splitlines()[-1])
+    for d in outs[""]:
+        np.testing.assert_allclose(outs["generic"][d], outs[""][d], rtol=1e-5, atol=1e-5)
 
 
 def test_ties_go_to_lower_index(built):

@@ -263,3 +263,43 @@ def test_expert_outputs_match_the_einsum_specification(moe, b):
         ref = torch.einsum("beh,ehd->bed", F.gelu(torch.einsum("bd,edh->beh", z, m.w1) + m.b1), m.w2) + m.b2
     assert got.shape == (b, m.w1.shape[0], m.w1.shape[1])
     assert (got - ref).abs().max() <= 1e-5
+
+
+def _attention_block_spec(blk, x, attn_bias, keep):
+    """The SASRec block written the textbook way (one qkv projection split in three, heads by reshape and
+    transpose, 3-D linears): the specification the export-shaped ``_SelfAttentionBlock.forward`` follows."""
+    b, l, d = x.shape
+    hd = d // blk.heads
+    q, k, v = blk.qkv(blk.ln1(x)).chunk(3, dim=-1)
+    q, k, v = (t.reshape(b, l, blk.heads, hd).transpose(1, 2) for t in (q, k, v))
+    att = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(hd) + attn_bias, dim=-1)
+    y = (att @ v).transpose(1, 2).reshape(b, l, d)
+    x = x + blk.out(y)
+    x = x + blk.ff2(F.gelu(blk.ff1(blk.ln2(x))))
+    return x * keep
+
+
+@pytest.mark.parametrize("heads", [1, 2, 4])
+@pytest.mark.parametrize("b,L", [(1, 1), (3, 7), (17, 10), (5, 13)])
+def test_attention_block_matches_its_specification(heads, b, L):
+    """The block's export-shaped layout (2-D linears on slices of the qkv weight, no head transposes for one
+    head) computes the textbook block, for every row and for the last-position shortcut, padding included."""
+    from dpr.model.backbones import SASRec
+
+    torch.manual_seed(heads * 7 + b)
+    m = DPRModel(_cfg(num_heads=heads, max_len=16)).eval()
+    sas: SASRec = m.backbone
+    blk = sas.blocks[0]
+    seq = _left_padded(b, L, 50, seed=b + L)
+    seq[0, -1] = seq[0, -1].clamp(min=1)
+    with torch.no_grad():
+        x, keep = sas._embed(seq)
+        x = x + 0.3 * torch.randn_like(x)                 # a block's input is not only embeddings
+        bias = sas._attn_bias(seq, x.dtype)
+        ref = _attention_block_spec(blk, x, bias, keep)
+        got = blk(x, bias, keep)
+        bias_last = bias[:, :, -1:, :]
+        last = blk.forward_last(x, bias_last, keep[:, -1])
+    assert got.shape == ref.shape == (b, L, 16)
+    assert (got - ref).abs().max() <= 1e-5
+    assert (last - ref[:, -1]).abs().max() <= 1e-5

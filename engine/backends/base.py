@@ -29,6 +29,10 @@ class Backend:
     # True when encode_users accepts item_seq cut to fewer than max_len columns (leading padding removed)
     # with the same result: the engine then runs short histories at their own length.
     trims_history = False
+    # How many encode_* calls the engine should run at once, each on its own thread: > 1 when every call
+    # runs single-threaded (ONNX Runtime CPU sessions with parallel_chunks), so that concurrent chunks,
+    # not threads inside each operator, use the cores. 1: one call at a time (it parallelises inside).
+    concurrent_runs = 1
 
     def __init__(self, export, device: str = "cpu", **options):
         self.export = export

@@ -9,7 +9,8 @@ Conventions shared by every retriever
   broken by the lower index where the backend makes that practical: ONNX Runtime and numpy do,
   torch's ``topk`` does not promise it).
 * ``exclude[b]``: item indices row ``b`` must never get (the user's history). Index 0 is ignored;
-  indices outside ``0..N`` are an error.
+  indices outside ``0..N`` are an error. ``exclude`` may also be an :class:`Exclusions` (all rows'
+  lists in one array with offsets: what the engine passes, no per-row arrays to walk).
 * ``allowed_mask``: bool ``(N + 1,)`` (shared by all rows) or ``(B, N + 1)`` (one per row); only
   items whose entry is true may be returned.
 * Filtering is EXACT: exactly ``k`` results come back whenever ``k`` eligible items exist.  When
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
@@ -82,20 +84,29 @@ def pad_results(idx: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray
     return out_i, out_s
 
 
+@dataclass(frozen=True)
+class Exclusions:
+    """Every row's exclusion list in one array: row ``b`` excludes ``items[offsets[b]:offsets[b + 1]]``
+    (any order, repeats allowed). ``offsets`` int ``(B + 1,)`` from 0, non-decreasing, ending at
+    ``len(items)``."""
+
+    offsets: np.ndarray
+    items: np.ndarray
+
+
 @dataclass
 class Filters:
     """Validated exclusion lists and allowed mask for one batch.
 
-    ``excl_rows``/``excl_items`` list every (row, item) pair to exclude (items in ``1..N``, unique
-    per row), sorted by item; ``excl_keys`` is the sorted array ``row * (N + 1) + item`` for fast
-    membership tests; ``allowed`` is ``None``, a shared ``(N + 1,)`` or a per-row ``(B, N + 1)``
-    bool array with entry 0 forced false.
+    ``excl_keys`` is the sorted array ``row * (N + 1) + item`` of every (row, item) pair to exclude
+    (items in ``1..N``, unique per row, only items the row would otherwise be allowed), for membership
+    tests and, in that order, as per-row sorted lists (:meth:`excl_lists`); ``excl_rows``/``excl_items``
+    are the same pairs sorted by item (computed when first asked for); ``allowed`` is ``None``, a shared
+    ``(N + 1,)`` or a per-row ``(B, N + 1)`` bool array with entry 0 forced false.
     """
 
     num_rows: int
     num_items: int
-    excl_rows: np.ndarray
-    excl_items: np.ndarray
     excl_keys: np.ndarray
     excl_count: np.ndarray  # (B,) excluded items per row that would otherwise be allowed
     allowed: np.ndarray | None
@@ -105,6 +116,25 @@ class Filters:
     @property
     def shared_mask(self) -> bool:
         return self.allowed is not None and self.allowed.ndim == 1
+
+    @cached_property
+    def _by_item(self) -> tuple[np.ndarray, np.ndarray]:
+        rows, items = np.divmod(self.excl_keys, self.num_items + 1)
+        order = np.argsort(items, kind="stable")
+        return rows[order], items[order]
+
+    @property
+    def excl_rows(self) -> np.ndarray:
+        return self._by_item[0]
+
+    @property
+    def excl_items(self) -> np.ndarray:
+        return self._by_item[1]
+
+    def excl_lists(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(offsets (B + 1,), items)``: row ``b``'s exclusions ``items[offsets[b]:offsets[b + 1]]``, sorted."""
+        rows, items = np.divmod(self.excl_keys, self.num_items + 1)
+        return np.searchsorted(rows, np.arange(self.num_rows + 1)), items
 
     @classmethod
     def build(cls, num_rows: int, num_items: int, exclude: Any, allowed_mask: Any) -> "Filters | None":
@@ -126,7 +156,10 @@ class Filters:
             allowed[..., 0] = False
         rows_l: list[int] = []
         items_l: list[np.ndarray] = []
-        if exclude is not None:
+        rows = items = None
+        if isinstance(exclude, Exclusions):
+            rows, items = cls._from_exclusions(num_rows, exclude)
+        elif exclude is not None:
             if isinstance(exclude, np.ndarray):
                 exclude = list(exclude) if exclude.ndim in (1, 2) else exclude
             if not isinstance(exclude, Sequence) or isinstance(exclude, (str, bytes)):
@@ -147,9 +180,10 @@ class Filters:
                 rows_l.append(b)
                 items_l.append(arr.reshape(-1))
         if items_l:
-            # one vectorised pass over the whole batch (a per-row np.unique cost ~9 ms at batch 512)
             rows = np.repeat(np.asarray(rows_l, dtype=np.int64), [a.size for a in items_l])
             items = np.concatenate(items_l).astype(np.int64, copy=False)
+        if items is not None and items.size:
+            # one vectorised pass over the whole batch (a per-row np.unique cost ~9 ms at batch 512)
             bad = (items < 0) | (items > num_items)
             if bad.any():
                 j = int(np.argmax(bad))
@@ -169,8 +203,6 @@ class Filters:
             keep = allowed[items] if allowed.ndim == 1 else allowed[rows, items]
             rows, items = rows[keep], items[keep]  # excluded-and-disallowed counts once
         keys = rows * n1 + items                          # sorted: (row, item) order survives the filtering
-        order = np.argsort(items, kind="stable")
-        rows, items = rows[order], items[order]
         excl_count = np.bincount(rows, minlength=num_rows).astype(np.int64)
         if allowed is None:
             allowed_count = np.full(num_rows, num_items, dtype=np.int64)
@@ -178,21 +210,33 @@ class Filters:
             allowed_count = np.full(num_rows, int(allowed.sum()), dtype=np.int64)
         else:
             allowed_count = allowed.sum(axis=1).astype(np.int64)
-        return cls(num_rows, num_items, rows, items, keys, excl_count, allowed, allowed_count,
-                   allowed_count - excl_count)
+        return cls(num_rows, num_items, keys, excl_count, allowed, allowed_count, allowed_count - excl_count)
+
+    @staticmethod
+    def _from_exclusions(num_rows: int, ex: Exclusions) -> tuple[np.ndarray, np.ndarray]:
+        offsets, items = np.asarray(ex.offsets), np.asarray(ex.items)
+        if offsets.dtype.kind not in "iu" or items.dtype.kind not in "iu":
+            raise InputError(f"Exclusions offsets and items must be integer arrays, got {offsets.dtype} / {items.dtype}")
+        if offsets.shape != (num_rows + 1,) or items.ndim != 1:
+            raise InputError(f"Exclusions must have {num_rows + 1} offsets and 1-D items, got offsets {offsets.shape} "
+                             f"and items {items.shape}")
+        if offsets[0] != 0 or offsets[-1] != items.size or (np.diff(offsets) < 0).any():
+            raise InputError("Exclusions offsets must start at 0, never decrease and end at len(items)")
+        rows = np.repeat(np.arange(num_rows, dtype=np.int64), np.diff(offsets))
+        return rows, items.astype(np.int64, copy=False)
 
     def subset(self, rows: np.ndarray) -> "Filters":
         """The filters of a subset of rows, renumbered ``0..len(rows)-1``."""
         rows = np.asarray(rows, dtype=np.int64)
         remap = np.full(self.num_rows, -1, dtype=np.int64)
         remap[rows] = np.arange(rows.size)
-        sel = remap[self.excl_rows] >= 0
-        er, ei = remap[self.excl_rows[sel]], self.excl_items[sel]
         n1 = self.num_items + 1
+        kr, ki = np.divmod(self.excl_keys, n1)
+        sel = remap[kr] >= 0
         allowed = self.allowed
         if allowed is not None and allowed.ndim == 2:
             allowed = allowed[rows]
-        return Filters(rows.size, self.num_items, er, ei, np.sort(er * n1 + ei), self.excl_count[rows],
+        return Filters(rows.size, self.num_items, np.sort(remap[kr[sel]] * n1 + ki[sel]), self.excl_count[rows],
                        allowed, self.allowed_count[rows], self.eligible_count[rows])
 
     def eligible(self, rows: np.ndarray, idx: np.ndarray) -> np.ndarray:

@@ -58,8 +58,7 @@ class FusedRetriever(Retriever):
         offsets = items = allowed = None
         if filters is not None:
             if filters.excl_keys.size:
-                rows, items = np.divmod(filters.excl_keys, self.num_items + 1)    # sorted by (row, item)
-                offsets = np.searchsorted(rows, np.arange(q.shape[0] + 1))
+                offsets, items = filters.excl_lists()
             allowed = filters.allowed
         return self._kernel.score_topk(q, self._packed, self.num_items, kk, offsets, items, allowed,
                                        threads=self.threads)

@@ -1,0 +1,166 @@
+// The item-id index (id_index_api.h): open addressing, linear probing, 16-byte slots.
+//
+// A slot holds the value, the key's length, 16 bits of its hash and its first 8 bytes, so a probe of a key of
+// at most 8 bytes is decided inside the slot (one cache line) and a longer key reads the copied key bytes
+// only when length, hash bits and head all agree. Lookups run in groups: hash every token of the group and
+// prefetch its home slot first, then probe, so the group's cache misses are in flight together.
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+
+#include "id_index_api.h"
+
+namespace {
+
+constexpr uint32_t kLongKey = 0xFFFFu;   // stored length for keys of 65,535 bytes or more (compare in full)
+constexpr int kGroup = 32;               // tokens hashed and prefetched before any of them is probed
+
+struct Slot {
+  uint32_t value;   // 0: empty
+  uint16_t len;     // min(key length, kLongKey)
+  uint16_t tag;     // hash bits 48..63
+  uint64_t head;    // first 8 key bytes, zero-padded
+};
+static_assert(sizeof(Slot) == 16, "slot layout");
+
+inline uint64_t hash_bytes(const char* p, int64_t n) {
+  uint64_t h = 1469598103934665603ull;                     // FNV-1a, then murmur's 64-bit finaliser
+  for (int64_t i = 0; i < n; ++i) h = (h ^ static_cast<unsigned char>(p[i])) * 1099511628211ull;
+  h ^= static_cast<uint64_t>(n);
+  h ^= h >> 33;
+  h *= 0xff51afd7ed558ccdull;
+  h ^= h >> 33;
+  h *= 0xc4ceb9fe1a85ec53ull;
+  h ^= h >> 33;
+  return h;
+}
+
+inline uint64_t head_of(const char* p, int64_t n) {
+  uint64_t v = 0;
+  std::memcpy(&v, p, static_cast<size_t>(n < 8 ? n : 8));
+  return v;
+}
+
+}  // namespace
+
+struct dpr_id_index {
+  std::vector<Slot> slots;
+  std::vector<int64_t> offsets;   // n + 1
+  std::vector<char> blob;
+  uint64_t mask = 0;
+
+  bool same_key(const Slot& s, const char* p, int64_t n, uint16_t tag, uint64_t head) const {
+    if (s.tag != tag || s.head != head) return false;
+    const uint32_t len = n >= kLongKey ? kLongKey : static_cast<uint32_t>(n);
+    if (s.len != len) return false;
+    if (n <= 8) return true;                       // length and head equal: the same bytes
+    const int64_t lo = offsets[s.value - 1], hi = offsets[s.value];
+    return hi - lo == n && std::memcmp(blob.data() + lo + 8, p + 8, static_cast<size_t>(n - 8)) == 0;
+  }
+
+  uint32_t find(const char* p, int64_t n, uint64_t h) const {
+    const uint16_t tag = static_cast<uint16_t>(h >> 48);
+    const uint64_t head = head_of(p, n);
+    for (uint64_t i = h & mask;; i = (i + 1) & mask) {
+      const Slot& s = slots[i];
+      if (s.value == 0) return 0;
+      if (same_key(s, p, n, tag, head)) return s.value;
+    }
+  }
+};
+
+extern "C" {
+
+const char* dpr_id_index_status_string(int status) {
+  switch (status) {
+    case DPR_IDX_OK: return "ok";
+    case DPR_IDX_NULL_POINTER: return "null pointer";
+    case DPR_IDX_BAD_ARGUMENT: return "bad argument (n < 0, offsets not increasing, or more tokens than max_out)";
+    case DPR_IDX_DUPLICATE: return "two catalogue ids have the same bytes";
+    case DPR_IDX_SEPARATOR: return "a catalogue id contains a NUL byte (the lookup separator)";
+    case DPR_IDX_OUT_OF_MEMORY: return "out of memory";
+    default: return "unknown status";
+  }
+}
+
+int dpr_id_index_build(const char* blob, const int64_t* offsets, int64_t n, dpr_id_index** out) {
+  if (out == nullptr || offsets == nullptr || (blob == nullptr && n > 0)) return DPR_IDX_NULL_POINTER;
+  *out = nullptr;
+  if (n < 0 || n >= 0xFFFFFFFFll || offsets[0] != 0) return DPR_IDX_BAD_ARGUMENT;
+  for (int64_t i = 0; i < n; ++i)
+    if (offsets[i + 1] < offsets[i]) return DPR_IDX_BAD_ARGUMENT;
+  const int64_t bytes = offsets[n];
+  if (bytes > 0 && std::memchr(blob, 0, static_cast<size_t>(bytes)) != nullptr) return DPR_IDX_SEPARATOR;
+  dpr_id_index* idx = new (std::nothrow) dpr_id_index();
+  if (idx == nullptr) return DPR_IDX_OUT_OF_MEMORY;
+  try {
+    uint64_t cap = 16;
+    while (cap < static_cast<uint64_t>(2 * n)) cap <<= 1;   // load factor <= 1/2
+    idx->slots.assign(cap, Slot{0, 0, 0, 0});
+    idx->mask = cap - 1;
+    idx->offsets.assign(offsets, offsets + n + 1);
+    idx->blob.assign(blob, blob + bytes);
+  } catch (const std::bad_alloc&) {
+    delete idx;
+    return DPR_IDX_OUT_OF_MEMORY;
+  }
+  const char* b = idx->blob.data();
+  for (int64_t k = 0; k < n; ++k) {
+    const char* p = b + offsets[k];
+    const int64_t len = offsets[k + 1] - offsets[k];
+    const uint64_t h = hash_bytes(p, len);
+    const uint16_t tag = static_cast<uint16_t>(h >> 48);
+    const uint64_t head = head_of(p, len);
+    uint64_t i = h & idx->mask;
+    for (;; i = (i + 1) & idx->mask) {
+      const Slot& s = idx->slots[i];
+      if (s.value == 0) break;
+      if (idx->same_key(s, p, len, tag, head)) {
+        delete idx;
+        return DPR_IDX_DUPLICATE;
+      }
+    }
+    idx->slots[i] = Slot{static_cast<uint32_t>(k + 1), static_cast<uint16_t>(len >= kLongKey ? kLongKey : len), tag,
+                         head};
+  }
+  *out = idx;
+  return DPR_IDX_OK;
+}
+
+int dpr_id_index_lookup(const dpr_id_index* index, const char* buf, int64_t len, int64_t* out, int64_t max_out,
+                        int64_t* n_tokens) {
+  if (index == nullptr || n_tokens == nullptr || (buf == nullptr && len > 0) || (out == nullptr && max_out > 0))
+    return DPR_IDX_NULL_POINTER;
+  if (len < 0 || max_out < 0) return DPR_IDX_BAD_ARGUMENT;
+  *n_tokens = 0;
+  if (len == 0) return DPR_IDX_OK;
+  const char* starts[kGroup];
+  int64_t lens[kGroup];
+  uint64_t hashes[kGroup];
+  int64_t t = 0;
+  const char* p = buf;
+  const char* end = buf + len;
+  bool more = true;
+  while (more) {
+    int g = 0;
+    for (; g < kGroup && more; ++g) {               // cut, hash and prefetch a group of tokens
+      const void* z = std::memchr(p, 0, static_cast<size_t>(end - p));
+      const char* e = z ? static_cast<const char*>(z) : end;
+      starts[g] = p;
+      lens[g] = e - p;
+      hashes[g] = hash_bytes(p, lens[g]);
+      __builtin_prefetch(&index->slots[hashes[g] & index->mask]);
+      more = z != nullptr;
+      p = e + 1;
+    }
+    for (int j = 0; j < g; ++j, ++t)
+      if (t < max_out) out[t] = index->find(starts[j], lens[j], hashes[j]);
+  }
+  *n_tokens = t;
+  return t > max_out ? DPR_IDX_BAD_ARGUMENT : DPR_IDX_OK;
+}
+
+void dpr_id_index_free(dpr_id_index* index) { delete index; }
+
+}  // extern "C"

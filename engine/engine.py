@@ -175,13 +175,15 @@ class Engine:
         items = export.items()
         self.item_ids: list[str] = [str(x) for x in items["ids"]]
         self.titles: list[str] = list(items["titles"])
-        self.item_tags: list[list[str]] = [list(t) for t in items["tags"]]
+        # tuples, not lists: tuples of strings leave the garbage collector's books (the first collection
+        # untracks them), so 10^5 items add no work to every later full collection of the serving process
+        self.item_tags: list[tuple[str, ...]] = [tuple(t) for t in items["tags"]]
         self.tag_names: list[str] = list(items.get("tag_names") or sorted({t for ts in self.item_tags for t in ts}))
         self.num_items = len(self.item_ids)
         self._ids_obj = np.array(self.item_ids, dtype=object)        # for the batch lookup of results
         self._titles_obj = np.array(self.titles, dtype=object)
         self._tags_obj = np.empty(self.num_items, dtype=object)
-        for i, t in enumerate(self.item_tags):     # element-wise: numpy would turn equal-length lists into 2-D
+        for i, t in enumerate(self.item_tags):     # element-wise: numpy would turn equal-length tuples into 2-D
             self._tags_obj[i] = t
         self._id_to_index = {a: i + 1 for i, a in enumerate(self.item_ids)}
         self._id_index = self._make_id_index(self.item_ids)

@@ -599,7 +599,25 @@ def test_batch_lookup_of_results_matches_the_per_row_path(engine):
     j = engine.item_ids.index(fast.item_ids[0][0])
     before = list(engine.item_tags[j])
     fast.tags[0][0].append("mutated")
-    assert engine.item_tags[j] == before
+    assert list(engine.item_tags[j]) == before
+
+
+def test_catalogue_adds_little_to_garbage_collection(export_dir):
+    """The engine keeps its catalogue out of the garbage collector's books (tags as tuples of strings, the
+    parsed items.json not kept), so a serving process's full collections do not walk every item."""
+    import gc
+
+    from dpr.engine import Engine
+
+    Engine.load(export_dir, backend="onnxruntime").close()     # the lazy imports of a first load happen here
+    gc.collect()
+    before = len(gc.get_objects())
+    eng = Engine.load(export_dir, backend="onnxruntime")
+    gc.collect()
+    added = len(gc.get_objects()) - before
+    assert not gc.is_tracked(eng.item_tags[0]) and not gc.is_tracked(eng._tags_obj[0])
+    assert added < eng.num_items, (added, eng.num_items)      # lists of tags would add 2 per item
+    assert not hasattr(eng.export, "_items")
 
 
 def test_batcher_threads_each_future_gets_its_own_result(engine):

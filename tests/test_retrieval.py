@@ -10,6 +10,7 @@ import pytest
 from dpr.engine.retrieval import (
     RETRIEVERS, DeviceError, Retriever, available_retrievers, get_retriever, register_retriever,
 )
+from dpr.engine.retrieval.base import Exclusions
 from dpr.errors import InputError
 from dpr.kernels import score_topk
 
@@ -363,3 +364,55 @@ def test_torch_block_max_with_tiles_not_a_multiple_of_the_block(n, tile, block, 
     idx, sc = r.search(q, k, exclude=ex)
     ref_idx, ref_sc, full = oracle(table, q, k, ex)
     check(idx, sc, ref_idx, ref_sc, full, k, exclude=ex)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("mask_kind", [None, "shared", "per-row"])
+def test_exclusions_in_one_array_match_the_per_row_lists(name, mask_kind):
+    """``exclude=Exclusions(offsets, items)`` (every row's list in one array, unsorted, repeats, index 0, empty
+    rows) gives exactly what the per-row lists give, and the oracle's answer; the subset of rows a
+    retriever's fallback takes keeps each row's own exclusions."""
+    from dpr.engine.retrieval.base import Filters
+
+    n, d, b, k = 1500, 16, 37, 12
+    rng = np.random.default_rng(21)
+    table = _table(n, d, seed=3)
+    q = rng.standard_normal((b, d), dtype=np.float32)
+    order = np.argsort(-(q @ table[1:].T), axis=1) + 1
+    exclude = [np.concatenate([order[i, : int(rng.integers(0, 40))], rng.integers(0, n + 1, 5)])
+               if i % 5 else np.zeros(0, np.int64) for i in range(b)]
+    exclude = [rng.permutation(np.concatenate([e, e[:3]])) for e in exclude]      # any order, repeats
+    _, allowed = _filters(rng, n, b, 0, mask_kind, 0.5)
+    lens = [len(e) for e in exclude]
+    ex = Exclusions(np.concatenate([[0], np.cumsum(lens)]), np.concatenate(exclude).astype(np.int64))
+    r = _retriever(name, table)
+    got = r.search(q, k, exclude=ex, allowed_mask=allowed)
+    ref = r.search(q, k, exclude=exclude, allowed_mask=allowed)
+    np.testing.assert_array_equal(got[0], ref[0])
+    ref_idx, ref_sc, full = oracle(table, q, k, exclude, allowed)
+    check(got[0], got[1], ref_idx, ref_sc, full, k, exclude=exclude, allowed=allowed)
+    f1, f2 = Filters.build(b, n, ex, allowed), Filters.build(b, n, exclude, allowed)
+    np.testing.assert_array_equal(f1.excl_keys, f2.excl_keys)
+    np.testing.assert_array_equal(f1.excl_items, f2.excl_items)
+    assert (np.diff(f1.excl_items) >= 0).all()                          # by-item order, for the torch kernel
+    sub = f1.subset(np.array([3, 4, 10]))
+    offsets, items = sub.excl_lists()
+    for j, row in enumerate((3, 4, 10)):
+        want = {int(x) for x in exclude[row] if x > 0 and (allowed is None or
+                                                            (allowed[x] if allowed.ndim == 1 else allowed[row, x]))}
+        assert set(items[offsets[j]:offsets[j + 1]].tolist()) == want
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda b: Exclusions(np.arange(b), np.zeros(0, np.int64)), "offsets"),            # B offsets, not B + 1
+    (lambda b: Exclusions(np.r_[1, np.ones(b, np.int64)], np.ones(1, np.int64)), "start at 0"),
+    (lambda b: Exclusions(np.r_[0, 2, np.ones(b - 1, np.int64)], np.ones(2, np.int64)), "never decrease"),
+    (lambda b: Exclusions(np.zeros(b + 1, np.int64), np.ones(3, np.int64)), "end at len"),
+    (lambda b: Exclusions(np.zeros(b + 1), np.zeros(0)), "integer"),
+    (lambda b: Exclusions(np.r_[0, np.full(b, 1)], np.array([10 ** 6])), "outside"),
+])
+def test_malformed_exclusions_are_named(bad, match):
+    table = _table(100, 8)
+    r = get_retriever("torch", table)
+    with pytest.raises(InputError, match=match):
+        r.search(np.ones((4, 8), np.float32), 3, exclude=bad(4))

@@ -168,3 +168,69 @@ def test_stage1_rejects_bad_settings_before_training(small_dataset, bad, match):
     with pytest.raises(ValueError, match=match):
         train_stage1(model, small_dataset, TrainConfig(stage1_epochs=1, **bad), np.random.default_rng(0),
                      log=lambda *a: None)
+
+
+def _masked_batch(seed, b=6, l=11, n=30, d=7):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, n + 1, (b, l), generator=g)
+    x[0, :5] = 0                                            # left padding
+    x[1, 7] = x[1, 2]                                       # a repeat
+    y = torch.randint(1, n + 1, (b, l), generator=g)
+    y[x == 0] = 0
+    y[2, 6] = x[2, 1]                                       # a target re-consumed from its own prefix
+    sel = y > 0
+    h = torch.randn(int(sel.sum()), d, generator=g, dtype=torch.float64)
+    table = torch.randn(n + 1, d, generator=g, dtype=torch.float64)
+    return x, y, sel, h, table
+
+
+def test_seen_items_are_the_seen_mask_rows():
+    from dpr.train.chunked_ce import seen_items
+
+    x, y, sel, _, table = _masked_batch(3)
+    seen = seen_items(x, y, sel)
+    ref = _seen_mask(x, y, table.shape[0])[sel]
+    assert seen.shape == (int(sel.sum()), x.shape[1])
+    for i in range(seen.shape[0]):
+        assert {int(v) for v in seen[i] if v > 0} == {int(j) for j in torch.nonzero(ref[i]).flatten()}
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 16, 10 ** 6])
+def test_chunked_masked_ce_matches_the_one_matrix_loss_and_gradients(chunk):
+    """Loss and both gradients of the chunked history-masked cross-entropy equal stage 1's one-matrix form
+    (logits, _seen_mask, F.cross_entropy), in float64, for chunk sizes that split rows every way."""
+    from dpr.train.chunked_ce import masked_ce, masked_ce_reference, seen_items
+
+    x, y, sel, h, table = _masked_batch(chunk)
+    h1, t1 = h.clone().requires_grad_(True), table.clone().requires_grad_(True)
+    logits = (h1 @ t1.t()).masked_fill(_seen_mask(x, y, table.shape[0])[sel], float("-inf"))
+    logits[:, 0] = float("-inf")
+    ref = torch.nn.functional.cross_entropy(logits, y[sel])
+    (3.0 * ref).backward()
+    h2, t2 = h.clone().requires_grad_(True), table.clone().requires_grad_(True)
+    got = masked_ce(h2, t2, y[sel], seen_items(x, y, sel), chunk=chunk)
+    (3.0 * got).backward()
+    assert torch.allclose(got, ref, rtol=0, atol=1e-12)
+    assert torch.allclose(h2.grad, h1.grad, atol=1e-12) and torch.allclose(t2.grad, t1.grad, atol=1e-12)
+    assert t2.grad[0].abs().max() == 0                      # the padding row is never a candidate
+    spec = masked_ce_reference(h, table, y[sel], seen_items(x, y, sel))
+    assert torch.allclose(spec, ref, atol=1e-12)
+
+
+def test_stage1_takes_the_chunked_loss_on_the_cpu(small_dataset, monkeypatch):
+    """Stage 1 on the CPU uses the chunked loss when the history mask is on and there is no smoothing, and
+    the one-matrix form otherwise (label smoothing)."""
+    import dpr.train.stage1 as s1
+    from dpr.model.dpr_model import DPRModel
+
+    calls = []
+    real = s1.masked_ce
+    monkeypatch.setattr(s1, "masked_ce", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for smoothing, expect in ((0.0, True), (0.1, False)):
+        calls.clear()
+        torch.manual_seed(0)
+        model = DPRModel(ModelConfig(num_items=small_dataset.num_items, num_tags=small_dataset.catalogue.num_tags,
+                                     d=16, max_len=8))
+        cfg = TrainConfig(stage1_epochs=2, batch_size=64, lr=5e-3, stage1_label_smoothing=smoothing)
+        res = s1.train_stage1(model, small_dataset, cfg, np.random.default_rng(0), log=lambda *a: None)
+        assert bool(calls) is expect and all(np.isfinite(h["loss"]) for h in res["history"])

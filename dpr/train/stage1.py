@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from dpr.config import TrainConfig
 from dpr.data.dataset import Dataset, left_pad
+from dpr.train.chunked_ce import masked_ce, seen_items
 from dpr.train.common import evaluate_standard
 
 
@@ -125,6 +126,9 @@ def train_stage1(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
     batch_size = cfg.stage1_batch_size or cfg.batch_size
     steps_per_epoch = -(-len(x_all) // batch_size)
     lr_at = _lr_schedule(cfg, steps_per_epoch)
+    # On the CPU the history-masked loss runs in row chunks (dpr.train.chunked_ce: the same loss and
+    # gradients, 7.9 -> 4.5 s per ML-1M SASRec step on 2 cores); a GPU keeps the one-matrix form.
+    chunked = device.type == "cpu" and cfg.stage1_mask_history and cfg.stage1_label_smoothing == 0
     best, best_state, bad, history = -1.0, None, 0, []
     t0 = time.time()
     bar = tqdm(range(cfg.stage1_epochs), desc="stage 1 (collaborative)", leave=False)
@@ -140,11 +144,14 @@ def train_stage1(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
             y = torch.from_numpy(y_all[idx]).to(device, non_blocking=True)
             hidden = model.backbone.forward_all(x)                 # (B, L, d)
             sel = y > 0
-            logits = hidden[sel] @ model.item_table.t()            # (M, N + 1)
-            if cfg.stage1_mask_history:
-                logits = logits.masked_fill(_seen_mask(x, y, logits.shape[1])[sel], float("-inf"))
-            logits[:, 0] = float("-inf")
-            loss = _cross_entropy(logits, y[sel], cfg.stage1_label_smoothing)
+            if chunked:
+                loss = masked_ce(hidden[sel], model.item_table, y[sel], seen_items(x, y, sel))
+            else:
+                logits = hidden[sel] @ model.item_table.t()        # (M, N + 1)
+                if cfg.stage1_mask_history:
+                    logits = logits.masked_fill(_seen_mask(x, y, logits.shape[1])[sel], float("-inf"))
+                logits[:, 0] = float("-inf")
+                loss = _cross_entropy(logits, y[sel], cfg.stage1_label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

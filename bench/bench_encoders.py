@@ -29,7 +29,6 @@ def export():
 
 @pytest.fixture(scope="module")
 def inputs(export):
-    from dpr.bench.measure import user_encoder_inputs
     from dpr.bench.workload import Workload
     from dpr.engine import Engine
 
@@ -37,7 +36,7 @@ def inputs(export):
     engine = Engine.load(export.path, backend="onnxruntime", verify_hashes=False)   # the fixture checked it
     texts = ([p for p in batch.prompts if p] + [p for p in batch.negative_prompts if p])[:BATCH]
     tokens = engine.tokenize(texts)
-    users = user_encoder_inputs(engine, batch)
+    users = engine.user_encoder_inputs(batch.histories, batch.prompts, batch.negative_prompts)
     engine.close()
     return tokens, users
 

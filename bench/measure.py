@@ -112,11 +112,6 @@ def overlap(a: list[list[str]] | None, b: list[list[str]] | None) -> float | Non
     return float(np.mean(vals)) if vals else None
 
 
-def user_encoder_inputs(engine, batch) -> tuple:
-    """(item_seq, p_pos, p_neg, presence) of one batch, as the engine would feed its user encoder."""
-    return engine.user_encoder_inputs(batch.histories, batch.prompts, batch.negative_prompts)
-
-
 def time_user_encoders(encoders: dict, inputs: tuple, iters: int, warmup: int) -> dict:
     """Median ms of each ``encode(item_seq, p_pos, p_neg, presence)`` over the whole batch (an engine's
     ``encode_users``: chunked and run as the engine serves it), interleaved call by call like the runners."""

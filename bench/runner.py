@@ -24,8 +24,7 @@ from .config import BenchConfig, BenchError
 from .config import log as _log
 from .gating import gating_section
 from .machine import machine_info, versions
-from .measure import (Runner, engine_call, overlap, pipeline_call, run_mode, time_user_encoders,
-                      user_encoder_inputs)
+from .measure import Runner, engine_call, overlap, pipeline_call, run_mode, time_user_encoders
 from .pipeline import NAME as PIPELINE
 from .pipeline import PyTorchPipeline
 from .report import check_plot_available, retrieval_summary, speedups
@@ -160,7 +159,8 @@ def _user_encoder_gating(cfg, engine, export, device, batches, modes) -> dict | 
         return None
     mode = next((m for m in ("templates", "unique") if m in modes), modes[0])
     _log("user encoder: fused graph vs portable graph")
-    inputs = user_encoder_inputs(engine, batches[mode][-1])
+    last = batches[mode][-1]
+    inputs = engine.user_encoder_inputs(last.histories, last.prompts, last.negative_prompts)
     portable = Engine.load(export.path, backend="onnxruntime", device=device, backend_options={"fused": False},
                            verify_hashes=False)
     try:

@@ -117,6 +117,20 @@ class _Row:
     filter_key: tuple | None
 
 
+def _offsets(lens) -> np.ndarray:
+    """(B + 1,) int64 row offsets of rows of these lengths, from 0."""
+    out = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=out[1:])
+    return out
+
+
+def _flatten(seqs) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of item indices as one int64 array and its row offsets."""
+    seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in seqs]
+    flat = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
+    return flat, _offsets([len(s) for s in seqs])
+
+
 @dataclass
 class _Batch:
     """Validated rows, column by column: the histories as one array with offsets (no per-row arrays)."""
@@ -130,10 +144,7 @@ class _Batch:
 
     @classmethod
     def from_rows(cls, rows: list[_Row]) -> "_Batch":
-        lens = [len(r.seq) for r in rows]
-        offsets = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum(lens, out=offsets[1:])
-        flat = np.concatenate([np.asarray(r.seq, np.int64) for r in rows]) if rows else np.zeros(0, np.int64)
+        flat, offsets = _flatten([r.seq for r in rows])
         return cls(flat, offsets, [r.prompt for r in rows], [r.negative for r in rows], [r.k for r in rows],
                    np.array([r.exclude_history for r in rows], dtype=bool), [r.filter_key for r in rows])
 
@@ -576,7 +587,8 @@ class Engine:
             start = end
 
     def pad_histories(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
-        """Left-pad (0) and truncate to max_len keeping the most recent items."""
+        """Left-pad (0) and truncate to max_len keeping the most recent items. Row by row: the specification
+        the batch path's vectorised ``_pad_flat`` is tested against."""
         out = np.zeros((len(seqs), self.max_len), dtype=np.int64)
         for i, s in enumerate(seqs):
             s = np.asarray(s, dtype=np.int64)[-self.max_len:]
@@ -712,12 +724,9 @@ class Engine:
         # same checks and messages as validate_request, without its per-row call overhead
         mapped = self._history_batch(histories)
         if mapped is None:                     # something to report or skip: row by row, naming the request
-            seqs = [self._history_indices(histories[i], f"request {i}: history") for i in range(b)]
-            lens = [len(x) for x in seqs]
-            mapped = np.concatenate(seqs), lens
-        flat, lens = mapped
-        offsets = np.zeros(b + 1, np.int64)
-        np.cumsum(lens, out=offsets[1:])
+            flat, offsets = _flatten([self._history_indices(histories[i], f"request {i}: history") for i in range(b)])
+        else:
+            flat, offsets = mapped[0], _offsets(mapped[1])
         pos = self._check_prompt_column(pos, "prompt")
         neg = self._check_prompt_column(neg, "negative prompt")
         if filters and all(f is filters[0] for f in filters):
@@ -798,10 +807,9 @@ class Engine:
             if batch.exclude_history.all():
                 exclude = Exclusions(batch.offsets, batch.flat)
             else:                              # keep the rows that exclude their history
-                lens = np.diff(batch.offsets) * batch.exclude_history
-                offsets = np.zeros_like(batch.offsets)
-                np.cumsum(lens, out=offsets[1:])
-                exclude = Exclusions(offsets, batch.flat[np.repeat(batch.exclude_history, np.diff(batch.offsets))])
+                lens = np.diff(batch.offsets)
+                exclude = Exclusions(_offsets(lens * batch.exclude_history),
+                                     batch.flat[np.repeat(batch.exclude_history, lens)])
         keys = batch.filter_keys
         mask = None
         if any(keys):

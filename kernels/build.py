@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Callable
 
 KERNEL_DIR = Path(__file__).resolve().parent
-HEADERS = ["fused_moe_gate.h", "fused_moe_gate_api.h"]
+HEADERS = ["fused_moe_gate.h", "fused_moe_gate_api.h", "cpu_isa.h"]
 CUDA_ARCHS = (80, 90)
 
 FILES = {

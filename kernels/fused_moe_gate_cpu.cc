@@ -10,7 +10,6 @@
 // DPR_GATE_ISA=generic forces the header's loop (the tests run both).
 #include <stdint.h>
 
-#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <type_traits>
@@ -21,6 +20,7 @@
 #define DPR_GATE_X86 1
 #endif
 
+#include "cpu_isa.h"
 #include "fused_moe_gate.h"
 #include "fused_moe_gate_api.h"
 
@@ -102,12 +102,7 @@ __attribute__((target("avx512f,avx512dq"))) void rows_avx512(const float* z, con
 }
 
 bool gate_avx512() {
-  static const bool yes = [] {
-    const char* force = std::getenv("DPR_GATE_ISA");
-    if (force != nullptr && std::strcmp(force, "generic") == 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0 && __builtin_cpu_supports("avx512dq") != 0;
-  }();
+  static const bool yes = dpr_isa::avx512_enabled("DPR_GATE_ISA", true);
   return yes;
 }
 

@@ -8,10 +8,9 @@
 // chosen at run time, so one cached library works on any x86-64 CPU.
 #include <omp.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <new>
 
+#include "cpu_isa.h"
 #include "score_topk.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -57,12 +56,6 @@ struct Avx512Tile {
   }
 };
 
-static bool has_avx512() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
-}
-#else
-static bool has_avx512() { return false; }
 #endif
 
 constexpr int kRowsAvx512 = 12;
@@ -82,11 +75,7 @@ static void run_any(bool avx512, const float* queries, int64_t d, const float* p
 
 // DPR_TOPK_ISA=generic forces the portable tile (tests run both paths on an AVX-512 machine)
 static bool use_avx512() {
-  static const bool yes = [] {
-    const char* force = std::getenv("DPR_TOPK_ISA");
-    if (force != nullptr && std::strcmp(force, "generic") == 0) return false;
-    return has_avx512();
-  }();
+  static const bool yes = dpr_isa::avx512_enabled("DPR_TOPK_ISA", false);
   return yes;
 }
 

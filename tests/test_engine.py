@@ -905,3 +905,15 @@ def test_user_encoder_inputs_are_what_recommend_feeds(engine):
         engine.user_encoder_inputs(h, ["x"])
     with pytest.raises(InputError, match="unknown item id"):
         engine.user_encoder_inputs([["nope"]])
+
+
+def test_vectorised_padding_matches_pad_histories(engine):
+    """The batch path's one-pass padding equals ``pad_histories`` (the row-by-row specification) on rows of
+    every length: one item, exactly max_len, longer (cut to the newest), and a mix."""
+    from dpr.engine.engine import _flatten
+
+    rng = np.random.default_rng(4)
+    L = engine.max_len
+    for lens in ([1], [L], [L + 9], [3, L, 1, 2 * L + 1, L - 1, 7]):
+        seqs = [rng.integers(1, engine.num_items + 1, n) for n in lens]
+        np.testing.assert_array_equal(engine._pad_flat(*_flatten(seqs)), engine.pad_histories(seqs))

@@ -11,7 +11,20 @@ import torch
 
 from dpr.config import ModelConfig, TrainConfig
 from dpr.data.dataset import Catalogue, Dataset
-from dpr.train.stage1 import _lr_schedule, _seen_mask, _windows, train_stage1
+from dpr.train.stage1 import _lr_schedule, _windows, train_stage1
+
+
+def _seen_mask(x: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
+    """The oracle of the history mask, written independently of ``seen_items``: (B, L, N + 1) bool, True
+    where the item occurred in the window up to and including position t's input; the target never."""
+    b, l = x.shape
+    t = torch.arange(l)
+    first = torch.full((b, n), l, dtype=torch.long)
+    first.scatter_reduce_(1, x, t.expand(b, l), reduce="amin")     # first position of each item, l if absent
+    seen = first.unsqueeze(1) <= t.view(1, l, 1)
+    seen[..., 0] = False
+    seen.scatter_(2, y.unsqueeze(-1), False)
+    return seen
 
 
 def _dataset(lengths, num_items=50, seed=0):

@@ -2,9 +2,9 @@
 
 The specification is :func:`masked_ce_reference`: logits ``h @ table.T`` for every selected position,
 ``-inf`` at column 0 (padding) and at the items the position has already seen (except its own target),
-then the mean cross-entropy. On ML-1M (d=128, windows of 200, batch 512) that builds a (56k, 3707) logit
-matrix, a (512, 200, 3707) mask and their gradients: 6.4 of a 9.8 s step on the 2-core CPU, almost all
-of it memory traffic. :class:`ChunkedMaskedCE` computes the same loss and gradients a few hundred rows at a
+then the mean cross-entropy. On ML-1M (d=128, windows of 200, batch 512) that is a (56k, 3707) logit
+matrix and its gradient; with the (512, 200, 3707) mask stage 1 used to build, 6.4 of a 9.8 s step on the
+2-core CPU, almost all of it memory traffic. :class:`ChunkedMaskedCE` computes the same loss and gradients a few hundred rows at a
 time (logits recomputed in the backward pass, as in a fused linear + cross-entropy), so every
 element-wise pass stays in cache and only the three GEMMs touch the whole problem.
 """
@@ -29,20 +29,19 @@ def seen_items(x: torch.Tensor, y: torch.Tensor, sel: torch.Tensor) -> torch.Ten
     return hist.masked_fill(later | own, 0)
 
 
+def masked_logits(h: torch.Tensor, table: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+    """``h @ table.T`` with -inf at column 0 (padding) and at each row's ``seen`` items (None: none)."""
+    lg = h @ table.t()
+    if seen is not None:
+        lg = lg.scatter(1, seen, float("-inf"))
+    lg[:, 0] = float("-inf")
+    return lg
+
+
 def masked_ce_reference(h: torch.Tensor, table: torch.Tensor, target: torch.Tensor,
                         seen: torch.Tensor) -> torch.Tensor:
     """Plain PyTorch: the whole (M, N + 1) logit matrix, masked, then ``F.cross_entropy``."""
-    logits = h @ table.t()
-    logits = logits.scatter(1, seen, float("-inf"))
-    logits[:, 0] = float("-inf")
-    return F.cross_entropy(logits, target)
-
-
-def _chunk_logits(h: torch.Tensor, table: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
-    lg = h @ table.t()
-    lg.scatter_(1, seen, float("-inf"))
-    lg[:, 0] = float("-inf")
-    return lg
+    return F.cross_entropy(masked_logits(h, table, seen), target)
 
 
 class ChunkedMaskedCE(torch.autograd.Function):
@@ -56,7 +55,7 @@ class ChunkedMaskedCE(torch.autograd.Function):
         total = h.new_zeros(())
         for s in range(0, m, chunk):
             e = min(m, s + chunk)
-            lg = _chunk_logits(h[s:e], table, seen[s:e])
+            lg = masked_logits(h[s:e], table, seen[s:e])
             lse[s:e] = torch.logsumexp(lg, dim=1)
             total += (lse[s:e] - lg.gather(1, target[s:e, None]).squeeze(1)).sum()
         ctx.save_for_backward(h, table, target, seen, lse)
@@ -72,7 +71,7 @@ class ChunkedMaskedCE(torch.autograd.Function):
         dt = torch.zeros_like(table) if ctx.needs_input_grad[1] else None
         for s in range(0, m, chunk):
             e = min(m, s + chunk)
-            p = _chunk_logits(h[s:e], table, seen[s:e]).sub_(lse[s:e, None]).exp_()     # softmax; 0 where masked
+            p = masked_logits(h[s:e], table, seen[s:e]).sub_(lse[s:e, None]).exp_()     # softmax; 0 where masked
             p[torch.arange(e - s, device=p.device), target[s:e]] -= 1.0
             p.mul_(scale)
             if dh is not None:

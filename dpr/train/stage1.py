@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from dpr.config import TrainConfig
 from dpr.data.dataset import Dataset, left_pad
-from dpr.train.chunked_ce import masked_ce, seen_items
+from dpr.train.chunked_ce import masked_ce, masked_logits, seen_items
 from dpr.train.common import evaluate_standard
 
 
@@ -92,21 +92,6 @@ def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, smoothing: float)
     return ((1.0 - smoothing) * nll + smoothing * uniform).mean()
 
 
-def _seen_mask(x: torch.Tensor, y: torch.Tensor, n: int) -> torch.Tensor:
-    """(B, L, N + 1) bool: True where the item already occurred in the window up to and including
-    position t's input, i.e. among the items the evaluation masks from that user's ranking. The target
-    itself is never masked (a re-consumed item stays learnable)."""
-    b, l = x.shape
-    t = torch.arange(l, device=x.device)
-    # first position of each item (of n table rows) in the window, l where absent
-    first = torch.full((b, n), l, dtype=torch.long, device=x.device)
-    first.scatter_reduce_(1, x, t.expand(b, l), reduce="amin")
-    seen = first.unsqueeze(1) <= t.view(1, l, 1)                        # (B, L, n)
-    seen[..., 0] = False
-    seen.scatter_(2, y.unsqueeze(-1), False)
-    return seen
-
-
 def train_stage1(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Generator,
                  val_users: np.ndarray | None = None, log=print) -> dict:
     check_stage1_config(cfg)
@@ -144,14 +129,13 @@ def train_stage1(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
             y = torch.from_numpy(y_all[idx]).to(device, non_blocking=True)
             hidden = model.backbone.forward_all(x)                 # (B, L, d)
             sel = y > 0
+            # each position's earlier items in the window (the ranking never returns them), target excepted
+            seen = seen_items(x, y, sel) if cfg.stage1_mask_history else None
             if chunked:
-                loss = masked_ce(hidden[sel], model.item_table, y[sel], seen_items(x, y, sel))
-            else:
-                logits = hidden[sel] @ model.item_table.t()        # (M, N + 1)
-                if cfg.stage1_mask_history:
-                    logits = logits.masked_fill(_seen_mask(x, y, logits.shape[1])[sel], float("-inf"))
-                logits[:, 0] = float("-inf")
-                loss = _cross_entropy(logits, y[sel], cfg.stage1_label_smoothing)
+                loss = masked_ce(hidden[sel], model.item_table, y[sel], seen)
+            else:                                                  # the (M, N + 1) logits at once
+                loss = _cross_entropy(masked_logits(hidden[sel], model.item_table, seen), y[sel],
+                                      cfg.stage1_label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -118,8 +118,13 @@ class Filters:
         return self.allowed is not None and self.allowed.ndim == 1
 
     @cached_property
+    def _pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, items) of ``excl_keys``, in key order (by row, then item)."""
+        return np.divmod(self.excl_keys, self.num_items + 1)
+
+    @cached_property
     def _by_item(self) -> tuple[np.ndarray, np.ndarray]:
-        rows, items = np.divmod(self.excl_keys, self.num_items + 1)
+        rows, items = self._pairs
         order = np.argsort(items, kind="stable")
         return rows[order], items[order]
 
@@ -133,7 +138,7 @@ class Filters:
 
     def excl_lists(self) -> tuple[np.ndarray, np.ndarray]:
         """``(offsets (B + 1,), items)``: row ``b``'s exclusions ``items[offsets[b]:offsets[b + 1]]``, sorted."""
-        rows, items = np.divmod(self.excl_keys, self.num_items + 1)
+        rows, items = self._pairs
         return np.searchsorted(rows, np.arange(self.num_rows + 1)), items
 
     @classmethod
@@ -231,7 +236,7 @@ class Filters:
         remap = np.full(self.num_rows, -1, dtype=np.int64)
         remap[rows] = np.arange(rows.size)
         n1 = self.num_items + 1
-        kr, ki = np.divmod(self.excl_keys, n1)
+        kr, ki = self._pairs
         sel = remap[kr] >= 0
         allowed = self.allowed
         if allowed is not None and allowed.ndim == 2:

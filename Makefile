@@ -11,7 +11,7 @@ PY         := $(VENV)/bin/python
 DEMO_DIR   ?= build/demo
 PYTEST_ARGS ?=
 
-.PHONY: install kernels test test-all demo ml1m clean
+.PHONY: install kernels test test-all demo ml1m ml1m-cpu clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,23 +40,29 @@ demo: install kernels
 #   make ml1m ML1M_DIR=path/to/ml-1m                  all three stages here (ML1M_DEVICE=cuda for stage 1 on a GPU)
 #   make ml1m ML1M_STAGE1=dir                         stages 2-3 from {sasrec,gru4rec}_s1.pt made elsewhere
 #                                                     (scripts/ml1m_stage1_sweep.sh on a GPU)
+#   make ml1m-cpu ML1M_DIR=path/to/ml-1m              the 90-minute CPU recipe (configs/ml1m-*-cpu.json: stage 1
+#                                                     on a clock) into build/ml1m-cpu
 ML1M_DIR    ?= ../shared/data/ml-1m
 ML1M_OUT    ?= build/ml1m
 ML1M_DEVICE ?= cpu
 ML1M_STAGE1 ?=
+ML1M_RECIPE ?=
 , := ,
 ml1m: install
 	@test -f "$(ML1M_DIR)/user_sequences.txt" || { echo "ML-1M not found in ML1M_DIR=$(ML1M_DIR)"; exit 2; }
 	@mkdir -p $(ML1M_OUT)
 	@for bb in sasrec gru4rec; do \
 	  start=$$(date +%s); \
-	  $(PY) -m dpr.cli.train --dataset ml-1m --data-dir $(ML1M_DIR) --config configs/ml1m-$$bb.json \
+	  $(PY) -m dpr.cli.train --dataset ml-1m --data-dir $(ML1M_DIR) --config configs/ml1m-$$bb$(ML1M_RECIPE).json \
 	    $(if $(ML1M_STAGE1),--resume $(ML1M_STAGE1)/$${bb}_s1.pt --stages 2$(,)3,--device $(ML1M_DEVICE)) \
 	    --out $(ML1M_OUT)/$$bb.pt || exit 1; \
 	  $(PY) -m dpr.cli.eval $(ML1M_OUT)/$$bb.pt --dataset ml-1m --data-dir $(ML1M_DIR) \
 	    --json $(ML1M_OUT)/$$bb.json || exit 1; \
 	  echo "$$bb: $$(( $$(date +%s) - start )) s (train + eval)" | tee -a $(ML1M_OUT)/times.txt; \
 	done
+
+ml1m-cpu:
+	$(MAKE) ml1m ML1M_RECIPE=-cpu ML1M_OUT=build/ml1m-cpu ML1M_DEVICE=cpu
 
 clean:
 	rm -rf build .pytest_cache

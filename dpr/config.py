@@ -67,6 +67,9 @@ class TrainConfig:
     stage1_max_minutes: float = 0.0    # wall-clock budget for stage 1 (0: none); the best epoch so far is kept
     stage1_all_windows: bool = False   # train on every max_len window of long histories, not only the newest
     stage1_window_stride: int = 0      # with all windows: items between window ends (0: max_len, no overlap)
+    stage1_length_buckets: bool = False  # batch windows of similar length, each cut to its longest (SASRec
+                                       # only: the same outputs without the left padding; ML-1M windows are
+                                       # 57% real items, so an epoch does about half the backbone work)
     stage1_lr_schedule: str = "constant"  # "constant" | "cosine" (to 0 over stage1_epochs or the time budget)
     stage1_warmup_epochs: float = 0.0  # linear warm-up of the learning rate (epochs, fractions allowed)
     stage1_label_smoothing: float = 0.0

@@ -3,7 +3,9 @@ each against a brute-force statement of what it should do."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -247,3 +249,109 @@ def test_stage1_takes_the_chunked_loss_on_the_cpu(small_dataset, monkeypatch):
         cfg = TrainConfig(stage1_epochs=2, batch_size=64, lr=5e-3, stage1_label_smoothing=smoothing)
         res = s1.train_stage1(model, small_dataset, cfg, np.random.default_rng(0), log=lambda *a: None)
         assert bool(calls) is expect and all(np.isfinite(h["loss"]) for h in res["history"])
+
+
+def test_plain_batches_are_the_old_permutation_at_full_width():
+    from dpr.train.stage1 import _batches
+
+    lengths = np.array([3, 10, 1, 7, 10, 2, 5])
+    got = _batches(lengths, 3, np.random.default_rng(4), bucketed=False)
+    perm = np.random.default_rng(4).permutation(len(lengths))      # what stage 1 always drew per epoch
+    assert [list(i) for i, _ in got] == [list(perm[0:3]), list(perm[3:6]), list(perm[6:])]
+    assert {w for _, w in got} == {10}
+    for bucketed in (False, True):                                  # no windows: no batches, no warning
+        assert _batches(np.zeros(0, np.int64), 3, np.random.default_rng(0), bucketed) == []
+
+
+def test_length_buckets_cover_every_window_once_within_the_token_budget():
+    from dpr.train.stage1 import _batches
+
+    rng = np.random.default_rng(0)
+    lengths = np.concatenate([np.full(40, 200), rng.integers(1, 200, 300)])
+    budget = 16 * lengths.mean()
+    orders = []
+    for epoch in range(3):
+        got = _batches(lengths, 16, rng, bucketed=True)
+        idx = np.concatenate([i for i, _ in got])
+        assert sorted(idx.tolist()) == list(range(len(lengths)))    # each window exactly once
+        for i, w in got:
+            assert w == lengths[i].max()                            # cut to its longest window, no shorter
+            assert len(i) * w <= budget or len(i) == 1
+        widths = sorted(w for _, w in got)
+        assert widths[len(widths) // 2] < 200                       # most batches are narrower than max_len
+        orders.append([w for _, w in got])
+    assert len({len(o) for o in orders}) == 1                       # a fixed number of steps per epoch
+    assert orders[0] != orders[1]                                   # batches come in a new order each epoch
+
+
+def test_a_trimmed_sasrec_batch_has_the_full_width_loss_and_gradients():
+    """What length buckets rely on: cutting a left-padded batch to its longest window changes neither
+    the history-masked loss nor any gradient (SASRec, no dropout)."""
+    from dpr.model.dpr_model import DPRModel
+    from dpr.train.chunked_ce import masked_ce, seen_items
+
+    torch.manual_seed(0)
+    model = DPRModel(ModelConfig(num_items=30, num_tags=3, d=16, max_len=12, num_blocks=2, dropout=0.0)).double()
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.zeros(4, 12, dtype=torch.int64)
+    y = torch.zeros(4, 12, dtype=torch.int64)
+    for r, n in enumerate((7, 3, 5, 7)):                            # longest window 7 of max_len 12
+        x[r, 12 - n:] = torch.randint(1, 31, (n,), generator=g)
+        y[r, 12 - n:] = torch.randint(1, 31, (n,), generator=g)
+
+    def loss_and_grads(xb, yb):
+        model.zero_grad()
+        sel = yb > 0
+        loss = masked_ce(model.backbone.forward_all(xb)[sel], model.item_table, yb[sel], seen_items(xb, yb, sel))
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    full, g_full = loss_and_grads(x, y)
+    cut, g_cut = loss_and_grads(x[:, 5:], y[:, 5:])
+    assert torch.allclose(full, cut, atol=1e-12)
+    assert g_full.keys() == g_cut.keys() and any("pos_emb" in k for k in g_full)
+    for k in g_full:
+        assert torch.allclose(g_full[k], g_cut[k], atol=1e-10), k
+
+
+def test_length_buckets_train_sasrec_and_refuse_a_recurrent_backbone(small_dataset):
+    from dpr.model.dpr_model import DPRModel
+
+    for backbone in ("sasrec", "gru4rec"):
+        torch.manual_seed(0)
+        model = DPRModel(ModelConfig(num_items=small_dataset.num_items, num_tags=small_dataset.catalogue.num_tags,
+                                     d=16, max_len=8, backbone=backbone))
+        cfg = TrainConfig(stage1_epochs=4, batch_size=16, lr=5e-3, stage1_length_buckets=True,
+                          stage1_all_windows=True)
+        if backbone == "gru4rec":
+            with pytest.raises(ValueError, match="stage1_length_buckets.*gru4rec"):
+                train_stage1(model, small_dataset, cfg, np.random.default_rng(0), log=lambda *a: None)
+            continue
+        res = train_stage1(model, small_dataset, cfg, np.random.default_rng(0), log=lambda *a: None)
+        losses = [h["loss"] for h in res["history"]]
+        assert all(np.isfinite(losses)) and losses[-1] < losses[0] and res["best_valid_ndcg@10"] > 0
+
+
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "configs").glob("ml1m-*.json"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_ml1m_recipes_load_and_only_sasrec_buckets(path):
+    """Every recipe in configs/ is a valid {model, train} pair that stage 1 accepts; only a backbone whose
+    output ignores left padding is trained in length buckets."""
+    from dpr.config import from_dict
+    from dpr.model.backbones import BACKBONES
+    from dpr.train.stage1 import check_stage1_config
+
+    cfg = json.loads(path.read_text())
+    model, train = from_dict(ModelConfig, cfg["model"]), from_dict(TrainConfig, cfg["train"])
+    check_stage1_config(train)
+    assert not train.stage1_length_buckets or BACKBONES[model.backbone].padding_invariant
+
+
+def test_the_cpu_recipes_put_stage1_on_a_clock_that_fits_90_minutes():
+    cpu = [json.loads(p.read_text())["train"] for p in RECIPES if p.name.endswith("-cpu.json")]
+    assert len(cpu) == 2 and all(t.get("stage1_max_minutes", 0) > 0 for t in cpu)
+    assert sum(t["stage1_max_minutes"] for t in cpu) <= 80       # stages 2-3 + evaluation: about 6 min here

@@ -61,12 +61,16 @@ def _wordings(ctx: EvalContext, polarity: int, n: int, heldout: bool, rng) -> np
 
 @torch.no_grad()
 def run_task(model, catalogue, cases: EvalCases, ctx: EvalContext, heldout: bool = False, k: int = 10,
-             seed: int = 0, batch_size: int = 1024, methods=METHODS) -> dict:
+             seed: int = 0, batch_size: int = 1024, methods=METHODS, negative_weight: float = 1.0) -> dict:
     """{method: {metric: value}} for one task's cases (``methods``: a subset of METHODS, e.g. ("dpr",) for
-    the quick validation during training)."""
+    the quick validation during training). ``negative_weight`` scales what the negative prompt adds to
+    the steered user vector (``dpr`` and ``dpr_hard_filter``): 1 is DPR as trained, 0 steers by the
+    positive prompt only (dpr.eval.hybrid sweeps it)."""
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; known: {', '.join(METHODS)}")
+    if not 0.0 <= negative_weight <= 1.0:
+        raise ValueError(f"negative_weight must be in [0, 1], got {negative_weight}")
     model.eval()
     rng = np.random.default_rng(seed)
     tags = torch.from_numpy(catalogue.item_tags)                      # (N + 1, T)
@@ -133,6 +137,11 @@ def run_task(model, catalogue, cases: EvalCases, ctx: EvalContext, heldout: bool
         if "dpr" in per or "dpr_hard_filter" in per:
             presence = torch.stack([p_pos_rows, p_neg_rows], dim=1).to(torch.int64)
             h2 = model.steer(h, model.project_prompt(t_pos), model.project_prompt(t_neg), presence)
+            if negative_weight != 1.0 and p_neg_rows.any():
+                # the same request without its negative prompt, then part of the way back to h2
+                no_neg = presence * torch.tensor([1, 0])
+                base = model.steer(h, model.project_prompt(t_pos), model.project_prompt(t_neg), no_neg)
+                h2 = base + negative_weight * (h2 - base)
             add("dpr", topk_full(h2, table, k, hist), sl)
             if "dpr_hard_filter" in per:
                 add("dpr_hard_filter", topk_full(h2, table, k, hist, allowed=allowed), sl)

@@ -46,6 +46,30 @@ def _windows(dataset: Dataset, users: np.ndarray, max_len: int,
     return left_pad(inputs, max_len), left_pad(targets, max_len)
 
 
+def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+             bucketed: bool) -> list[tuple[np.ndarray, int]]:
+    """One epoch's batches as (window indices, width to keep from the right). Plain: a random
+    permutation cut every ``batch_size`` windows, all at full width. Bucketed: windows sorted by length
+    (ties in random order) and cut into batches of about ``batch_size`` x mean-length padded tokens, each
+    at its longest window's width, in random order. Equal token budgets keep about as many target
+    positions per step (and steps per epoch) as plain batches, so the loss weights positions alike."""
+    n = len(lengths)
+    perm = rng.permutation(n)
+    if n == 0:
+        return []
+    if not bucketed:
+        return [(perm[s:s + batch_size], int(lengths.max())) for s in range(0, n, batch_size)]
+    order = perm[np.argsort(-lengths[perm], kind="stable")]       # longest first; equal lengths shuffled
+    budget = batch_size * max(float(lengths.mean()), 1.0)
+    out, start = [], 0
+    while start < n:
+        width = max(int(lengths[order[start]]), 1)                 # the batch's longest window
+        take = max(1, int(budget // width))
+        out.append((order[start:start + take], width))
+        start += take
+    return [out[i] for i in rng.permutation(len(out))]
+
+
 def check_stage1_config(cfg: TrainConfig) -> None:
     """Reject stage-1 settings that cannot train, before any work (the pipeline calls it up front)."""
     if not 0.0 <= cfg.stage1_label_smoothing < 1.0:
@@ -107,9 +131,14 @@ def train_stage1(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
     users = np.array([u for u in range(dataset.num_users) if len(dataset.train_sequence(u)) >= 2])
     if cfg.max_train_users:
         users = users[: cfg.max_train_users]
+    if cfg.stage1_length_buckets and not model.backbone.padding_invariant:
+        raise ValueError(f"stage1_length_buckets needs a backbone whose output does not depend on left padding "
+                         f"(sasrec); {model.cfg.backbone}'s state moves through padding steps, and serving pads "
+                         f"every history to max_len")
     x_all, y_all = _windows(dataset, users, model.cfg.max_len, cfg.stage1_all_windows, cfg.stage1_window_stride)
+    lengths = (x_all > 0).sum(1) if cfg.stage1_length_buckets else np.full(len(x_all), x_all.shape[1])
     batch_size = cfg.stage1_batch_size or cfg.batch_size
-    steps_per_epoch = -(-len(x_all) // batch_size)
+    steps_per_epoch = len(_batches(lengths, batch_size, np.random.default_rng(0), cfg.stage1_length_buckets))
     lr_at = _lr_schedule(cfg, steps_per_epoch)
     # On the CPU the history-masked loss runs in row chunks (dpr.train.chunked_ce: the same loss and
     # gradients, 7.9 -> 4.5 s per ML-1M SASRec step on 2 cores); a GPU keeps the one-matrix form.
@@ -119,14 +148,13 @@ def train_stage1(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
     bar = tqdm(range(cfg.stage1_epochs), desc="stage 1 (collaborative)", leave=False)
     for epoch in bar:
         model.train()
-        perm = rng.permutation(len(x_all))
         total, count = 0.0, 0
-        for i, s in enumerate(range(0, len(perm), batch_size)):
+        for i, (idx, width) in enumerate(_batches(lengths, batch_size, rng, cfg.stage1_length_buckets)):
             for group in opt.param_groups:
                 group["lr"] = lr_at(epoch * steps_per_epoch + i, time.time() - t0)
-            idx = perm[s:s + batch_size]
-            x = torch.from_numpy(x_all[idx]).to(device, non_blocking=True)
-            y = torch.from_numpy(y_all[idx]).to(device, non_blocking=True)
+            cols = slice(x_all.shape[1] - width, None)                # windows are left-padded
+            x = torch.from_numpy(np.ascontiguousarray(x_all[idx, cols])).to(device, non_blocking=True)
+            y = torch.from_numpy(np.ascontiguousarray(y_all[idx, cols])).to(device, non_blocking=True)
             hidden = model.backbone.forward_all(x)                 # (B, L, d)
             sel = y > 0
             # each position's earlier items in the window (the ranking never returns them), target excepted

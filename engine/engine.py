@@ -747,7 +747,7 @@ class Engine:
                 return None
             flat = None
             if self._id_index is not None:
-                flat = self._id_index.lookup(chain.from_iterable(histories), sum(lens))
+                flat = self._id_index.lookup_many(histories)
                 if flat is not None and not flat.all():
                     return None                # an unknown id
             if flat is None:                   # no index, or ids it cannot take (not strings, a NUL inside)

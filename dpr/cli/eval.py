@@ -9,7 +9,7 @@ import sys
 import time
 
 from dpr.cli.args import run_cli
-from dpr.cli.common import add_dataset_args, load_dataset_from_args, quiet_transformers
+from dpr.cli.common import add_dataset_args, quiet_transformers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,22 +33,12 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     quiet_transformers()
-    from dpr.checkpoint import load_checkpoint
+    from dpr.cli.common import load_for_evaluation
     from dpr.config import to_dict
-    from dpr.data.prompts import PromptBank
-    from dpr.errors import DataError
-    from dpr.eval.protocol import build_context, evaluate, format_table
-    from dpr.model import TextEncoder
+    from dpr.eval.protocol import evaluate, format_table
 
-    ckpt = load_checkpoint(args.checkpoint)
-    dataset = load_dataset_from_args(args)
-    if dataset.catalogue.ids != ckpt.catalogue.ids:
-        raise DataError(f"dataset {args.dataset!r} has a different item catalogue than the checkpoint "
-                        f"({dataset.num_items} vs {ckpt.catalogue.num_items} items)")
-    model = ckpt.build_model()
-    encoder = TextEncoder.load(args.text_encoder or ckpt.text_encoder["source"])
     t0 = time.time()
-    ctx = build_context(encoder, ckpt.catalogue, PromptBank(heldout=ckpt.train_config.heldout_templates))
+    ckpt, dataset, model, ctx = load_for_evaluation(args)
     results = evaluate(model, dataset, ctx, split=args.split, tasks=tuple(args.tasks.split(",")),
                        heldout=not args.no_heldout, seed=args.seed, max_users=args.max_users,
                        window=ckpt.train_config.recent_window)

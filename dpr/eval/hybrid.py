@@ -31,14 +31,12 @@ def negative_weight_sweep(model, dataset, ctx, weights=WEIGHTS, splits=("valid",
             cases = build_eval_cases(dataset, split=split, task=task, seed=seed, max_users=max_users, window=window)
             if not len(cases):
                 continue
-            row = {"cases": len(cases),
-                   "hard_filter": run_task(model, dataset.catalogue, cases, ctx, k=k, seed=seed,
-                                           methods=("hard_filter",))["hard_filter"],
-                   "weights": {}}
-            for w in weights:
-                row["weights"][float(w)] = run_task(model, dataset.catalogue, cases, ctx, k=k, seed=seed,
-                                                    methods=("dpr_hard_filter",),
-                                                    negative_weight=float(w))["dpr_hard_filter"]
+            row = {"cases": len(cases), "weights": {}}
+            for i, w in enumerate(weights):     # the filter rides along with the first weight's pass
+                got = run_task(model, dataset.catalogue, cases, ctx, k=k, seed=seed, negative_weight=float(w),
+                               methods=("dpr_hard_filter", "hard_filter") if i == 0 else ("dpr_hard_filter",))
+                row["weights"][float(w)] = got["dpr_hard_filter"]
+                row.setdefault("hard_filter", got.get("hard_filter"))
             out.setdefault(split, {})[task] = row
     return out
 
@@ -77,12 +75,8 @@ def main(argv=None) -> int:
 
 
 def _run(args) -> int:
-    from dpr.checkpoint import load_checkpoint
-    from dpr.cli.common import load_dataset_from_args, quiet_transformers
-    from dpr.data.prompts import PromptBank
+    from dpr.cli.common import load_for_evaluation, quiet_transformers
     from dpr.errors import DataError
-    from dpr.eval.protocol import build_context
-    from dpr.model import TextEncoder
 
     quiet_transformers()
     try:
@@ -91,13 +85,7 @@ def _run(args) -> int:
         raise DataError(f"--weights must be numbers separated by commas, got {args.weights!r}") from None
     if not weights or any(not 0.0 <= w <= 1.0 for w in weights):
         raise DataError(f"--weights must be one or more numbers in [0, 1], got {args.weights!r}")
-    ckpt = load_checkpoint(args.checkpoint)
-    dataset = load_dataset_from_args(args)
-    if dataset.catalogue.ids != ckpt.catalogue.ids:
-        raise DataError(f"dataset {args.dataset!r} has a different item catalogue than the checkpoint")
-    model = ckpt.build_model()
-    encoder = TextEncoder.load(args.text_encoder or ckpt.text_encoder["source"])
-    ctx = build_context(encoder, ckpt.catalogue, PromptBank(heldout=ckpt.train_config.heldout_templates))
+    ckpt, dataset, model, ctx = load_for_evaluation(args)
     sweep = negative_weight_sweep(model, dataset, ctx, weights, max_users=args.max_users,
                                   window=ckpt.train_config.recent_window)
     print(format_sweep(sweep))

@@ -136,11 +136,11 @@ def run_task(model, catalogue, cases: EvalCases, ctx: EvalContext, heldout: bool
 
         if "dpr" in per or "dpr_hard_filter" in per:
             presence = torch.stack([p_pos_rows, p_neg_rows], dim=1).to(torch.int64)
-            h2 = model.steer(h, model.project_prompt(t_pos), model.project_prompt(t_neg), presence)
+            pp, pn = model.project_prompt(t_pos), model.project_prompt(t_neg)
+            h2 = model.steer(h, pp, pn, presence)
             if negative_weight != 1.0 and p_neg_rows.any():
                 # the same request without its negative prompt, then part of the way back to h2
-                no_neg = presence * torch.tensor([1, 0])
-                base = model.steer(h, model.project_prompt(t_pos), model.project_prompt(t_neg), no_neg)
+                base = model.steer(h, pp, pn, presence * torch.tensor([1, 0]))
                 h2 = base + negative_weight * (h2 - base)
             add("dpr", topk_full(h2, table, k, hist), sl)
             if "dpr_hard_filter" in per:

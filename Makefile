@@ -10,13 +10,22 @@ EXTRAS     ?= cpu,encoder,test,plot
 PY         := $(VENV)/bin/python
 DEMO_DIR   ?= build/demo
 PYTEST_ARGS ?=
+# The exact versions (every direct and transitive dependency of EXTRAS) the test suite last passed with.
+# Every install goes through it; `make lock` refreshes it, `make test-latest` tries the newest versions
+# pyproject's ranges allow. LOCK= (empty) installs without it (a GPU machine: other torch and extras).
+LOCK       ?= requirements.lock
 
-.PHONY: install kernels test test-all demo ml1m ml1m-cpu clean
+# Never put the repository root on sys.path: its top-level folders (engine/, export/, kernels/, bench/)
+# are dpr.engine, ... and must not stand in for installed modules of those names (docs/ARCHITECTURE.md).
+export PYTHONSAFEPATH := 1
 
-$(VENV)/.installed: pyproject.toml
+.PHONY: install kernels test test-all test-latest lock demo ml1m ml1m-cpu clean
+
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	rm -rf $(VENV)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(if $(LOCK),-c $(LOCK)) -e ".[$(EXTRAS)]"
 	touch $@
 
 install: $(VENV)/.installed
@@ -31,6 +40,17 @@ test: install kernels
 
 test-all: install kernels
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The newest versions pyproject's ranges allow, in their own venv: catches the next upstream break.
+test-latest:
+	rm -f .venv-latest/.installed
+	$(MAKE) test VENV=.venv-latest LOCK=
+
+# Refresh the lock from the newest versions, once the suite has passed with them.
+lock: test-latest
+	.venv-latest/bin/python -m pip freeze --exclude-editable | sed -e 's/+cpu$$//' > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	@echo "wrote $(LOCK): $$(grep -c '==' $(LOCK)) pinned packages"
 
 demo: install kernels
 	$(PY) -m dpr.cli.demo --out $(DEMO_DIR)
@@ -65,4 +85,4 @@ ml1m-cpu:
 	$(MAKE) ml1m ML1M_RECIPE=-cpu ML1M_OUT=build/ml1m-cpu ML1M_DEVICE=cpu
 
 clean:
-	rm -rf build .pytest_cache
+	rm -rf build .pytest_cache .venv-latest

@@ -7,3 +7,8 @@ backends run), ``measure`` (interleaved timing loops), ``gating`` (fused vs port
 ``retrieval`` (retrievers vs the machine's ceilings), ``runner`` (all of it in order), ``report``
 (summary, table, JSON, plot), ``machine`` (CPU/GPU/versions), ``cli`` (the command).
 """
+
+if __name__ != "dpr.bench":  # imported as the bare name 'bench': never this folder (dpr/_bare_name.py)
+    from dpr._bare_name import defer_to_installed
+
+    defer_to_installed(__name__, __file__)

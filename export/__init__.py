@@ -1,8 +1,13 @@
 """ONNX export of a trained DPR checkpoint (``dpr-export``): prompt encoder, user encoder (fused and
 portable), item table, catalogue and a manifest, verified against PyTorch in ONNX Runtime."""
 
-from dpr.export.exporter import ExportConfig, ExportError, export, make_engine_tokenizer  # noqa: F401
-from dpr.export.trt_ops import check_tensorrt_ops, graph_ops, tensorrt_supported_ops  # noqa: F401
+if __name__ != "dpr.export":  # imported as the bare name 'export': never this folder (dpr/_bare_name.py)
+    from dpr._bare_name import defer_to_installed
 
-__all__ = ["ExportConfig", "ExportError", "export", "make_engine_tokenizer", "check_tensorrt_ops", "graph_ops",
-           "tensorrt_supported_ops"]
+    defer_to_installed(__name__, __file__)
+else:
+    from dpr.export.exporter import ExportConfig, ExportError, export, make_engine_tokenizer  # noqa: F401
+    from dpr.export.trt_ops import check_tensorrt_ops, graph_ops, tensorrt_supported_ops  # noqa: F401
+
+    __all__ = ["ExportConfig", "ExportError", "export", "make_engine_tokenizer", "check_tensorrt_ops", "graph_ops",
+               "tensorrt_supported_ops"]

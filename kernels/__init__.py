@@ -9,6 +9,11 @@
 Importing this package is cheap (no torch, no compilation).
 """
 
-from dpr.kernels.op_spec import ATTRS, INPUTS, OP_DOMAIN, OP_DOMAIN_VERSION, OP_NAME, TORCH_OP, TRT_PLUGIN_ID
+if __name__ != "dpr.kernels":  # imported as the bare name 'kernels': never this folder (dpr/_bare_name.py)
+    from dpr._bare_name import defer_to_installed
 
-__all__ = ["ATTRS", "INPUTS", "OP_DOMAIN", "OP_DOMAIN_VERSION", "OP_NAME", "TORCH_OP", "TRT_PLUGIN_ID"]
+    defer_to_installed(__name__, __file__)
+else:
+    from dpr.kernels.op_spec import ATTRS, INPUTS, OP_DOMAIN, OP_DOMAIN_VERSION, OP_NAME, TORCH_OP, TRT_PLUGIN_ID
+
+    __all__ = ["ATTRS", "INPUTS", "OP_DOMAIN", "OP_DOMAIN_VERSION", "OP_NAME", "TORCH_OP", "TRT_PLUGIN_ID"]

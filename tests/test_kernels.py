@@ -119,18 +119,18 @@ def test_generic_build_matches_the_avx512_path(built):
 
     code = ("import json, numpy as np\n"
             "from dpr.kernels.capi import fused_moe_gate_numpy\n"
-            "from tests.test_kernels import make_case\n"
+            "from test_kernels import make_case\n"
             "out = {}\n"
             "for B, d, n, k in ((257, 64, 4, 2), (9, 48, 3, 3), (11, 100, 4, 1)):\n"
             "    x = make_case(B, d, n, seed=d, dtype=np.float32)\n"
             "    out[str(d)] = fused_moe_gate_numpy(*x.values(), n, k).tolist()\n"
             "print(json.dumps(out))\n")
     outs = {}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tests_dir = os.path.dirname(os.path.abspath(__file__))    # tests/ only: never the repository root
     for isa in ("generic", ""):
-        env = dict(os.environ, DPR_GATE_ISA=isa, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                              cwd=root)
+        env = dict(os.environ, DPR_GATE_ISA=isa, PYTHONPATH=tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True,
+                              timeout=120, cwd=tests_dir)
         assert proc.returncode == 0, proc.stderr
         outs[isa] = json.loads(proc.stdout.strip().splitlines()[-1])
     for d in outs[""]:

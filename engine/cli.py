@@ -1,4 +1,7 @@
-"""``dpr-recommend EXPORT_DIR --history 1,2,3 [--prompt ...] [--negative ...] [-k 10] [--backend ...] [--json]``"""
+"""``dpr-recommend EXPORT_DIR --history 1,2,3 [--prompt ...] [--negative ...] [-k 10] [--backend ...] [--json]``
+
+A result shorter than ``k`` (the history and the hard filter leave fewer eligible items) ends with a
+``note:`` line saying why; with ``--json``, ``count`` and ``short_reason`` say the same."""
 
 from __future__ import annotations
 
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{i:3d}. {t} [{', '.join(g)}]  score={s:.4f}  (id {a})")
             if not len(rec):
                 print("(no eligible items)")
+            if rec.short:
+                print(f"note: {rec.count} of the {rec.k} items asked for: {rec.short_reason}")
         return 0
 
     return run_cli(PROG, go)

@@ -10,7 +10,9 @@ Pipeline: prompts (deduplicated in the batch, LRU-cached per export model hash) 
 prompt-encoder graph; histories (original ids -> internal indices, most recent ``max_len`` kept,
 left-padded with 0) + prompt vectors + presence -> user-encoder graph; exact top-k retrieval over the
 item table excluding the history (all of it, not only the kept ``max_len``) and what the hard filter
-disallows. Rows with fewer eligible items than ``k`` return fewer results.
+disallows. Rows with fewer eligible items than ``k`` return fewer results and say why (``count``,
+``short_reason``). Item ids are strings; a history entry that is not one is an InputError naming the
+request, the position and the type, with an example id of the export.
 """
 
 from __future__ import annotations
@@ -56,40 +58,77 @@ CPU_HISTORY_CHUNK_ROWS = 64
 FILTER_KEYS = ("include_tags", "exclude_tags", "exclude_items")
 
 
+def _is_integer(x) -> bool:
+    """An int or numpy integer, not a bool (history ids given as integers are taken in their decimal form)."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _short_repr(x, limit: int = 60) -> str:
+    r = repr(x)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
 # ---- results -------------------------------------------------------------------------------------
 
 @dataclass
 class Recommendation:
-    """One request's ranked items (best first)."""
+    """One request's ranked items (best first). ``count`` items came back of the ``k`` asked for; fewer only
+    when fewer items are eligible (the history and the hard filter exclude the rest): ``short_reason`` then
+    says why (None for a full result)."""
     item_ids: list[str]
     scores: list[float]
     titles: list[str]
     tags: list[list[str]]
+    k: int | None = None               # how many were asked for (None: not recorded)
+    count: int | None = None           # how many came back (len(item_ids); filled in when not given)
+    short_reason: str | None = None    # why count < k, e.g. "only 3 items remain after excluding ..."
+
+    def __post_init__(self):
+        if self.count is None:
+            self.count = len(self.item_ids)
 
     def __len__(self) -> int:
         return len(self.item_ids)
 
+    @property
+    def short(self) -> bool:
+        """True when fewer than ``k`` items came back."""
+        return self.k is not None and self.count < self.k
+
     def to_dict(self) -> dict:
-        return {"items": [{"rank": i + 1, "id": a, "title": t, "tags": g, "score": s}
+        return {"k": self.k, "count": self.count, "short_reason": self.short_reason,
+                "items": [{"rank": i + 1, "id": a, "title": t, "tags": g, "score": s}
                           for i, (a, t, g, s) in enumerate(zip(self.item_ids, self.titles, self.tags, self.scores))]}
 
 
 @dataclass
 class Recommendations:
-    """A batch's results: per-row lists (``item_ids[i]`` is row i's ranking); ``recs[i]`` is a Recommendation."""
+    """A batch's results: per-row lists (``item_ids[i]`` is row i's ranking); ``recs[i]`` is a Recommendation.
+    ``ks[i]`` items were asked for and ``counts[i]`` came back; ``short_reasons[i]`` says why a row is short
+    (None when full); ``short_rows`` lists the short rows."""
     item_ids: list[list[str]] = field(default_factory=list)
     scores: list[list[float]] = field(default_factory=list)
     titles: list[list[str]] = field(default_factory=list)
     tags: list[list[list[str]]] = field(default_factory=list)
+    ks: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    short_reasons: list[str | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.item_ids)
 
     def __getitem__(self, i: int) -> Recommendation:
-        return Recommendation(self.item_ids[i], self.scores[i], self.titles[i], self.tags[i])
+        return Recommendation(self.item_ids[i], self.scores[i], self.titles[i], self.tags[i],
+                              k=self.ks[i] if self.ks else None, count=self.counts[i] if self.counts else None,
+                              short_reason=self.short_reasons[i] if self.short_reasons else None)
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+    @property
+    def short_rows(self) -> list[int]:
+        """The rows that got fewer than their ``k`` items."""
+        return [i for i, r in enumerate(self.short_reasons) if r is not None]
 
     def to_list(self) -> list[dict]:
         return [r.to_dict() for r in self]
@@ -350,7 +389,10 @@ class Engine:
         from tokenizers import Tokenizer
 
         info = self.export.manifest.get("tokenizer") or {}
-        tok = Tokenizer.from_file(str(self.export.file("tokenizer.json")))
+        try:
+            tok = Tokenizer.from_file(str(self.export.file("tokenizer.json")))
+        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for a damaged file
+            raise self.export.damaged("tokenizer.json", exc) from None
         s = info.get("setup") or {}
         tr = s.get("enable_truncation") or {"max_length": int(info.get("max_tokens") or 64)}
         tok.enable_truncation(max_length=int(tr["max_length"]), direction=tr.get("direction", "right"))
@@ -449,19 +491,42 @@ class Engine:
         if None not in fast:
             return np.asarray(fast, dtype=np.int64)
         out = []
-        for x in history:
-            if isinstance(x, (np.integer,)):
-                x = int(x)
-            key = x if isinstance(x, str) else str(x)
-            idx = self._id_to_index.get(key)
-            if idx is None:
-                if self.unknown_items == "ignore":
-                    continue
-                raise InputError(f"{what} holds unknown item id {x!r} (not in the export's catalogue)")
-            out.append(idx)
+        ignore = self.unknown_items == "ignore"
+        for pos, x in enumerate(history):
+            if isinstance(x, str):
+                idx = self._id_to_index.get(x)
+                if idx is None and not ignore:
+                    raise InputError(f"{what} holds unknown item id {_short_repr(x)} at position {pos} (not in "
+                                     f"the export's catalogue; {self._id_example()})")
+            else:       # not a string: an integer whose decimal form is an id (ML-1M's 1193), else refused
+                idx = self._id_to_index.get(str(int(x))) if _is_integer(x) else None
+                if idx is None and not ignore:
+                    raise self._non_string_id(x, pos, what)
+            if idx is not None:
+                out.append(idx)
         if not out:
             raise InputError(f"{what} holds no known item id (all ignored as unknown)")
         return np.asarray(out, dtype=np.int64)
+
+    def _id_example(self) -> str:
+        """What a valid id of this export looks like (for error messages)."""
+        ex = ", ".join(repr(a) for a in self.item_ids[:2])
+        return f"ids in this export look like {ex}" if ex else "this export has no items"
+
+    def _non_string_id(self, x, pos: int, what: str) -> InputError:
+        """The error for a history entry that is not a string id (None, bytes, a float, an unknown integer...)."""
+        got = "None" if x is None else f"{type(x).__name__} {_short_repr(x.item() if isinstance(x, np.generic) else x)}"
+        hint = ""
+        if isinstance(x, (bytes, bytearray)):
+            try:
+                text = bytes(x).decode("utf-8")
+            except UnicodeDecodeError:
+                text = None
+            if text is not None and text in self._id_to_index:
+                hint = f"; decode bytes ids to str ({text!r} is an id of this export)"
+        elif _is_integer(x):
+            hint = f"; '{int(x)}' is not an id either"
+        return InputError(f"{what}: item ids are strings (got {got} at position {pos}){hint}; {self._id_example()}")
 
     def _filter_key(self, f, what: str) -> tuple | None:
         if f is None:
@@ -479,6 +544,12 @@ class Engine:
             vals = f.get(key) or ()
             if isinstance(vals, str):
                 vals = (vals,)
+            if key == "exclude_items":
+                bad = [v for v in vals if not isinstance(v, str) and not _is_integer(v)]
+                if bad:
+                    got = "None" if bad[0] is None else f"{type(bad[0]).__name__} {_short_repr(bad[0])}"
+                    raise InputError(f"{what}: exclude_items: item ids are strings (got {got}); {self._id_example()}")
+                vals = [v if isinstance(v, str) else str(int(v)) for v in vals]
             vals = tuple(sorted({str(v) for v in vals}))
             if key.endswith("tags"):
                 unknown = [v for v in vals if v not in self._tag_index]
@@ -487,7 +558,8 @@ class Engine:
             else:
                 unknown = [v for v in vals if v not in self._id_to_index]
                 if unknown:
-                    raise InputError(f"{what}: unknown item id(s) {unknown[:5]}")
+                    raise InputError(f"{what}: unknown item id(s) {unknown[:5]} (not in the export's catalogue; "
+                                     f"{self._id_example()})")
             parts.append(vals)
         return tuple(parts) if any(parts) else None
 
@@ -821,15 +893,27 @@ class Engine:
                 full[0] = False
                 mask = np.stack([masks[key] if key else full for key in keys])
         idx, sc = self.retrieve(users, kmax, exclude=exclude, allowed_mask=mask, timings=timings)
-        out = Recommendations()
-        if (idx > 0).all() and all(k == kmax for k in batch.ks):
+        b = len(batch.ks)
+        out = Recommendations(ks=list(batch.ks), short_reasons=[None] * b)
+        same_k = all(k == kmax for k in batch.ks)
+        if same_k and (idx > 0).all():
             # every row full: look the batch up in one go (object arrays, C loops) instead of per item
             pos = idx - 1
             out.item_ids = self._ids_obj[pos].tolist()
             out.titles = self._titles_obj[pos].tolist()
             out.scores = sc.tolist()
             out.tags = [list(map(list, row)) for row in self._tags_obj[pos].tolist()]   # copies, not aliases
+            out.counts = [kmax] * b
             return out
+        # retrievers pad a row with fewer eligible items than k with index -1 (score -inf): count per row
+        valid = idx > 0
+        ks = np.asarray(batch.ks, dtype=np.int64)
+        if not same_k:
+            valid &= np.arange(idx.shape[1]) < ks[:, None]
+        counts = valid.sum(axis=1)
+        out.counts = counts.tolist()
+        for i in np.flatnonzero(counts < ks).tolist():
+            out.short_reasons[i] = self._short_reason(batch, i, int(counts[i]), mask)
         for i, k in enumerate(batch.ks):
             ii, ss = idx[i, :k], sc[i, :k]
             keep = ii > 0
@@ -839,3 +923,27 @@ class Engine:
             out.titles.append([self.titles[j - 1] for j in ii])
             out.tags.append([list(self.item_tags[j - 1]) for j in ii])
         return out
+
+    def _short_reason(self, batch: _Batch, i: int, count: int, mask: np.ndarray | None) -> str:
+        """Why row ``i`` got ``count`` < k items: how many items its excluded history and hard filter leave."""
+        k, n = batch.ks[i], self.num_items
+        row_mask = None
+        if batch.filter_keys[i] is not None and mask is not None:
+            row_mask = mask if mask.ndim == 1 else mask[i]
+        hist = (np.unique(batch.flat[batch.offsets[i]:batch.offsets[i + 1]]) if batch.exclude_history[i]
+                else np.zeros(0, np.int64))
+        allowed = n if row_mask is None else int(row_mask.sum())
+        eligible = allowed - (hist.size if row_mask is None else int(row_mask[hist].sum()))
+        if eligible > count:          # exact retrievers never do this; say so rather than guess a cause
+            return (f"only {count} of the {eligible} eligible items came back (k={k}; retriever "
+                    f"{self.retriever_name!r})")
+        steps = []
+        if hist.size:
+            steps.append(f"excluding the {hist.size} history item{'s' if hist.size != 1 else ''}")
+        if row_mask is not None:
+            steps.append(f"applying the hard filter, which allows {allowed} of the {n} items")
+        elif hist.size:
+            steps[-1] += f" from the {n} in the catalogue"
+        left = "no items remain" if count == 0 else (
+            "only 1 item remains" if count == 1 else f"only {count} items remain")
+        return f"{left} after {' and '.join(steps) or 'filtering'} (k={k})"

@@ -2,13 +2,16 @@
 
 Validation: ``manifest.json`` present and parseable, format name and version supported, every file the
 manifest lists present with the recorded sha256 (a tampered or missing file is a clear
-:class:`ExportFolderError`), and the files the engine needs listed at all.
+:class:`ExportFolderError`), and the files the engine needs listed at all. Files read later (the item table,
+``items.json``; the engine's tokenizer) that are damaged are an :class:`ExportFolderError` naming the file
+too (:meth:`ExportFolder.damaged`): with ``verify_hashes=False`` nothing else catches a truncated file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,17 +70,54 @@ class ExportFolder:
             return None
         return self.path / g["file"]
 
+    def damaged(self, name: str, problem, truncated: bool = True) -> ExportFolderError:
+        """The error for a file of this export that cannot be read: names the file and the problem."""
+        if isinstance(problem, BaseException):
+            problem = f"{type(problem).__name__}: {problem}"
+        guess = " (truncated?)" if truncated else ""
+        hint = "" if self.verified else (" (loaded with verify_hashes=False; verify_hashes=True checks every "
+                                          "file against the manifest's sha256)")
+        return ExportFolderError(f"{name} is damaged: {problem}{guess}; re-export or restore it "
+                                 f"[{self.path / name}]{hint}")
+
     def item_embeddings(self) -> np.ndarray:
+        """The ``(N + 1, d)`` item table; :class:`ExportFolderError` when the file is damaged or its shape is
+        not the one the manifest records."""
         meta = self.manifest.get("item_embeddings") or {}
-        table = np.load(self.path / meta.get("file", "item_embeddings.npy"), allow_pickle=False)
+        name = meta.get("file", "item_embeddings.npy")
+        try:
+            table = np.load(self.path / name, allow_pickle=False)
+        except (OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
+            raise self.damaged(name, exc) from None
+        want = meta.get("shape")
+        if not isinstance(table, np.ndarray) or table.ndim != 2 or table.dtype.kind != "f" \
+                or (want is not None and list(table.shape) != list(want)):
+            raise self.damaged(name, f"holds an array of dtype {getattr(table, 'dtype', type(table).__name__)} "
+                                     f"and shape {getattr(table, 'shape', None)}; the manifest records a float "
+                                     f"table of shape {want if want is not None else '(N + 1, d)'}", truncated=False)
         return np.ascontiguousarray(table, dtype=np.float32)
 
     def items(self) -> dict:
         """The parsed ``items.json`` (ids, titles, tags), read on each call and not kept: its 10^5-10^6 small
         lists would otherwise stay alive for the export's lifetime, and every full garbage collection of
-        the serving process walks them (~60 ms per 10^5 items on the 2-core VM)."""
+        the serving process walks them (~60 ms per 10^5 items on the 2-core VM). :class:`ExportFolderError`
+        when it is damaged (not JSON, lists missing or of different lengths, not the manifest's item count)."""
         meta = self.manifest.get("items") or {}
-        return json.loads((self.path / meta.get("file", "items.json")).read_text(encoding="utf-8"))
+        name = meta.get("file", "items.json")
+        try:
+            data = json.loads((self.path / name).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise self.damaged(name, exc) from None
+        if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("ids", "titles", "tags")):
+            raise self.damaged(name, "it lacks the 'ids', 'titles' and 'tags' lists", truncated=False)
+        n = len(data["ids"])
+        if len(data["titles"]) != n or len(data["tags"]) != n:
+            raise self.damaged(name, f"{n} ids but {len(data['titles'])} titles and {len(data['tags'])} tag lists",
+                               truncated=False)
+        want = meta.get("num_items")
+        if want is not None and n != want:
+            raise self.damaged(name, f"{n} items, the manifest records {want}", truncated=False)
+        return data
 
 
 def load_export(path, verify_hashes: bool = True) -> ExportFolder:
@@ -93,7 +133,8 @@ def load_export(path, verify_hashes: bool = True) -> ExportFolder:
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ExportFolderError(f"{mpath} is not readable JSON (damaged export?): {exc}") from None
+        raise ExportFolderError(f"manifest.json is damaged: not readable JSON ({type(exc).__name__}: {exc}) "
+                                f"(truncated?); re-export or restore it [{mpath}]") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise ExportFolderError(f"{mpath} is not a '{FORMAT_NAME}' manifest (format={manifest.get('format')!r})"
                                 if isinstance(manifest, dict) else f"{mpath} is not a dpr export manifest")
@@ -104,7 +145,14 @@ def load_export(path, verify_hashes: bool = True) -> ExportFolder:
     for key in ("model_config", "files", "graphs"):
         if not isinstance(manifest.get(key), dict):
             raise ExportFolderError(f"{mpath} lacks '{key}' (damaged or foreign manifest)")
+    for key in ("max_len", "d"):
+        v = manifest["model_config"].get(key)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ExportFolderError(f"{mpath} is damaged: model_config.{key} is {v!r}, not a positive integer")
     files = manifest["files"]
+    bad = [name for name, meta in files.items() if meta is not None and not isinstance(meta, dict)]
+    if bad:
+        raise ExportFolderError(f"{mpath} is damaged: the entry of {bad[0]} under 'files' is not an object")
     for name in REQUIRED_FILES:
         if name not in files:
             raise ExportFolderError(f"the manifest of {folder} does not list {name}, which the engine needs")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -917,3 +918,226 @@ def test_vectorised_padding_matches_pad_histories(engine):
     for lens in ([1], [L], [L + 9], [3, L, 1, 2 * L + 1, L - 1, 7]):
         seqs = [rng.integers(1, engine.num_items + 1, n) for n in lens]
         np.testing.assert_array_equal(engine._pad_flat(*_flatten(seqs)), engine.pad_histories(seqs))
+
+
+# ---- clear errors and explicit short results (non-string ids, short rows, damaged files) ---------------
+
+NON_STRING_IDS = [(12, r"int 12"), (None, r"None"), (b"i12", r"bytes b'i12'"), (1.5, r"float 1\.5"),
+                  (np.int64(7), r"int64 7"), (True, r"bool True")]
+
+
+@pytest.mark.parametrize("bad,got", NON_STRING_IDS, ids=["int", "None", "bytes", "float", "np.int64", "bool"])
+def test_non_string_history_ids_say_ids_are_strings(engine, monkeypatch, bad, got):
+    """A history entry that is not a string is reported as such, not as an unknown id: the request and the
+    position, the type received and what this export's ids look like; on the batch path (with the C++ id
+    index when built, and with the dict), on the per-request path (validate_request, the dynamic batcher)
+    and in encode_users."""
+    from dpr.engine import DynamicBatcher
+
+    ids = engine.item_ids
+    example = re.escape(f"ids in this export look like {ids[0]!r}")
+    rows = [[ids[0]], [ids[1], ids[2]], [ids[3]], [ids[4], bad, ids[5]]]
+    for index in (engine._id_index, None):                            # the C++ index, then the dict fallback
+        monkeypatch.setattr(engine, "_id_index", index)
+        with pytest.raises(InputError, match=rf"request 3: history: item ids are strings \(got {got} at position 1\)"
+                                             rf".*{example}") as info:
+            engine.recommend(rows, k=3)
+        assert "unknown item id" not in str(info.value)
+    monkeypatch.undo()
+    with pytest.raises(InputError, match=rf"request 5: history: item ids are strings \(got {got} at position 0\).*"
+                                         rf"{example}"):
+        engine.validate_request({"history": [bad, ids[1]], "k": 3}, "request 5")
+    with pytest.raises(InputError, match=rf"history 1: item ids are strings \(got {got} at position 2\)"):
+        engine.encode_users([[ids[0]], [ids[1], ids[2], bad]])
+    with DynamicBatcher(engine, max_batch_size=4, max_delay_ms=1) as b:
+        with pytest.raises(InputError, match=rf"item ids are strings \(got {got} at position 0\).*{example}"):
+            b.submit({"history": [bad], "k": 3}).result(timeout=10)
+    # in a hard filter's exclude_items: an integer is read as its decimal string (here unknown), the rest refused
+    integer = isinstance(bad, (int, np.integer)) and not isinstance(bad, bool)
+    with pytest.raises(InputError, match=(r"unknown item id" if integer else r"exclude_items: item ids are strings")
+                       + rf".*{example}"):
+        engine.recommend([[ids[0]]], k=3, hard_filter={"exclude_items": [bad]})
+    assert engine.recommend([[ids[4], ids[5]]], k=3).item_ids                  # still serving
+
+
+def test_non_string_id_hints_and_unknown_string_ids_show_an_example(engine, export_dir):
+    from dpr.engine import Engine
+
+    ids = engine.item_ids
+    with pytest.raises(InputError, match=re.escape(f"decode bytes ids to str ({ids[11]!r} is an id of this export)")):
+        engine.recommend([[ids[11].encode()]], k=2)
+    with pytest.raises(InputError, match=r"request 1: history holds unknown item id 'nope' at position 2 \(not in "
+                                         rf"the export's catalogue; ids in this export look like {ids[0]!r}"):
+        engine.recommend([[ids[0]], [ids[0], ids[1], "nope"]], k=2)
+    # an integer whose decimal form is an id is taken as that id (catalogues of numeric ids, e.g. ML-1M)
+    eng = Engine.load(export_dir, backend="onnxruntime")
+    eng._id_to_index["12"] = eng._id_to_index[ids[11]]
+    want = engine.recommend([[ids[11]]], k=4).item_ids[0]
+    assert eng.recommend([[12], [np.int64(12)]], k=4).item_ids == [want, want]
+    # unknown_items="ignore" skips entries that are not ids, as it skips unknown ids
+    ign = Engine.load(export_dir, backend="onnxruntime", unknown_items="ignore")
+    assert ign.recommend([[ids[3], None, 12, b"x", ids[4]]], k=5).item_ids == \
+        ign.recommend([[ids[3], ids[4]]], k=5).item_ids
+
+
+def test_short_results_carry_counts_and_reasons(engine):
+    """Rows with fewer eligible items than k: each result says how many came back and why; full rows have
+    no reason; counts agree with the items on the batch path, the per-row path (several k) and to_dict."""
+    ids = engine.item_ids
+    n = engine.num_items
+    flt = {"exclude_items": ids[8:]}                                   # 8 items allowed: ids[0..7]
+    recs = engine.recommend([ids[:5], ids[20:23], ids[:2]], k=10, hard_filter=[flt, None, flt])
+    assert recs.ks == [10, 10, 10]
+    assert recs.counts == [3, 10, 6] == [len(r) for r in recs.item_ids]
+    assert recs.short_rows == [0, 2] and recs.short_reasons[1] is None
+    assert recs.short_reasons[0] == (f"only 3 items remain after excluding the 5 history items and applying the "
+                                     f"hard filter, which allows 8 of the {n} items (k=10)")
+    assert recs.short_reasons[2].startswith("only 6 items remain after excluding the 2 history items")
+    r0, r1 = recs[0], recs[1]
+    assert (r0.k, r0.count, r0.short) == (10, 3, True)
+    assert (r1.k, r1.count, r1.short, r1.short_reason) == (10, 10, False, None)
+    d = r0.to_dict()
+    assert (d["k"], d["count"], d["short_reason"]) == (10, 3, recs.short_reasons[0]) and len(d["items"]) == 3
+    assert [x["count"] for x in recs.to_list()] == [3, 10, 6]
+    # the history alone, then the filter alone (history kept)
+    recs = engine.recommend([ids[:n - 3]], k=10)
+    assert recs.counts == [3] and recs.short_reasons == [
+        f"only 3 items remain after excluding the {n - 3} history items from the {n} in the catalogue (k=10)"]
+    recs = engine.recommend([ids[:5]], k=10, exclude_history=False, hard_filter={"exclude_items": ids[1:]})
+    assert recs.counts == [1] and recs.short_reasons == [
+        f"only 1 item remains after applying the hard filter, which allows 1 of the {n} items (k=10)"]
+    recs = engine.recommend([ids[:1]], k=10, hard_filter={"exclude_items": ids[1:]})
+    assert recs.counts == [0] and recs.item_ids == [[]] and recs.short_reasons[0].startswith("no items remain")
+    # full rows (the vectorised lookup): counts, no reasons
+    recs = engine.recommend([ids[:3], ids[5:9]], k=7)
+    assert recs.counts == [7, 7] and recs.short_reasons == [None, None] and recs.short_rows == []
+    assert recs[1].to_dict()["count"] == 7 and recs[1].to_dict()["short_reason"] is None
+    # the per-row path (requests of different k, as the dynamic batcher runs them)
+    rows = [engine.validate_request({"history": ids[:5], "k": 10, "hard_filter": flt}),
+            engine.validate_request({"history": ids[:5], "k": 3, "hard_filter": flt}),
+            engine.validate_request({"history": ids[30:32], "k": 4})]
+    recs = engine._run_rows(rows)
+    assert recs.ks == [10, 3, 4] and recs.counts == [3, 3, 4] and recs.short_rows == [0]
+    assert "only 3 items remain" in recs.short_reasons[0] and recs[0].short and not recs[1].short
+
+
+def test_short_result_the_retriever_cut_is_not_blamed_on_the_filters(engine, monkeypatch):
+    """Counts come from the retriever's output (-1 padding); a row it returns short although enough items are
+    eligible is reported as such, not explained by the history or the filter."""
+    real = engine.retrieve
+
+    def drop_last(*a, **kw):
+        idx, sc = real(*a, **kw)
+        idx, sc = idx.copy(), sc.copy()
+        idx[1, -2:], sc[1, -2:] = -1, -np.inf
+        return idx, sc
+
+    monkeypatch.setattr(engine, "retrieve", drop_last)
+    ids = engine.item_ids
+    recs = engine.recommend([ids[:2], ids[2:4]], k=5)
+    assert recs.counts == [5, 3] and recs.short_rows == [1] and len(recs.item_ids[1]) == 3
+    assert recs.short_reasons[1] == (f"only 3 of the {engine.num_items - 2} eligible items came back "
+                                     f"(k=5; retriever {engine.retriever_name!r})")
+
+
+def test_short_result_from_the_batcher(engine):
+    from dpr.engine import DynamicBatcher
+
+    ids = engine.item_ids
+    with DynamicBatcher(engine, max_batch_size=8, max_delay_ms=20) as b:
+        short = b.submit({"history": ids[:5], "k": 10, "hard_filter": {"exclude_items": ids[8:]}})
+        full = b.submit({"history": ids[:5], "k": 4})
+        rs, rf = short.result(timeout=10), full.result(timeout=10)
+    assert (rs.count, rs.k, rs.short) == (3, 10, True) and "only 3 items remain" in rs.short_reason
+    assert (rf.count, rf.k, rf.short, rf.short_reason) == (4, 4, False, None)
+
+
+def test_cli_says_when_a_result_is_short(export_dir, capsys):
+    from dpr.engine import Engine
+    from dpr.engine.cli import main
+
+    ids = Engine.load(export_dir).item_ids
+    n = len(ids)
+    hist = ",".join(ids[:n - 3])
+    assert main([str(export_dir), "--history", hist, "-k", "10"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("score=") == 3
+    assert (f"note: 3 of the 10 items asked for: only 3 items remain after excluding the {n - 3} history items "
+            f"from the {n} in the catalogue (k=10)") in out
+    assert main([str(export_dir), "--history", hist, "-k", "10", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["k"], data["count"], len(data["items"])) == (10, 3, 3)
+    assert data["short_reason"].startswith("only 3 items remain after excluding")
+    assert main([str(export_dir), "--history", ids[0], "-k", "4"]) == 0
+    assert "note:" not in capsys.readouterr().out
+    assert main([str(export_dir), "--history", ids[0], "-k", "4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["k"], data["count"], data["short_reason"]) == (4, 4, None)
+
+
+def _truncate(path: Path, keep: float) -> None:
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * keep)])
+
+
+@pytest.mark.parametrize("name,keep,match", [
+    ("item_embeddings.npy", 0.5, r"item_embeddings\.npy is damaged: .*\(truncated\?\); re-export or restore it"),
+    ("item_embeddings.npy", 0.003, r"item_embeddings\.npy is damaged: .*header.*\(truncated\?\)"),
+    ("item_embeddings.npy", 0.0, r"item_embeddings\.npy is damaged: .*\(truncated\?\)"),
+    ("items.json", 0.5, r"items\.json is damaged: JSONDecodeError.*\(truncated\?\); re-export or restore it"),
+    ("items.json", 0.0, r"items\.json is damaged: JSONDecodeError"),
+    ("tokenizer.json", 0.5, r"tokenizer\.json is damaged: .*\(truncated\?\); re-export or restore it"),
+    ("manifest.json", 0.5, r"manifest\.json is damaged: not readable JSON .*\(truncated\?\); re-export or restore it"),
+    ("manifest.json", 0.0, r"manifest\.json is damaged"),
+], ids=["npy-half", "npy-header", "npy-empty", "items-half", "items-empty", "tokenizer-half", "manifest-half",
+        "manifest-empty"])
+def test_damaged_files_without_hash_checks_are_named(export_dir, tmp_path, name, keep, match):
+    """With verify_hashes=False nothing compares sha256s: a truncated file must still be a clear
+    ExportFolderError naming it, not a bare ValueError / JSONDecodeError / tokenizers Exception."""
+    from dpr.engine import Engine, ExportFolderError
+
+    d = tmp_path / "exp"
+    shutil.copytree(export_dir, d)
+    _truncate(d / name, keep)
+    with pytest.raises(ExportFolderError, match=match) as info:
+        Engine.load(d, backend="onnxruntime", verify_hashes=False)
+    assert str(d / name) in str(info.value)
+    if name != "manifest.json":
+        assert "verify_hashes=True" in str(info.value)               # the way to find every damaged file
+    with pytest.raises(ExportFolderError, match="sha256" if name != "manifest.json" else "manifest.json"):
+        Engine.load(d, backend="onnxruntime")                          # hashes on: caught before reading it
+
+
+def test_damaged_export_contents_are_named(export_dir, tmp_path):
+    """Files that parse but do not hold what the manifest records: a wrong-shape item table, items.json with
+    lists of different lengths or a different item count, a manifest without model_config.max_len."""
+    from dpr.engine import ExportFolderError, load_export
+
+    d = tmp_path / "exp"
+    shutil.copytree(export_dir, d)
+    ex = load_export(d, verify_hashes=False)
+    table = np.load(d / "item_embeddings.npy")
+    np.save(d / "item_embeddings.npy", table[:-5])
+    with pytest.raises(ExportFolderError, match=rf"item_embeddings\.npy is damaged: .*shape \({len(table) - 5}, "
+                                                rf"{table.shape[1]}\).*\[{len(table)}, {table.shape[1]}\]"):
+        ex.item_embeddings()
+    np.save(d / "item_embeddings.npy", table.astype(np.int64))
+    with pytest.raises(ExportFolderError, match=r"item_embeddings\.npy is damaged: holds an array of dtype int64"):
+        ex.item_embeddings()
+    items = json.loads((d / "items.json").read_text())
+    (d / "items.json").write_text(json.dumps(dict(items, titles=items["titles"][:-1])))
+    with pytest.raises(ExportFolderError, match=r"items\.json is damaged: \d+ ids but \d+ titles"):
+        ex.items()
+    (d / "items.json").write_text(json.dumps({k: v[:-1] if isinstance(v, list) and k != "tag_names" else v
+                                              for k, v in items.items()}))
+    with pytest.raises(ExportFolderError, match=rf"items\.json is damaged: {len(items['ids']) - 1} items, the "
+                                                rf"manifest records {len(items['ids'])}"):
+        ex.items()
+    (d / "items.json").write_text(json.dumps(items["ids"]))
+    with pytest.raises(ExportFolderError, match=r"items\.json is damaged: it lacks"):
+        ex.items()
+    m = json.loads((d / "manifest.json").read_text())
+    del m["model_config"]["max_len"]
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ExportFolderError, match=r"manifest\.json is damaged: model_config\.max_len is None"):
+        load_export(d, verify_hashes=False)

@@ -11,12 +11,11 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from dpr.config import TrainConfig
 from dpr.data.dataset import Dataset, left_pad
 from dpr.train.chunked_ce import masked_ce, masked_logits, seen_items
-from dpr.train.common import evaluate_standard
+from dpr.train.common import evaluate_standard, step_bar
 
 
 def _windows(dataset: Dataset, users: np.ndarray, max_len: int,
@@ -145,8 +144,8 @@ def train_stage1(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
     chunked = device.type == "cpu" and cfg.stage1_mask_history and cfg.stage1_label_smoothing == 0
     best, best_state, bad, history = -1.0, None, 0, []
     t0 = time.time()
-    bar = tqdm(range(cfg.stage1_epochs), desc="stage 1 (collaborative)", leave=False)
-    for epoch in bar:
+    bar = step_bar("stage 1 (collaborative)", cfg.stage1_epochs, steps_per_epoch)
+    for epoch in range(cfg.stage1_epochs):
         model.train()
         total, count = 0.0, 0
         for i, (idx, width) in enumerate(_batches(lengths, batch_size, rng, cfg.stage1_length_buckets)):
@@ -171,6 +170,7 @@ def train_stage1(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
                 model.item_emb.weight[0].zero_()
             total += loss.detach() * len(idx)
             count += len(idx)
+            bar.update(1)
         row = {"epoch": epoch + 1, "loss": float(total) / max(count, 1), "seconds": round(time.time() - t0, 1)}
         out_of_time = bool(cfg.stage1_max_minutes) and time.time() - t0 > 60 * cfg.stage1_max_minutes
         if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.stage1_epochs or out_of_time:
@@ -183,13 +183,14 @@ def train_stage1(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
             else:
                 bad += 1
         history.append(row)
-        bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"})
+        bar.set_postfix({k: round(v, 4) for k, v in row.items()})
         if bad >= cfg.patience:
             log(f"stage 1: early stop at epoch {epoch + 1} (best valid ndcg@10 {best:.4f})")
             break
         if out_of_time:
             log(f"stage 1: time budget of {cfg.stage1_max_minutes:g} min reached at epoch {epoch + 1}")
             break
+    bar.close()
     model.cpu()               # later stages and checkpoints work on the CPU copy
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)

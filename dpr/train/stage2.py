@@ -9,11 +9,11 @@ import time
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from dpr.config import TrainConfig
 from dpr.data.dataset import Dataset
 from dpr.model.moe import POLARITY_NEGATIVE, POLARITY_POSITIVE
+from dpr.train.common import step_bar
 
 
 def alignment_loss(p: torch.Tensor, item_table: torch.Tensor, positives: torch.Tensor, tau: float) -> torch.Tensor:
@@ -37,8 +37,8 @@ def train_stage2(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
     usable = np.flatnonzero(item_tags.sum(0).numpy() > 0)
     items = model.item_table.detach()
     t0, history = time.time(), []
-    bar = tqdm(range(cfg.stage2_epochs), desc="stage 2 (alignment)", leave=False)
-    for epoch in bar:
+    bar = step_bar("stage 2 (alignment)", cfg.stage2_epochs, cfg.stage2_steps_per_epoch)
+    for epoch in range(cfg.stage2_epochs):
         total = 0.0
         for _ in range(cfg.stage2_steps_per_epoch):
             tags = rng.choice(usable, size=cfg.batch_size)
@@ -50,8 +50,10 @@ def train_stage2(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
             loss.backward()
             opt.step()
             total += float(loss.detach())
+            bar.update(1)
         row = {"epoch": epoch + 1, "loss": total / cfg.stage2_steps_per_epoch}
         history.append(row)
-        bar.set_postfix(loss=round(row["loss"], 4))
+        bar.set_postfix(epoch=epoch + 1, loss=round(row["loss"], 4))
+    bar.close()
     log(f"stage 2: alignment loss {history[-1]['loss'] if history else float('nan'):.4f} in {time.time() - t0:.0f}s")
     return {"epochs": len(history), "seconds": time.time() - t0, "history": history}

@@ -13,12 +13,12 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from dpr.config import TrainConfig
 from dpr.data.cases import build_eval_cases, sample_steering_batch
 from dpr.data.dataset import Dataset
 from dpr.model.moe import POLARITY_NEGATIVE, POLARITY_POSITIVE
+from dpr.train.common import step_bar
 
 STEERED = ("fusion", "moe", "projection")
 
@@ -95,12 +95,13 @@ def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
                                                window=cfg.recent_window)
     t0, history = time.time(), []
     best, best_state, bad = -float("inf"), None, 0
-    bar = tqdm(range(cfg.stage3_epochs), desc="stage 3 (steering)", leave=False)
-    for epoch in bar:
+    bar = step_bar("stage 3 (steering)", cfg.stage3_epochs, cfg.stage3_steps_per_epoch)
+    for epoch in range(cfg.stage3_epochs):
         model.train()
         model.backbone.eval()                       # frozen: no dropout noise in h
         total, steps = 0.0, 0
         for _ in range(cfg.stage3_steps_per_epoch):
+            bar.update(1)
             batch = sample_steering_batch(dataset, rng.choice(users, size=cfg.batch_size), rng, mix=mix,
                                           window=cfg.recent_window, max_len=model.cfg.max_len)
             if len(batch) == 0:
@@ -153,10 +154,11 @@ def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
             else:
                 bad += 1
         history.append(row)
-        bar.set_postfix(loss=round(row["loss"], 4), score=round(row.get("score", 0.0), 4))
+        bar.set_postfix(epoch=epoch + 1, loss=round(row["loss"], 4), score=round(row.get("score", 0.0), 4))
         if bad >= cfg.patience:
             log(f"stage 3: early stop at epoch {epoch + 1}")
             break
+    bar.close()
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
     model.eval()

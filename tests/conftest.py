@@ -68,3 +68,11 @@ def tiny_checkpoint(tmp_path_factory, small_dataset, text_encoder) -> Path:
                            stage3_steps_per_epoch=5, batch_size=64),
                text_encoder, log=lambda *a: None, val_users=50)
     return save_checkpoint(ck, tmp_path_factory.mktemp("ckpt") / "tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def export_dir(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported (ONNX graphs, torch weights, catalogue: ids i1..i400, as the demo's)."""
+    from dpr.export import ExportConfig, export
+
+    return export(tiny_checkpoint, ExportConfig(out=str(tmp_path_factory.mktemp("engine") / "exp")))

@@ -17,13 +17,6 @@ from dpr.errors import DPRError, InputError
 
 
 @pytest.fixture(scope="session")
-def export_dir(tiny_checkpoint, tmp_path_factory) -> Path:
-    from dpr.export import ExportConfig, export
-
-    return export(tiny_checkpoint, ExportConfig(out=str(tmp_path_factory.mktemp("engine") / "exp")))
-
-
-@pytest.fixture(scope="session")
 def other_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
     """Same architecture and catalogue, different projection weights: a different model."""
     import torch

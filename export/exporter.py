@@ -17,8 +17,9 @@ Folder contents (``manifest.json`` describes every file):
   encoder's own files): the torch backend, the reference, rebuilds the model from these alone; the
   ONNX graphs cannot serve for that (the exporter folds weights into anonymous constants).
   ``torch_weights=False`` (``--no-torch-weights``) leaves them out for an ONNX-only deployment.
-- with ``int8``: ``prompt_encoder_int8.onnx``, per-channel dynamic int8, gated on its worst-row cosine to
-  the fp32 graph over real prompts (``dpr.export.quantize``).
+- with ``int8``: ``prompt_encoder_int8.onnx``, per-channel, reduced-range (saturation-free on x86 without
+  VNNI) dynamic int8, gated on its worst-row cosine to the fp32 graph over real prompts; the most
+  sensitive MatMuls stay fp32 when it misses (``dpr.export.quantize``).
 - with ``fp16``: ``*_fp16.onnx`` graphs (float16 weights and float inputs/outputs) and
   ``item_embeddings_fp16.npy``; their parity is recorded, not gated.
 
@@ -71,7 +72,7 @@ class ExportConfig:
     opt_batch: int = 0                # TensorRT profile opt (0: max_batch)
     fused: bool = True                # also write user_encoder.onnx with the dpr::FusedMoEGate node
     torch_weights: bool = True        # also write model_state.safetensors + text_encoder/ (torch backend)
-    int8: bool = False                # also write prompt_encoder_int8.onnx (per-channel dynamic int8; gated)
+    int8: bool = False                # also write prompt_encoder_int8.onnx (per-channel 7-bit dynamic int8; gated)
     int8_min_cosine: float = 0.98     # int8 gate: worst-row cosine to the fp32 graph on real prompts
     force: bool = False               # replace an existing non-empty output folder
     text_encoder: str | None = None   # override the checkpoint's text encoder path (hash still verified)

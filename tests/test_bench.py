@@ -234,11 +234,21 @@ def test_int8_recorded_in_manifest(bench_export):
     assert par["prompts"] >= 100 and par["mean_row_cosine"] >= par["worst_row_cosine"]
     q = g["quantization"]
     assert q["per_channel"] is True and q["weight_type"] == "QInt8"
+    # saturation-free on x86 without VNNI (7-bit weights: 2 * 255 * 64 < 32767), and what was left in fp32
+    assert q["reduce_range"] is True and q["saturation_free"] is True and q["weight_range"] == [-64, 64]
+    assert q["max_u8s8_pair_sum"] == 2 * 255 * q["max_abs_int8_weight"] <= 32767
+    assert isinstance(q["excluded_nodes"], list) and q["excluded_nodes"] == par["attempts"][-1]["excluded"]
     assert man["export_config"]["int8"] is True
     import onnx
+    from onnx import numpy_helper
 
-    ops = {n.op_type for n in onnx.load(str(bench_export / g["file"])).graph.node}
+    model = onnx.load(str(bench_export / g["file"]))
+    ops = {n.op_type for n in model.graph.node}
     assert "DynamicQuantizeLinear" in ops and ("MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops)
+    init = {i.name: i for i in model.graph.initializer}
+    weights = [numpy_helper.to_array(init[n.input[1]]) for n in model.graph.node
+               if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") and n.input[1] in init]
+    assert weights and all(w.dtype == np.int8 and np.abs(w.astype(np.int32)).max() <= 64 for w in weights)
 
 
 def test_int8_backend_close_to_fp32(bench_export):

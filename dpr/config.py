@@ -83,13 +83,26 @@ class TrainConfig:
     stage2_lr: float = 1e-2
     align_temperature: float = 0.1
     # stage 3: steering (Fusion + MoE (+ P)), backbone frozen
-    stage3_epochs: int = 10
-    stage3_steps_per_epoch: int = 100  # examples are sampled (random user, random cut), so epochs are step counts
+    # stage 3 budget: 0 = chosen from the dataset (dpr.train.auto: about one example per user per epoch, and
+    # stage3_examples_per_user examples per user in all), early-stopped on the validation steering score
+    stage3_epochs: int = 0
+    stage3_steps_per_epoch: int = 0
+    stage3_examples_per_user: float = 60.0
+    stage3_patience: int = 8           # stage-3 epochs without a better validation steering score before stopping
+    stage3_calibrate: bool = True      # after stage 3, scale each polarity's shift by the factor the validation
+                                       # split prefers (dpr.train.calibrate; folded into the experts' weights)
+    neg_max_violation: float = 0.05    # calibration: the negative scale keeps validation violation@10 under this
     stage3_lr: float = 3e-3
     stage3_mask_history: bool = True   # leave each example's history items out of the steering softmax
     neg_lambda: float = 3.0            # weight of -log(1 - forbidden-tag softmax mass)
     neg_keep_lambda: float = 1.0       # negative-only rows: weight of KL(backbone || steered) over the items the
                                        # prompt allows, so suppressing a tag keeps the backbone's order elsewhere
+    pos_lambda: float = 1.0            # rows with a positive prompt: weight of -log(softmax mass on the tag's items)
+    pos_keep_lambda: float = 1.0       # rows with a positive prompt: weight of KL(backbone || steered) over the items
+                                       # the request allows (the tag's items, minus a negative tag's), so steering
+                                       # toward a tag keeps the backbone's order inside it (hard_filter's order)
+    title_prompt_share: float = 0.0    # stages 2-3: share of prompts replaced by the title of an item of the tag
+                                       # (dpr.train.title_prompts), so meaning carries, not only the tag's name
     mix_positive: float = 0.4          # share of positive / negative / compound examples in stage 3
     mix_negative: float = 0.4
     mix_compound: float = 0.2

@@ -74,7 +74,7 @@ def test_stage3_applies_the_history_mask_and_the_keep_order_term(small_dataset, 
     monkeypatch.setattr(stage3, "keep_order_loss", keep)
     monkeypatch.setattr(stage3, "steering_loss", loss)
     cfg = TrainConfig(stage1_epochs=1, stage2_epochs=1, stage2_steps_per_epoch=2, stage3_epochs=1,
-                      stage3_steps_per_epoch=3, batch_size=32, neg_keep_lambda=1.0, seed=0)
+                      stage3_steps_per_epoch=3, batch_size=32, neg_keep_lambda=1.0, pos_keep_lambda=0.0, seed=0)
     train(small_dataset, ModelConfig(d=16, max_len=12, fusion_hidden=16, expert_hidden=16), cfg, text_encoder,
           log=lambda *a: None, val_users=20)
     assert seen["keep_calls"] == 3
@@ -101,3 +101,41 @@ def test_stage3_rejects_negative_loss_weights_before_any_stage_runs(small_datase
             train(small_dataset, ModelConfig(d=8, max_len=6, fusion_hidden=8, expert_hidden=8),
                   TrainConfig(stage1_epochs=1, stage2_epochs=1, stage2_steps_per_epoch=1, stage3_epochs=1,
                               stage3_steps_per_epoch=1, **bad), text_encoder, log=lambda *a: None, val_users=10)
+
+
+def test_positive_rows_get_the_tag_mass_and_keep_order_terms_over_the_tag_only(small_dataset, text_encoder,
+                                                                               monkeypatch):
+    """pos_lambda and pos_keep_lambda reach the loss once per step, each over the rows with a positive prompt,
+    allowing only items that carry some tag and never the history; both switch off at 0."""
+    import dpr.train.stage3 as stage3
+    from dpr.config import ModelConfig, TrainConfig
+    from dpr.train.pipeline import train
+
+    tagged = torch.from_numpy(small_dataset.catalogue.item_tags.any(1))
+    seen = {"keep": 0, "mass": 0}
+    real_keep, real_mass = stage3.keep_order_loss, stage3.tag_mass_loss
+
+    def keep(base, steered, allowed):
+        seen["keep"] += 1
+        assert (allowed <= tagged).all() and not allowed[torch.isinf(steered)].any()
+        return real_keep(base, steered, allowed)
+
+    def mass(logits, wanted):
+        seen["mass"] += 1
+        assert (wanted <= tagged).all() and wanted.any(1).all()
+        return real_mass(logits, wanted)
+
+    monkeypatch.setattr(stage3, "keep_order_loss", keep)
+    monkeypatch.setattr(stage3, "tag_mass_loss", mass)
+    cfg = TrainConfig(stage1_epochs=1, stage2_epochs=1, stage2_steps_per_epoch=2, stage3_epochs=1,
+                      stage3_steps_per_epoch=3, batch_size=32, neg_keep_lambda=0.0, pos_lambda=1.0,
+                      pos_keep_lambda=1.0, mix_positive=1.0, mix_negative=0.0, mix_compound=0.0,
+                      stage3_calibrate=False, seed=0)
+    model_cfg = dict(d=16, max_len=12, fusion_hidden=16, expert_hidden=16)
+    train(small_dataset, ModelConfig(**model_cfg), cfg, text_encoder, log=lambda *a: None, val_users=20)
+    assert seen == {"keep": 3, "mass": 3}
+    seen.update(keep=0, mass=0)
+    train(small_dataset, ModelConfig(**model_cfg),
+          TrainConfig(**{**cfg.__dict__, "pos_lambda": 0.0, "pos_keep_lambda": 0.0}), text_encoder,
+          log=lambda *a: None, val_users=20)
+    assert seen == {"keep": 0, "mass": 0}

@@ -60,14 +60,16 @@ def _titles(n: int, rng: np.random.Generator) -> list[str]:
 def make_synthetic(num_users: int = 1000, num_items: int = 2000, num_tags: int = 12,
                    seq_len: tuple[int, int] = (20, 60), seed: int = 0, *, drift: float = 0.8,
                    p_successor: float = 0.3, num_successors: int = 3, zipf: float = 0.9,
-                   taste_concentration: float = 0.3, ramp: float = 4.0, name: str = "synthetic") -> Dataset:
+                   taste_concentration: float = 0.3, ramp: float = 4.0, name: str = "synthetic",
+                   tags_per_item: tuple[float, float, float] = (0.5, 0.35, 0.15)) -> Dataset:
     """A seeded synthetic dataset (same arguments -> identical data).
 
     ``seq_len``: inclusive (min, max) sequence length per user. ``drift`` in [0, 1]: how far the taste
     at the end of a sequence moves from the taste at its start (0: stationary). ``p_successor``: chance
     the next item is one of the previous item's ``num_successors`` successors. ``zipf``: popularity
     exponent. ``taste_concentration``: Dirichlet concentration of tastes (small: few favourite tags).
-    ``ramp``: steps over which the taste switches from start to end. Items carry 1-3 tags (50/35/15 %).
+    ``ramp``: steps over which the taste switches from start to end. ``tags_per_item``: the shares of items
+    with 1, 2 and 3 tags (default 50/35/15 %; ``(1, 0, 0)`` gives one-tag items, as a category tree does).
     """
     lo, hi = int(seq_len[0]), int(seq_len[1])
     if num_users < 1 or num_items < 1 or num_tags < 1:
@@ -80,6 +82,9 @@ def make_synthetic(num_users: int = 1000, num_items: int = 2000, num_tags: int =
         raise ValueError("drift and p_successor must be in [0, 1]")
     if ramp <= 0:
         raise ValueError(f"ramp must be > 0, got {ramp}")
+    shares = np.asarray(tags_per_item, dtype=np.float64)
+    if shares.shape != (3,) or (shares < 0).any() or shares.sum() <= 0:
+        raise ValueError(f"tags_per_item must be 3 non-negative shares (1, 2, 3 tags), got {tags_per_item}")
     rng = np.random.default_rng(seed)
     T, N = num_tags, num_items
     names = tag_names(T)
@@ -87,7 +92,7 @@ def make_synthetic(num_users: int = 1000, num_items: int = 2000, num_tags: int =
     # ---- items: tags (first tag from a mildly skewed tag prior), popularity, titles ------------
     tag_prior = 1.0 / np.arange(1, T + 1) ** 0.5
     tag_prior /= tag_prior.sum()
-    n_tags = np.minimum(rng.choice([1, 2, 3], size=N, p=[0.5, 0.35, 0.15]), T)
+    n_tags = np.minimum(rng.choice([1, 2, 3], size=N, p=shares / shares.sum()), T)
     first = rng.choice(T, size=N, p=tag_prior)
     item_tags = np.zeros((N + 1, T), dtype=bool)
     item_tags[np.arange(1, N + 1), first] = True

@@ -31,8 +31,8 @@ from typing import Iterable, Mapping
 
 from dpr.errors import DataError
 
-POSITIVE = "positive"
-NEGATIVE = "negative"
+from dpr.data.prompts import NEGATIVE, POSITIVE, _polarity  # one polarity vocabulary for templates and wordings
+
 POLARITIES = (POSITIVE, NEGATIVE)
 WORDINGS_DIR = Path("configs") / "wordings"
 
@@ -158,14 +158,6 @@ def names_tag(wording: str, tag: str) -> bool:
 
 
 # ---- the wordings set -------------------------------------------------------------------------------
-
-def _polarity(polarity) -> str:
-    if polarity in (POSITIVE, "pos", "+", 1):
-        return POSITIVE
-    if polarity in (NEGATIVE, "neg", "-", 2):
-        return NEGATIVE
-    raise ValueError(f"unknown polarity {polarity!r}; use 'positive' or 'negative'")
-
 
 def _key(text: str) -> str:
     return " ".join(text.lower().split())

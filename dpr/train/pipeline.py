@@ -54,6 +54,11 @@ def train(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, text
         check_stage1_config(train_cfg)      # fail before any work, not after hours of an earlier stage
     if 3 in stages:
         check_stage3_config(train_cfg)
+        from dpr.train.auto import describe, resolve
+
+        train_cfg, auto = resolve(train_cfg, dataset)
+        if auto["chosen"]:
+            log(describe(auto))
     rng = seed_everything(train_cfg.seed)
     if text_encoder is None and set(stages) - {1}:
         raise ValueError(f"stages {sorted(set(stages) - {1})} need a text encoder (only stage 1 runs without one)")
@@ -85,6 +90,8 @@ def train(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, text
             model_cfg.text_dim = text_encoder.dim
         model = DPRModel(model_cfg)
         meta = {"dataset": dataset.stats(), "stages_done": [], "timings": {}}
+    if 3 in stages:
+        meta["auto"] = auto
     ctx = None
     if text_encoder is not None:
         bank = PromptBank(heldout=train_cfg.heldout_templates)
@@ -92,15 +99,24 @@ def train(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, text
         ctx = build_context(text_encoder, dataset.catalogue, bank)
         log(f"prompt table: {len(ctx.table.texts)} prompts and {dataset.num_items} item texts encoded "
             f"in {time.time() - t0:.1f}s")
+    titles = None
+    if ctx is not None and train_cfg.title_prompt_share > 0 and set(stages) & {2, 3}:
+        from dpr.train.title_prompts import TitlePrompts
+
+        t0 = time.time()
+        titles = TitlePrompts(text_encoder, dataset.catalogue)
+        log(f"title prompts: {int((titles.count > 0).sum())} of {len(titles.count)} tags have titled items "
+            f"(encoded in {time.time() - t0:.1f}s); share {train_cfg.title_prompt_share:g}")
     val = dataset.eval_users()[: val_users] if val_users else None
     results = meta.setdefault("stage_results", {})
     for stage in stages:
         if stage == 1:
             results["1"] = train_stage1(model, dataset, train_cfg, rng, val_users=None, log=log)
         elif stage == 2:
-            results["2"] = train_stage2(model, dataset, train_cfg, rng, ctx, log=log)
+            results["2"] = train_stage2(model, dataset, train_cfg, rng, ctx, log=log, titles=titles)
         elif stage == 3:
-            results["3"] = train_stage3(model, dataset, train_cfg, rng, ctx, val_users=val_users, log=log)
+            results["3"] = train_stage3(model, dataset, train_cfg, rng, ctx, val_users=val_users, log=log,
+                                        titles=titles)
         else:
             raise ValueError(f"unknown stage {stage}; stages are 1, 2, 3")
         meta["stages_done"] = sorted(set(meta.get("stages_done", [])) | {stage})

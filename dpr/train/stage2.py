@@ -25,7 +25,7 @@ def alignment_loss(p: torch.Tensor, item_table: torch.Tensor, positives: torch.T
 
 
 def train_stage2(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Generator, ctx,
-                 log=print) -> dict:
+                 log=print, titles=None) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     params = list(model.projection.parameters())
@@ -44,7 +44,10 @@ def train_stage2(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
             tags = rng.choice(usable, size=cfg.batch_size)
             pol = POLARITY_POSITIVE if rng.random() < 0.5 else POLARITY_NEGATIVE
             words = rng.integers(ctx.train_wordings[pol], size=cfg.batch_size)
-            p = model.project_prompt(table.lookup(pol, words, tags))
+            emb = table.lookup(pol, words, tags)
+            if titles is not None:
+                emb = titles.mix(emb, tags, rng, cfg.title_prompt_share)
+            p = model.project_prompt(emb)
             loss = alignment_loss(p, items, item_tags[:, tags].t(), cfg.align_temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()

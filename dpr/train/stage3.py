@@ -36,6 +36,14 @@ def steering_loss(logits: torch.Tensor, targets: torch.Tensor, forbidden: torch.
     return ce + neg_lambda * penalty.mean()
 
 
+def tag_mass_loss(logits: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -log(softmax mass on the ``wanted`` items) (B, N + 1 bool, at least one finite wanted
+    item per row): a positive prompt asks for the tag's items, all of the top-k, not only the one target."""
+    log_all = torch.logsumexp(logits, dim=1)
+    log_wanted = torch.logsumexp(logits.masked_fill(~wanted, float("-inf")), dim=1)
+    return (log_all - log_wanted).mean()
+
+
 def keep_order_loss(base_logits: torch.Tensor, steered_logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
     """Mean over rows of KL(p_base || p_steered), both softmaxes taken over the ``allowed`` items only
     (B, N + 1 bool; each row must allow at least one item). Zero when steering leaves the order and the
@@ -69,10 +77,19 @@ def check_stage3_config(cfg: TrainConfig) -> None:
     """Reject stage-3 settings that cannot train, before any work (the pipeline calls it up front)."""
     if cfg.neg_lambda < 0 or cfg.neg_keep_lambda < 0:
         raise ValueError(f"neg_lambda and neg_keep_lambda must be >= 0, got {cfg.neg_lambda} and {cfg.neg_keep_lambda}")
+    if cfg.stage3_epochs < 0 or cfg.stage3_steps_per_epoch < 0 or cfg.stage3_examples_per_user <= 0:
+        raise ValueError("stage3_epochs and stage3_steps_per_epoch must be >= 0 (0: chosen from the dataset) and "
+                         f"stage3_examples_per_user > 0, got {cfg.stage3_epochs}, {cfg.stage3_steps_per_epoch}, "
+                         f"{cfg.stage3_examples_per_user}")
+    if cfg.stage3_patience < 1 or not 0 <= cfg.neg_max_violation <= 1:
+        raise ValueError(f"stage3_patience must be >= 1 and neg_max_violation in [0, 1], got {cfg.stage3_patience} "
+                         f"and {cfg.neg_max_violation}")
+    if cfg.pos_lambda < 0 or cfg.pos_keep_lambda < 0:
+        raise ValueError(f"pos_lambda and pos_keep_lambda must be >= 0, got {cfg.pos_lambda} and {cfg.pos_keep_lambda}")
 
 
 def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Generator, ctx,
-                 validate: bool = True, val_users: int = 1000, log=print) -> dict:
+                 validate: bool = True, val_users: int = 1000, log=print, titles=None) -> dict:
     from dpr.eval.protocol import run_task
 
     check_stage3_config(cfg)
@@ -116,6 +133,9 @@ def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
                                  batch.pos_tag)
             t_neg = table.lookup(POLARITY_NEGATIVE, rng.integers(ctx.train_wordings[POLARITY_NEGATIVE], size=b),
                                  batch.neg_tag)
+            if titles is not None:
+                t_pos = titles.mix(t_pos, batch.pos_tag, rng, cfg.title_prompt_share)
+                t_neg = titles.mix(t_neg, batch.neg_tag, rng, cfg.title_prompt_share)
             presence = torch.from_numpy(np.stack([has_pos, has_neg], axis=1).astype(np.int64))
             h2 = model.steer(h, model.project_prompt(t_pos), model.project_prompt(t_neg), presence)
             logits = h2 @ model.item_table.t()
@@ -136,6 +156,21 @@ def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
                 with torch.no_grad():
                     base = h[neg_only] @ model.item_table.t()
                 loss = loss + cfg.neg_keep_lambda * keep_order_loss(base, steered, allowed)
+            with_pos = torch.from_numpy(has_pos)
+            if (cfg.pos_lambda or cfg.pos_keep_lambda) and bool(with_pos.any()):
+                steered = logits[with_pos]
+                wanted = item_tags[:, np.maximum(batch.pos_tag, 0)].t()[with_pos]
+                allowed = wanted & ~torch.where(torch.from_numpy(has_neg)[with_pos, None], forbidden[with_pos], False)
+                allowed &= torch.isfinite(steered)
+                keep = allowed.any(1)
+                if bool(keep.any()):
+                    steered, allowed = steered[keep], allowed[keep]
+                    if cfg.pos_lambda:
+                        loss = loss + cfg.pos_lambda * tag_mass_loss(steered, allowed)
+                    if cfg.pos_keep_lambda:
+                        with torch.no_grad():
+                            base = h[with_pos][keep] @ model.item_table.t()
+                        loss = loss + cfg.pos_keep_lambda * keep_order_loss(base, steered, allowed)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -155,7 +190,7 @@ def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
                 bad += 1
         history.append(row)
         bar.set_postfix(epoch=epoch + 1, loss=round(row["loss"], 4), score=round(row.get("score", 0.0), 4))
-        if bad >= cfg.patience:
+        if bad >= cfg.stage3_patience:
             log(f"stage 3: early stop at epoch {epoch + 1}")
             break
     bar.close()
@@ -163,4 +198,12 @@ def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
         model.load_state_dict(best_state, strict=False)
     model.eval()
     log(f"stage 3: best valid steering score {best:.4f} in {time.time() - t0:.0f}s")
-    return {"best_valid_score": best, "epochs": len(history), "seconds": time.time() - t0, "history": history}
+    out = {"best_valid_score": best, "epochs": len(history), "seconds": time.time() - t0, "history": history}
+    if cfg.stage3_calibrate and val_cases:
+        from dpr.train.calibrate import calibrate_shift_scales
+
+        out["calibration"] = cal = calibrate_shift_scales(model, dataset.catalogue, val_cases, ctx, seed=cfg.seed,
+                                                          max_violation=cfg.neg_max_violation)
+        log("stage 3: shift scales chosen on validation: "
+            + (", ".join(f"{t} x{c['scale']:g}" for t, c in cal.items() if isinstance(c, dict)) or str(cal)))
+    return out

@@ -1,0 +1,154 @@
+"""Stage-3 settings that adapt to the dataset (dpr.train.auto), the shift calibration on validation
+(dpr.train.calibrate), the positive tag-mass term, and steering on the catalogue shape that failed with
+fixed settings: one tag per item, short histories."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+
+class _DS:
+    """Just what dataset_profile reads."""
+
+    def __init__(self, users: int, items: int, tags: int, tags_per_item: int, history: int):
+        from dpr.data.dataset import Catalogue
+
+        it = [[f"t{(i + j) % tags}" for j in range(tags_per_item)] for i in range(items)]
+        self.catalogue = Catalogue(ids=[f"i{i}" for i in range(1, items + 1)], titles=["x"] * items, tags=it,
+                                   tag_names=[f"t{k}" for k in range(tags)])
+        self.sequences = [np.arange(1, history + 1)] * users
+        self.num_users, self.num_items = users, items
+
+
+@pytest.mark.parametrize("users,batch,steps,epochs", [
+    (4905, 128, 39, 59),      # Amazon Office's size: ceil(4905 / 128) = 39 steps; 60 * 4905 / (39 * 128) -> 59
+    (1000, 128, 20, 24),      # small: clamped up to 20 steps; 60 * 1000 / (20 * 128) -> 24
+    (100000, 128, 100, 300),  # large: clamped to 100 steps; 469 epochs clamped to 300
+])
+def test_stage3_budget_follows_the_dataset(users, batch, steps, epochs):
+    from dpr.config import TrainConfig
+    from dpr.train.auto import resolve
+
+    cfg, auto = resolve(TrainConfig(batch_size=batch), _DS(users, 50, 5, 1, 7))
+    assert cfg.stage3_steps_per_epoch == steps
+    assert cfg.stage3_epochs == epochs
+    assert set(auto["chosen"]) == {"stage3_steps_per_epoch", "stage3_epochs"}
+    assert auto["profile"]["users"] == users and auto["profile"]["tags_per_item"] == 1.0
+    assert auto["profile"]["mean_history"] == 7.0
+
+
+def test_explicit_budgets_are_kept_and_not_reported():
+    from dpr.config import TrainConfig
+    from dpr.train.auto import resolve
+
+    cfg = TrainConfig(stage3_epochs=7, stage3_steps_per_epoch=13)
+    got, auto = resolve(cfg, _DS(500, 50, 5, 2, 9))
+    assert dataclasses.asdict(got) == dataclasses.asdict(cfg) and auto["chosen"] == {}
+    assert auto["profile"]["tags_per_item"] == 2.0
+
+
+def test_bad_stage3_budgets_are_refused():
+    from dpr.config import TrainConfig
+    from dpr.train.stage3 import check_stage3_config
+
+    for bad in (dict(stage3_epochs=-1), dict(stage3_examples_per_user=0.0), dict(stage3_patience=0),
+                dict(neg_max_violation=1.5), dict(pos_lambda=-1.0)):
+        with pytest.raises(ValueError):
+            check_stage3_config(TrainConfig(**bad))
+
+
+def test_tag_mass_loss_is_minus_log_mass():
+    from dpr.train.stage3 import tag_mass_loss
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf")], [3.0, 0.0, 0.0, 0.0]])
+    wanted = torch.tensor([[False, True, True, True], [True, False, False, True]])
+    p = torch.softmax(logits, 1)
+    expect = -(torch.log((p * wanted).sum(1))).mean()
+    assert torch.allclose(tag_mass_loss(logits, wanted), expect)
+
+
+def test_scaling_a_polarity_scales_exactly_its_shift(tiny_checkpoint):
+    from dpr.checkpoint import load_checkpoint
+    from dpr.train.calibrate import scale_shift
+    from dpr.model.moe import POLARITY_NEGATIVE, POLARITY_POSITIVE
+
+    model = load_checkpoint(tiny_checkpoint).build_model().eval()
+    g = torch.Generator().manual_seed(0)
+    d = model.cfg.d
+    h = torch.randn(9, d, generator=g)
+    pp, pn = torch.randn(9, d, generator=g), torch.randn(9, d, generator=g)
+    only_pos = torch.tensor([[1, 0]] * 9)
+    only_neg = torch.tensor([[0, 1]] * 9)
+    with torch.no_grad():
+        dpos = model.steer(h, pp, pn, only_pos) - h
+        dneg = model.steer(h, pp, pn, only_neg) - h
+        scale_shift(model, POLARITY_POSITIVE, 1.7)
+        assert torch.allclose(model.steer(h, pp, pn, only_pos) - h, 1.7 * dpos, atol=1e-5)
+        assert torch.allclose(model.steer(h, pp, pn, only_neg) - h, dneg, atol=1e-6)   # untouched
+        scale_shift(model, POLARITY_NEGATIVE, 0.5)
+        assert torch.allclose(model.steer(h, pp, pn, only_neg) - h, 0.5 * dneg, atol=1e-5)
+
+
+def test_negative_scale_respects_the_violation_cap():
+    from dpr.train.calibrate import _pick_negative
+
+    rows = [(0.5, {"ndcg@10": 0.30, "violation@10": 0.12}), (1.0, {"ndcg@10": 0.29, "violation@10": 0.06}),
+            (2.0, {"ndcg@10": 0.27, "violation@10": 0.04}), (3.0, {"ndcg@10": 0.25, "violation@10": 0.01})]
+    assert _pick_negative(rows, 0.05) == 2.0                 # the best NDCG under the cap
+    assert _pick_negative(rows, 0.2) == 0.5
+    assert _pick_negative(rows, 0.0) == 3.0                  # none under the cap: the lowest violation
+
+
+def test_steering_holds_on_one_tag_items_with_short_histories(text_encoder):
+    """The shape that failed with fixed settings: every item has one tag, histories of 4-9 items. With the
+    adaptive defaults, positive steering must lift tag precision far above the unprompted backbone, and the
+    checkpoint must record what was chosen."""
+    from dpr.config import ModelConfig, TrainConfig
+    from dpr.data.cases import build_eval_cases
+    from dpr.data.synthetic import make_synthetic
+    from dpr.data.prompts import PromptBank
+    from dpr.eval.protocol import build_context, run_task
+    from dpr.train.pipeline import train
+
+    ds = make_synthetic(num_users=400, num_items=300, num_tags=6, seq_len=(5, 10), seed=1,
+                        tags_per_item=(1.0, 0.0, 0.0))
+    assert (ds.catalogue.item_tags[1:].sum(1) == 1).all()
+    ck = train(ds, ModelConfig(d=16, max_len=10, fusion_hidden=32, expert_hidden=32, num_heads=2),
+               TrainConfig(stage1_epochs=8, stage2_epochs=2, stage2_steps_per_epoch=30, batch_size=64,
+                           stage3_examples_per_user=40.0, lr=5e-3), text_encoder, log=lambda *a: None,
+               val_users=200)
+    chosen = ck.meta["auto"]["chosen"]
+    assert chosen["stage3_steps_per_epoch"]["value"] == ck.train_config.stage3_steps_per_epoch == 20
+    assert ck.train_config.stage3_epochs == chosen["stage3_epochs"]["value"] >= 10
+    assert ck.meta["stage_results"]["3"]["calibration"]["positive"]["scale"] > 0
+    model = ck.build_model().eval()
+    ctx = build_context(text_encoder, ds.catalogue, PromptBank())
+    cases = build_eval_cases(ds, "test", "positive", seed=0)
+    res = run_task(model, ds.catalogue, cases, ctx, heldout=True, methods=("backbone", "dpr"))
+    base, steered = res["backbone"]["tag_precision@10"], res["dpr"]["tag_precision@10"]
+    assert steered >= 2 * base and steered >= base + 0.15, res
+
+
+def test_title_prompts_replace_rows_with_titles_of_the_rows_tag(small_dataset, text_encoder):
+    from dpr.train.title_prompts import TitlePrompts
+
+    cat = small_dataset.catalogue
+    tp = TitlePrompts(text_encoder, cat)
+    rng = np.random.default_rng(0)
+    T = cat.item_tags.shape[1]
+    tags = np.array([k % T for k in range(200)] + [-1] * 20)
+    emb = torch.full((len(tags), text_encoder.dim), 7.0)
+    assert torch.equal(tp.mix(emb, tags, rng, 0.0), emb)                   # share 0: untouched
+    out = tp.mix(emb, tags, rng, 0.5)
+    replaced = ~(out == 7.0).all(1).numpy()
+    assert not replaced[tags < 0].any()                                    # no prompt stays no prompt
+    assert 0.3 < replaced[tags >= 0].mean() < 0.7                          # about the share
+    titles = text_encoder.encode(list(cat.titles))                         # row i is item i + 1
+    for r in np.flatnonzero(replaced):                                     # the title of an item of the row's tag
+        same = torch.isclose(titles, out[r], atol=1e-5).all(1).numpy()
+        assert (same & cat.item_tags[1:, tags[r]]).any()
+    assert torch.equal(tp.mix(emb, tags, rng, 1.0)[tags < 0], emb[tags < 0])

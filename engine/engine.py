@@ -293,8 +293,8 @@ class Engine:
         extra = be.describe()
         if "fused_reason" in extra:
             reason += f"; user encoder: {extra['fused_reason']}"
-        rname, retr = cls._make_retriever(export, retriever, dev, retriever_options or {})
-        reason += f"; retriever {rname!r}"
+        rname, retr, rwhy = cls._make_retriever(export, retriever, dev, retriever_options or {})
+        reason += f"; retriever {rname!r} ({rwhy})"
         log.info("dpr.engine: %s", reason)
         cache = prompt_cache if prompt_cache is not None else PromptCache(prompt_cache_size)
         return cls(export, be, retr, rname, dev, reason, cache, unknown_items, max_prompt_bytes,
@@ -355,19 +355,27 @@ class Engine:
 
     @staticmethod
     def _make_retriever(export, name: str, dev: str, opts: dict):
-        from dpr.engine.retrieval import available_retrievers, get_retriever
+        """(name, retriever, why): ``"auto"`` on the CPU is decided from the instruction set
+        (:func:`dpr.engine.retrieval.auto_cpu_retriever`: ``fused`` on AVX-512 / AVX2+FMA, else ONNX
+        Runtime); on a GPU ``torch`` (faiss on request)."""
+        from dpr.engine.retrieval import auto_cpu_retriever, available_retrievers, get_retriever
 
         avail = available_retrievers()
-        if name == "auto":   # CPU: the fused C++ pass, else ONNX Runtime; GPU: torch (faiss on request)
-            cpu_pick = next((r for r in ("fused", "onnxruntime") if r in avail), "torch")
-            name = cpu_pick if dev == "cpu" else "torch"
+        if name == "auto":
+            if dev == "cpu":
+                name, why = auto_cpu_retriever(avail)
+                why = f"auto on cpu: {why}"
+            else:
+                name, why = "torch", f"auto on {dev}"
         elif name not in avail:
             from dpr.engine.retrieval import RETRIEVERS
             if name not in RETRIEVERS:
                 raise BackendError(f"unknown retriever {name!r}; available: {', '.join(avail)}")
             raise BackendError(f"retriever {name!r} is not available here (missing dependency); "
                                f"available: {', '.join(avail)}")
-        return name, get_retriever(name, export.item_embeddings(), device=dev, **opts)
+        else:
+            why = "requested explicitly"
+        return name, get_retriever(name, export.item_embeddings(), device=dev, **opts), why
 
     @staticmethod
     def _make_id_index(ids: list[str]):

@@ -26,6 +26,8 @@ def _configure_gate(name: str, lib: ctypes.CDLL) -> None:
     lib.dpr_status_string.restype = ctypes.c_char_p
     lib.dpr_status_string.argtypes = [ctypes.c_int]
     if name == "cpu_lib":
+        lib.dpr_fused_moe_gate_cpu_isa.restype = ctypes.c_char_p
+        lib.dpr_fused_moe_gate_cpu_isa.argtypes = []
         for fn in (lib.dpr_fused_moe_gate_cpu_f32, lib.dpr_fused_moe_gate_cpu_f16):
             fn.restype = ctypes.c_int
             fn.argtypes = _ARGS + [ctypes.c_int]
@@ -67,6 +69,16 @@ def check_status(lib: ctypes.CDLL, code: int) -> None:
         if code == 7 and hasattr(lib, "dpr_cuda_last_error"):
             msg += ": " + lib.dpr_cuda_last_error().decode()
         raise KernelError(f"dpr::FusedMoEGate kernel failed (status {code}): {msg}")
+
+
+def isa() -> str:
+    """The vector path the CPU twin takes for float32 on this CPU: ``avx512f`` (d a multiple of 16; other
+    multiples of 8 take ``avx2``), ``avx2`` (d a multiple of 8), or ``generic`` (the header's loop).
+    ``DPR_GATE_ISA=generic`` / ``avx2`` caps it (read once per process)."""
+    lib = load("cpu_lib")
+    if lib is None:
+        raise KernelError("libdpr_kernels.so is not built: run python -m dpr.kernels.build")
+    return lib.dpr_fused_moe_gate_cpu_isa().decode()
 
 
 def call_cpu(ptrs: list[int], dtype: str, B: int, d: int, E: int, n: int, k: int, num_threads: int = 0) -> None:

@@ -22,6 +22,9 @@ extern "C" {
 
 int dpr_kernels_abi_version(void);
 const char* dpr_status_string(int code);
+// Vector path the CPU twin takes for float32 on this CPU: "avx512f" (d % 16 == 0; else as avx2),
+// "avx2" (d % 8 == 0) or "generic" (DPR_GATE_ISA=generic / avx2 caps it).
+const char* dpr_fused_moe_gate_cpu_isa(void);
 
 // CPU twin; num_threads <= 0 uses OpenMP's default.
 int dpr_fused_moe_gate_cpu_f32(const float* z, const float* w_router, const float* b_router,

@@ -1,13 +1,14 @@
 // CPU twin of the fused MoE gate: the per-row math of fused_moe_gate.h, OpenMP over rows.
 // Plain C ABI (ctypes-friendly); also linked into the ONNX Runtime custom-op library.
 //
-// float32 with d a multiple of 16 on an AVX-512 CPU takes a vector layout of the same math: the router
-// weight transposed once per call (E x d), so each router logit is a d-long dot product over zmm registers,
-// and the combine out = res + sum_r gate_r * y[sel_r] runs 16 lanes at a time. Selection and softmax are the
-// header's; only the order of the router's d additions differs (float rounding). The header's loop, built
-// for baseline x86-64, vectorises over the n experts of a group (4 SSE lanes at n = 4). 2-core Xeon, batch
-// 512, d 64, 4+4 experts, top-2: 26 -> 16 us per call (through ONNX Runtime 32 -> 24 us).
-// DPR_GATE_ISA=generic forces the header's loop (the tests run both).
+// float32 takes a vector layout of the same math when the CPU has it (cpu_isa.h, chosen once at run time):
+// AVX-512 for d a multiple of 16, else AVX2+FMA for d a multiple of 8. The router weight is transposed once
+// per call (E x d), so each router logit is a d-long dot product over vector registers (zmm or ymm), and
+// the combine out = res + sum_r gate_r * y[sel_r] runs 16 (8) lanes at a time. Selection and softmax are
+// the header's; only the order of the router's d additions differs (float rounding). The header's loop,
+// built for baseline x86-64, vectorises over the n experts of a group (4 SSE lanes at n = 4). 2-core Xeon,
+// batch 512, d 64, 4+4 experts, top-2: 26 -> 16 us per call (through ONNX Runtime 32 -> 24 us).
+// DPR_GATE_ISA=generic forces the header's loop, DPR_GATE_ISA=avx2 caps at AVX2 (the tests run all three).
 #include <stdint.h>
 
 #include <cstring>
@@ -58,6 +59,20 @@ __attribute__((target("avx512f,avx512dq"))) inline float hsum(__m512 v) {
   return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
 }
 
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 h) {
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  const __m128 p = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(p, _mm_movehdup_ps(p)));
+}
+
+// Selection + softmax of one row from its group's logits (the header's functions).
+inline void select_row(const float* logits, int n, int k, int* sel, float* gate) {
+  sel[0] = 0;
+  gate[0] = 0.f;
+  dpr_select_topk(logits, n, k, sel, gate);
+  dpr_softmax_topk(gate, k);
+}
+
 // Rows [r0, r1) with the transposed router weight wt (E x d), d % 16 == 0. Same contract as the header row.
 __attribute__((target("avx512f,avx512dq"))) void rows_avx512(const float* z, const float* wt, const float* bias,
                                                      const float* y, const int64_t* pol, const float* res,
@@ -87,10 +102,7 @@ __attribute__((target("avx512f,avx512dq"))) void rows_avx512(const float* z, con
     }
     int sel[DPR_MAX_TOP_K];
     float gate[DPR_MAX_TOP_K];
-    sel[0] = 0;
-    gate[0] = 0.f;
-    dpr_select_topk(logits, n, k, sel, gate);
-    dpr_softmax_topk(gate, k);
+    select_row(logits, n, k, sel, gate);
     const float* yr = y + r * E * d;
     for (int64_t i = 0; i < d; i += 16) {
       __m512 acc = _mm512_mul_ps(_mm512_set1_ps(gate[0]), _mm512_loadu_ps(yr + (off + sel[0]) * d + i));
@@ -101,14 +113,58 @@ __attribute__((target("avx512f,avx512dq"))) void rows_avx512(const float* z, con
   }
 }
 
-bool gate_avx512() {
-  static const bool yes = dpr_isa::avx512_enabled("DPR_GATE_ISA", true);
-  return yes;
+// The same with 8-lane ymm registers, d % 8 == 0 (AVX2 + FMA).
+__attribute__((target("avx2,fma"))) void rows_avx2(const float* z, const float* wt, const float* bias,
+                                                   const float* y, const int64_t* pol, const float* res,
+                                                   float* out, int64_t r0, int64_t r1, int64_t d, int64_t E,
+                                                   int n, int k) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* zr = z + r * d;
+    const float* rr = res + r * d;
+    float* o = out + r * d;
+    const int g = dpr_polarity_group(pol[r]);
+    if (g < 0) {
+      std::memcpy(o, rr, sizeof(float) * static_cast<size_t>(d));   // bit-exact copy
+      continue;
+    }
+    const int off = g * n;
+    float logits[DPR_MAX_EXPERTS_PER_POLARITY];
+    for (int j = 0; j < n; ++j) {
+      const float* wj = wt + static_cast<int64_t>(off + j) * d;
+      __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();    // two chains hide the FMA latency
+      int64_t i = 0;
+      for (; i + 16 <= d; i += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(zr + i), _mm256_loadu_ps(wj + i), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(zr + i + 8), _mm256_loadu_ps(wj + i + 8), a1);
+      }
+      if (i < d) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(zr + i), _mm256_loadu_ps(wj + i), a0);
+      logits[j] = bias[off + j] + hsum8(_mm256_add_ps(a0, a1));
+    }
+    int sel[DPR_MAX_TOP_K];
+    float gate[DPR_MAX_TOP_K];
+    select_row(logits, n, k, sel, gate);
+    const float* yr = y + r * E * d;
+    for (int64_t i = 0; i < d; i += 8) {
+      __m256 acc = _mm256_mul_ps(_mm256_set1_ps(gate[0]), _mm256_loadu_ps(yr + (off + sel[0]) * d + i));
+      for (int q = 1; q < k; ++q)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(gate[q]), _mm256_loadu_ps(yr + (off + sel[q]) * d + i), acc);
+      _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(rr + i), acc));
+    }
+  }
+}
+#endif
+
+// Chosen once per process; DPR_GATE_ISA=generic / avx2 caps it (cpu_isa.h).
+dpr_isa::Level gate_isa() {
+  static const dpr_isa::Level level = dpr_isa::level("DPR_GATE_ISA", true);
+  return level;
 }
 
-int run_f32_avx512(const float* z, const float* w, const float* b, const float* y, const int64_t* pol,
-                   const float* res, float* out, int64_t B, int64_t d, int64_t E, int64_t n, int64_t k,
-                   int num_threads) {
+#ifdef DPR_GATE_X86
+// The vector layout: rows_avx512 (d % 16 == 0) or rows_avx2 (d % 8 == 0), split over the threads.
+int run_f32_vec(bool avx512, const float* z, const float* w, const float* b, const float* y, const int64_t* pol,
+                const float* res, float* out, int64_t B, int64_t d, int64_t E, int64_t n, int64_t k,
+                int num_threads) {
   std::vector<float> wt;
   try {
     wt.resize(static_cast<size_t>(E * d));
@@ -126,9 +182,10 @@ int run_f32_avx512(const float* z, const float* w, const float* b, const float* 
   (void)num_threads;
   (void)work;
 #endif
+  const auto rows = avx512 ? rows_avx512 : rows_avx2;
 #pragma omp parallel for schedule(static) num_threads(parts) if (parts > 1)
   for (int p = 0; p < parts; ++p)
-    rows_avx512(z, wt.data(), b, y, pol, res, out, B * p / parts, B * (p + 1) / parts, d, E, (int)n, (int)k);
+    rows(z, wt.data(), b, y, pol, res, out, B * p / parts, B * (p + 1) / parts, d, E, (int)n, (int)k);
   return DPR_OK;
 }
 #endif
@@ -143,8 +200,13 @@ int run(const T* z, const T* w, const T* b, const T* y, const int64_t* pol, cons
   if (d > INT32_MAX) return DPR_ERR_TOO_LARGE;
 #ifdef DPR_GATE_X86
   if constexpr (std::is_same<T, float>::value) {
-    if (d % 16 == 0 && E * d <= (int64_t{1} << 24) && gate_avx512())
-      return run_f32_avx512(z, w, b, y, pol, res, out, B, d, E, n, k, num_threads);
+    const dpr_isa::Level isa = gate_isa();
+    if (E * d <= (int64_t{1} << 24)) {
+      if (isa == dpr_isa::kAvx512 && d % 16 == 0)
+        return run_f32_vec(true, z, w, b, y, pol, res, out, B, d, E, n, k, num_threads);
+      if (isa >= dpr_isa::kAvx2 && d % 8 == 0)   // also on AVX-512 CPUs when d is a multiple of 8 only
+        return run_f32_vec(false, z, w, b, y, pol, res, out, B, d, E, n, k, num_threads);
+    }
   }
 #endif
   switch (n) {  // common group sizes get a compile-time trip count for the router loop
@@ -164,6 +226,8 @@ extern "C" {
 int dpr_kernels_abi_version(void) { return DPR_KERNELS_ABI_VERSION; }
 
 const char* dpr_status_string(int code) { return dpr_status_message(code); }
+
+const char* dpr_fused_moe_gate_cpu_isa(void) { return dpr_isa::level_name(gate_isa()); }
 
 int dpr_fused_moe_gate_cpu_f32(const float* z, const float* w_router, const float* b_router,
                                const float* expert_out, const int64_t* polarity, const float* residual,

@@ -6,7 +6,7 @@
 // candidates that beat it (about k * ln(N / k) per row) leave the registers, to be checked against the
 // row's exclusion list and allowed mask and pushed into a size-k heap. Exact by construction.
 //
-// No framework types; the ISA-specific tile (AVX-512) lives in score_topk_cpu.cc and plugs into
+// No framework types; the ISA-specific tiles (AVX-512, AVX2+FMA) live in score_topk_cpu.cc and plug into
 // run_partition() through the Tile template parameter.
 #pragma once
 

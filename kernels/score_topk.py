@@ -52,7 +52,8 @@ def _check(lib: ctypes.CDLL, status: int) -> None:
 
 
 def isa() -> str:
-    """The instruction set the kernel dispatches to on this CPU (``avx512f`` or ``generic``)."""
+    """The instruction set the kernel dispatches to on this CPU: ``avx512f``, ``avx2`` (AVX2 + FMA) or
+    ``generic``; ``DPR_TOPK_ISA=generic`` / ``avx2`` caps it (read once per process)."""
     return _require().dpr_score_topk_isa().decode()
 
 

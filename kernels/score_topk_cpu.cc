@@ -1,11 +1,16 @@
-// Fused score + top-k on the CPU: the AVX-512 tile, the runtime ISA dispatch, the OpenMP partition and
-// the C ABI (score_topk_api.h). Selection logic and the portable tile: score_topk.h.
+// Fused score + top-k on the CPU: the AVX-512 and AVX2+FMA tiles, the runtime ISA dispatch, the OpenMP
+// partition and the C ABI (score_topk_api.h). Selection logic and the portable tile: score_topk.h.
 //
 // The AVX-512 tile keeps a 12-row x 32-item block of scores in 24 zmm accumulators (one FMA per
 // accumulator per table dimension, the query scalar broadcast from memory), then compares each row's
 // two vectors with its threshold in registers: only rows with a hit store their scores. The binary is
-// built for the baseline x86-64 ISA; the AVX-512 code is compiled per function (target attribute) and
-// chosen at run time, so one cached library works on any x86-64 CPU.
+// built for the baseline x86-64 ISA; the AVX-512 and AVX2 code is compiled per function (target attribute)
+// and chosen at run time (cpu_isa.h: AVX-512 when present, else AVX2+FMA, else the portable tile), so one
+// cached library works on any x86-64 CPU.
+//
+// The AVX2 tile has 16 ymm registers: it scores the panel in two 16-item halves, each a 6-row x 16-item
+// block in 12 accumulators (two panel vectors loaded, one query scalar broadcast per row), the classic
+// 6x16 AVX2 micro-kernel shape. Scores are stored for both halves and compared in registers.
 #include <omp.h>
 
 #include <new>
@@ -56,27 +61,76 @@ struct Avx512Tile {
   }
 };
 
+template <int R>
+struct Avx2Tile {
+  __attribute__((target("avx2,fma"))) static void run(const float* q, int64_t d, const float* panel, const float* thr,
+                                                      float* cand, uint32_t* hit) {
+#pragma GCC unroll 6
+    for (int r = 0; r < R; ++r) hit[r] = 0;
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {            // items [16 h, 16 h + 16) of the panel
+      const float* ph = panel + 16 * h;
+      __m256 a0[R], a1[R];
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        a0[r] = _mm256_setzero_ps();
+        a1[r] = _mm256_setzero_ps();
+      }
+#pragma GCC unroll 2
+      for (int64_t c = 0; c < d; ++c) {
+        const __m256 w0 = _mm256_loadu_ps(ph + c * kPanel);
+        const __m256 w1 = _mm256_loadu_ps(ph + c * kPanel + 8);
+#pragma GCC unroll 6
+        for (int r = 0; r < R; ++r) {
+          const __m256 qv = _mm256_broadcast_ss(q + r * d + c);
+          a0[r] = _mm256_fmadd_ps(qv, w0, a0[r]);
+          a1[r] = _mm256_fmadd_ps(qv, w1, a1[r]);
+        }
+      }
+#pragma GCC unroll 6
+      for (int r = 0; r < R; ++r) {
+        const __m256 t = _mm256_set1_ps(thr[r]);
+        const uint32_t m = static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(a0[r], t, _CMP_GT_OQ))) |
+                           (static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(a1[r], t, _CMP_GT_OQ))) << 8);
+        hit[r] |= m << (16 * h);
+        _mm256_storeu_ps(cand + r * kPanel + 16 * h, a0[r]);
+        _mm256_storeu_ps(cand + r * kPanel + 16 * h + 8, a1[r]);
+      }
+    }
+  }
+};
+
 #endif
 
 constexpr int kRowsAvx512 = 12;
+constexpr int kRowsAvx2 = 6;
 constexpr int kRowsGeneric = 4;
 
-static void run_any(bool avx512, const float* queries, int64_t d, const float* packed, int64_t n_items, int64_t r0,
-                    int64_t r1, int64_t p0, int64_t p1, const Eligibility& el, RunningTopK* tops) {
+static int block_rows(dpr_isa::Level isa) {
+  return isa == dpr_isa::kAvx512 ? kRowsAvx512 : isa == dpr_isa::kAvx2 ? kRowsAvx2 : kRowsGeneric;
+}
+
+static void run_any(dpr_isa::Level isa, const float* queries, int64_t d, const float* packed, int64_t n_items,
+                    int64_t r0, int64_t r1, int64_t p0, int64_t p1, const Eligibility& el, RunningTopK* tops) {
 #ifdef DPR_TOPK_X86
-  if (avx512) {
+  if (isa == dpr_isa::kAvx512) {
     run_partition<kRowsAvx512, Avx512Tile>(queries, d, packed, n_items, r0, r1, p0, p1, el, tops);
     return;
   }
+  if (isa == dpr_isa::kAvx2) {
+    run_partition<kRowsAvx2, Avx2Tile>(queries, d, packed, n_items, r0, r1, p0, p1, el, tops);
+    return;
+  }
 #endif
-  (void)avx512;
+  (void)isa;
   run_partition<kRowsGeneric, GenericTile>(queries, d, packed, n_items, r0, r1, p0, p1, el, tops);
 }
 
-// DPR_TOPK_ISA=generic forces the portable tile (tests run both paths on an AVX-512 machine)
-static bool use_avx512() {
-  static const bool yes = dpr_isa::avx512_enabled("DPR_TOPK_ISA", false);
-  return yes;
+// Chosen once per process. DPR_TOPK_ISA=generic / avx2 caps the level (the tests run every path on an
+// AVX-512 machine).
+static dpr_isa::Level topk_isa() {
+  static const dpr_isa::Level level = dpr_isa::level("DPR_TOPK_ISA", false);
+  return level;
 }
 
 }  // namespace dpr_topk
@@ -96,7 +150,7 @@ const char* dpr_score_topk_status_string(int status) {
   }
 }
 
-const char* dpr_score_topk_isa(void) { return use_avx512() ? "avx512f" : "generic"; }
+const char* dpr_score_topk_isa(void) { return dpr_isa::level_name(topk_isa()); }
 
 int dpr_score_topk_pack_f32(const float* table, int64_t n_items, int64_t d, float* packed) {
   if (table == nullptr || packed == nullptr) return DPR_TOPK_NULL_POINTER;
@@ -134,8 +188,8 @@ int dpr_score_topk_f32(const float* queries, int64_t batch, int64_t d, const flo
   const Eligibility el{excl_offsets, excl_items, allowed, allowed_row_stride};
   const int64_t panels = (n_items + kPanel - 1) / kPanel;
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
-  const bool avx512 = use_avx512();
-  const int64_t rows_per_block = avx512 ? kRowsAvx512 : kRowsGeneric;
+  const dpr_isa::Level isa = topk_isa();
+  const int64_t rows_per_block = block_rows(isa);
   // Split the rows when there are enough query blocks for every thread; else split the catalogue (small
   // batches, e.g. one latency-bound request) and merge the per-part heaps.
   const int64_t parts = (batch >= 2 * rows_per_block * threads || threads == 1)
@@ -158,13 +212,13 @@ int dpr_score_topk_f32(const float* queries, int64_t batch, int64_t d, const flo
     for (int t = 0; t < threads; ++t) {
       const int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
       const int64_t r0 = std::min(batch, b0 * rows_per_block), r1 = std::min(batch, b1 * rows_per_block);
-      if (r0 < r1) run_any(avx512, queries, d, packed, n_items, r0, r1, 0, panels, el, tops.data() + r0);
+      if (r0 < r1) run_any(isa, queries, d, packed, n_items, r0, r1, 0, panels, el, tops.data() + r0);
     }
   } else {
 #pragma omp parallel for num_threads(static_cast<int>(parts)) schedule(static)
     for (int64_t part = 0; part < parts; ++part) {
       const int64_t p0 = panels * part / parts, p1 = panels * (part + 1) / parts;
-      run_any(avx512, queries, d, packed, n_items, 0, batch, p0, p1, el, tops.data() + part * batch);
+      run_any(isa, queries, d, packed, n_items, 0, batch, p0, p1, el, tops.data() + part * batch);
     }
   }
 

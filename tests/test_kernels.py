@@ -5,6 +5,7 @@ Everything is checked against ``dpr.model.moe.moe_gate_reference`` computed in f
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -135,6 +136,58 @@ def test_generic_build_matches_the_avx512_path(built):
         outs[isa] = json.loads(proc.stdout.strip().splitlines()[-1])
     for d in outs[""]:
         np.testing.assert_allclose(outs["generic"][d], outs[""][d], rtol=1e-5, atol=1e-5)
+
+
+# (B, d, n, k): d a multiple of 16 (AVX-512 layout), of 8 only (AVX2 layout, also on AVX-512 CPUs), of neither
+# (the header's loop); d = 8 is a single ymm; B = 12000 at d = 64 is above the OpenMP threshold (threaded split).
+GATE_ISA_CASES = ((257, 64, 4, 2), (9, 48, 3, 3), (33, 40, 4, 2), (17, 24, 2, 1), (5, 8, 5, 4), (11, 100, 4, 1),
+                  (7, 13, 4, 4), (12000, 64, 4, 2))
+
+
+def test_avx2_path_matches_the_generic_and_avx512_paths(built, tmp_path):
+    """DPR_GATE_ISA=generic, avx2 and unset (AVX-512 here), each in a child process (-P, cwd tests/), give the
+    reference's outputs and agree with each other up to the float rounding of the router sum; where two
+    settings must take the same code (d not a multiple of 8: the header's loop; d a multiple of 8 but not 16:
+    the AVX2 layout on an AVX-512 CPU) the outputs are bit-identical."""
+    import subprocess
+    import sys
+
+    code = ("import json, sys, numpy as np\n"
+            "from dpr.kernels import capi\n"
+            "from test_kernels import make_case, GATE_ISA_CASES\n"
+            "out = {}\n"
+            "for B, d, n, k in GATE_ISA_CASES:\n"
+            "    x = make_case(B, d, n, seed=B + d, dtype=np.float32)\n"
+            "    out[f'{B}_{d}'] = capi.fused_moe_gate_numpy(*x.values(), n, k, num_threads=2)\n"
+            "np.savez(sys.argv[1], **out)\n"
+            "print(json.dumps({'isa': capi.isa()}))\n")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))    # tests/ only: never the repository root
+    outs, isas = {}, {}
+    for isa in ("generic", "avx2", ""):
+        path = tmp_path / f"gate_{isa or 'default'}.npz"
+        env = dict(os.environ, DPR_GATE_ISA=isa, PYTHONPATH=tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = subprocess.run([sys.executable, "-P", "-c", code, str(path)], env=env, capture_output=True, text=True,
+                              timeout=180, cwd=tests_dir)
+        assert proc.returncode == 0, proc.stderr
+        isas[isa] = json.loads(proc.stdout.strip().splitlines()[-1])["isa"]
+        with np.load(path) as f:
+            outs[isa] = {key: f[key] for key in f.files}
+    assert isas["generic"] == "generic"
+    if isas[""] == "generic":
+        pytest.skip("this CPU has neither AVX2+FMA nor AVX-512: only the header's loop runs")
+    assert isas["avx2"] == "avx2"
+    for B, d, n, k in GATE_ISA_CASES:
+        key = f"{B}_{d}"
+        x = make_case(B, d, n, seed=B + d, dtype=np.float32)
+        for isa in ("generic", "avx2", ""):
+            check(outs[isa][key], x, n, k, np.float32)
+        np.testing.assert_allclose(outs["avx2"][key], outs["generic"][key], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(outs[""][key], outs["avx2"][key], rtol=1e-5, atol=1e-5)
+        if d % 8:
+            assert np.array_equal(outs["avx2"][key], outs["generic"][key]), "d % 8 != 0 must take the header's loop"
+            assert np.array_equal(outs[""][key], outs["generic"][key])
+        elif d % 16 or isas[""] == "avx2":
+            assert np.array_equal(outs[""][key], outs["avx2"][key]), "d % 16 != 0 must take the AVX2 layout"
 
 
 def test_ties_go_to_lower_index(built):

@@ -416,3 +416,48 @@ def test_malformed_exclusions_are_named(bad, match):
     r = get_retriever("torch", table)
     with pytest.raises(InputError, match=match):
         r.search(np.ones((4, 8), np.float32), 3, exclude=bad(4))
+
+
+def test_auto_cpu_retriever_is_decided_from_the_isa_and_says_why():
+    """retriever="auto" on the CPU: fused on AVX-512 / AVX2+FMA, ONNX Runtime when the fused kernel would run
+    its portable tile (several times slower there), with the reason in words; unbuilt kernel / no ORT."""
+    from dpr.engine.retrieval import auto_cpu_retriever
+
+    both = ["torch", "onnxruntime", "fused"]
+    for isa in ("avx512f", "avx2"):
+        name, why = auto_cpu_retriever(both, isa)
+        assert name == "fused" and why == f"the fused kernel runs its {isa} tile on this CPU"
+    name, why = auto_cpu_retriever(both, "generic")
+    assert name == "onnxruntime" and "generic tile" in why and "no AVX2+FMA or AVX-512" in why \
+        and "ONNX Runtime's MatMul + TopK is faster" in why
+    assert auto_cpu_retriever(["torch", "fused"], "generic")[0] == "fused"
+    name, why = auto_cpu_retriever(["torch", "onnxruntime"])
+    assert name == "onnxruntime" and "not built" in why
+    assert auto_cpu_retriever(["torch"])[0] == "torch"
+    if _HAS["fused"]:   # default: the kernel's own report on this CPU
+        name, why = auto_cpu_retriever(both)
+        assert (name == "fused") == (score_topk.isa() != "generic") and score_topk.isa() in why
+
+
+@pytest.mark.skipif(not (_HAS["fused"] and _HAS["onnxruntime"]), reason="needs the fused kernel and onnxruntime")
+def test_auto_cpu_retriever_follows_the_forced_isa():
+    """In a child process (-P, cwd tests/) with DPR_TOPK_ISA forced: generic -> onnxruntime, avx2 -> fused
+    (where the CPU has AVX2+FMA)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json\nfrom dpr.engine.retrieval import auto_cpu_retriever, available_retrievers\n"
+            "from dpr.kernels import score_topk\n"
+            "print(json.dumps([score_topk.isa(), *auto_cpu_retriever(available_retrievers())]))\n")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    got = {}
+    for isa in ("generic", "avx2"):
+        proc = subprocess.run([sys.executable, "-P", "-c", code], env=dict(os.environ, DPR_TOPK_ISA=isa),
+                              capture_output=True, text=True, timeout=180, cwd=tests_dir)
+        assert proc.returncode == 0, proc.stderr
+        got[isa] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["generic"][:2] == ["generic", "onnxruntime"] and "generic tile" in got["generic"][2]
+    if got["avx2"][0] == "avx2":
+        assert got["avx2"][1] == "fused" and "avx2 tile" in got["avx2"][2]

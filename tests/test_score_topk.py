@@ -1,6 +1,6 @@
 """The fused score + top-k kernel (kernels/score_topk*.{h,cc}) against the plain PyTorch reference:
-``torch.topk(q @ table[1:].T)`` with the filters applied to the score matrix. Both ISA paths (AVX-512
-tile, portable tile), every thread partition (row split, catalogue split), odd sizes."""
+``torch.topk(q @ table[1:].T)`` with the filters applied to the score matrix. Every ISA path (AVX-512
+tile, AVX2+FMA tile, portable tile), every thread partition (row split, catalogue split), odd sizes."""
 
 from __future__ import annotations
 
@@ -125,6 +125,16 @@ def test_rejects_malformed_arguments():
         score_topk.score_topk(q, packed, 10, 0)
 
 
+def _child(code: str, env_extra: dict) -> dict:
+    """Run ``code`` in a fresh interpreter (-P, cwd tests/: never the repository root on sys.path), with the
+    ISA forced through the environment (the kernel reads it once per process); its last stdout line is JSON."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.run([sys.executable, "-P", "-c", code], env=dict(os.environ, **env_extra), capture_output=True,
+                          text=True, timeout=180, cwd=tests_dir)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def test_portable_tile_matches_the_avx512_tile():
     """The portable tile (forced with DPR_TOPK_ISA=generic, in a child process since the ISA is chosen once)
     returns the same items as the default path on the same inputs."""
@@ -133,15 +143,73 @@ def test_portable_tile_matches_the_avx512_tile():
             "q = rng.standard_normal((29, 40), dtype=np.float32)\n"
             "i, v = s.score_topk(q, s.pack(t), 2049, 17, np.arange(30) * 3, np.arange(1, 88), None, threads=2)\n"
             "print(json.dumps({'isa': s.isa(), 'i': i.tolist(), 'v': v.tolist()}))\n")
-    outs = {}
-    for isa in ("generic", ""):
-        env = dict(os.environ, DPR_TOPK_ISA=isa)
-        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr
-        outs[isa] = json.loads(proc.stdout.strip().splitlines()[-1])
+    outs = {isa: _child(code, {"DPR_TOPK_ISA": isa}) for isa in ("generic", "")}
     assert outs["generic"]["isa"] == "generic"
     np.testing.assert_array_equal(outs["generic"]["i"], outs[""]["i"])
     np.testing.assert_allclose(outs["generic"]["v"], outs[""]["v"], rtol=1e-5, atol=1e-5)
+
+
+# Inputs of the ISA comparison, built the same way in the child processes and here (numpy only): odd d (not a
+# multiple of 8 or 16, and 1), item counts off the 32-item panel, k above some rows' eligible items (and above
+# N), history exclusions, shared and per-row allowed masks, both thread partitions (row split, catalogue split).
+_ISA_CASES = """
+import numpy as np
+def isa_cases():
+    out = []
+    for c, (n, d, b, k, threads, filt) in enumerate([
+            (1000, 37, 29, 17, 2, "excl+shared"), (2049, 100, 13, 50, 1, "per-row"), (95, 9, 7, 120, 3, "excl"),
+            (4099, 67, 61, 25, 2, "excl+per-row"), (33, 1, 5, 3, 1, None), (500, 16, 12, 10, 2, "shared"),
+            (333, 24, 50, 7, 2, "excl"), (1, 3, 2, 4, 1, None)]):
+        rng = np.random.default_rng(100 + c)
+        table = rng.standard_normal((n + 1, d), dtype=np.float32)
+        q = rng.standard_normal((b, d), dtype=np.float32)
+        off = items = allowed = None
+        if filt and "excl" in filt:
+            rows = [np.unique(rng.integers(1, n + 1, int(rng.integers(0, n // 3 + 2)))) for _ in range(b)]
+            off = np.concatenate(([0], np.cumsum([r.size for r in rows]))).astype(np.int64)
+            items = np.concatenate(rows).astype(np.int64)
+        if filt and "shared" in filt:
+            allowed = rng.random(n + 1) < 0.6
+        if filt and "per-row" in filt:
+            allowed = rng.random((b, n + 1)) < rng.uniform(0.005, 0.9, (b, 1))
+            allowed[0] = False
+            allowed[0, 1:4] = True                   # row 0: 3 eligible items, fewer than k
+        out.append((table, q, k, threads, off, items, allowed))
+    return out
+"""
+
+
+def test_avx2_tile_matches_the_portable_and_avx512_tiles():
+    """Every ISA path (DPR_TOPK_ISA=generic, avx2, unset = AVX-512 here), each in its own child process,
+    returns the same items as the others and as the torch reference, on odd sizes with filters. AVX2 and
+    AVX-512 do the same FMAs in the same order: their scores are bit-identical; the portable tile's differ
+    by float rounding only."""
+    code = (_ISA_CASES + "import json\nfrom dpr.kernels import score_topk as s\nres = []\n"
+            "for table, q, k, threads, off, items, allowed in isa_cases():\n"
+            "    i, v = s.score_topk(q, s.pack(table), table.shape[0] - 1, k, off, items, allowed, threads=threads)\n"
+            "    res.append([i.tolist(), v.tolist()])\n"
+            "print(json.dumps({'isa': s.isa(), 'res': res}))\n")
+    outs = {isa: _child(code, {"DPR_TOPK_ISA": isa}) for isa in ("generic", "avx2", "")}
+    assert outs["generic"]["isa"] == "generic"
+    best = outs[""]["isa"]
+    if best == "generic":
+        pytest.skip("this CPU has neither AVX2+FMA nor AVX-512: only the portable tile runs")
+    assert outs["avx2"]["isa"] == "avx2"
+    ns: dict = {}
+    exec(_ISA_CASES, ns)
+    for c, (table, q, k, threads, off, items, allowed) in enumerate(ns["isa_cases"]()):
+        exclude = None if off is None else [items[off[b]:off[b + 1]] for b in range(q.shape[0])]
+        ref = reference(q, table, k, exclude, allowed)
+        gen_i, gen_v = (np.asarray(a) for a in outs["generic"]["res"][c])
+        for isa in ("avx2", ""):
+            got_i, got_v = (np.asarray(a) for a in outs[isa]["res"][c])
+            np.testing.assert_array_equal(got_i, gen_i, err_msg=f"case {c}, {isa or best} vs generic")
+            np.testing.assert_allclose(got_v, gen_v, rtol=1e-5, atol=1e-5)
+            assert_matches((got_i.astype(np.int64), got_v.astype(np.float32)), ref)
+        if c in (1, 2, 7):                           # k above some rows' eligible items: -1 padding
+            assert (gen_i == -1).any()
+        if best == "avx512f":
+            np.testing.assert_array_equal(outs["avx2"]["res"][c][1], outs[""]["res"][c][1])    # same FMA order
 
 
 def test_retriever_large_k_and_closed():

@@ -11,8 +11,8 @@ masks are exact; rows with fewer than ``k`` eligible items are padded with index
 Built-in names (imported lazily, so a missing optional package only matters when used):
 
 * ``"torch"``: tiled matmul + running top-k, CPU or CUDA (always available);
-* ``"fused"``: one C++ pass of scoring + running top-k with the filters applied inside (AVX-512; the
-  fastest exact CPU path; needs ``python -m dpr.kernels.build``);
+* ``"fused"``: one C++ pass of scoring + running top-k with the filters applied inside (AVX-512 or
+  AVX2+FMA, chosen at run time; the fastest exact CPU path on those; needs ``python -m dpr.kernels.build``);
 * ``"onnxruntime"``: in-memory MatMul + TopK graph;
 * ``"faiss"``: ``IndexFlatIP``, CPU or GPU.
 """
@@ -33,7 +33,7 @@ from .base import DeviceError, Filters, Retriever
 
 __all__ = [
     "RETRIEVERS", "Retriever", "DeviceError", "Filters", "get_retriever", "available_retrievers",
-    "register_retriever", "retriever_class",
+    "register_retriever", "retriever_class", "auto_cpu_retriever",
 ]
 
 Factory = Union[str, Callable[..., Retriever]]
@@ -103,3 +103,30 @@ def available_retrievers() -> list[str]:
             continue
         out.append(name)
     return out
+
+
+#: instruction sets of the fused kernel's vector tiles (``dpr.kernels.score_topk.isa()``); on any other
+#: (the portable tile: baseline x86-64, or not x86) ONNX Runtime's MatMul + TopK is faster
+FUSED_FAST_ISAS = ("avx512f", "avx2")
+
+
+def auto_cpu_retriever(avail: list[str], isa: str | None = None) -> tuple[str, str]:
+    """The CPU retriever ``retriever="auto"`` picks, decided from the instruction set (no timing at load),
+    and why: ``fused`` when the kernel has its AVX-512 or AVX2+FMA tile on this CPU; on a CPU with
+    neither, ``onnxruntime`` (its MatMul uses MLAS's own ISA dispatch; the fused kernel's portable tile is
+    several times slower there), else ``fused`` or ``torch``. ``isa`` defaults to the kernel's own report
+    (``dpr.kernels.score_topk.isa()``, which honours ``DPR_TOPK_ISA``)."""
+    if "fused" in avail:
+        if isa is None:
+            from dpr.kernels import score_topk
+
+            isa = score_topk.isa()
+        if isa in FUSED_FAST_ISAS:
+            return "fused", f"the fused kernel runs its {isa} tile on this CPU"
+        if "onnxruntime" in avail:
+            return "onnxruntime", (f"the fused kernel would run its {isa} tile here (no AVX2+FMA or AVX-512): "
+                                   "ONNX Runtime's MatMul + TopK is faster")
+        return "fused", f"the fused kernel runs its {isa} tile (ONNX Runtime is not installed)"
+    if "onnxruntime" in avail:
+        return "onnxruntime", "the fused kernel is not built (python -m dpr.kernels.build)"
+    return "torch", "neither the fused kernel nor ONNX Runtime is available"

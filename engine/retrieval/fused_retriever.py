@@ -1,13 +1,14 @@
 """Exact top-k in one fused pass: score + running top-k + exclusion/allowed filters (C++, CPU).
 
 The catalogue is packed once into 32-item panels (:func:`dpr.kernels.score_topk.pack`). Each call scores
-12-query x 32-item tiles in AVX-512 registers and keeps only the scores that beat a row's running k-th
-best; those few candidates are checked against the row's history and allowed mask before they enter
-its heap. So filtering costs nothing extra: no over-fetch, no re-fetch of short rows, no subset
-fallback, and the B x N score matrix is never written. Exact for any filter, by construction.
+12-query x 32-item tiles in AVX-512 registers (6-query x 16-item halves with AVX2+FMA) and keeps only the
+scores that beat a row's running k-th best; those few candidates are checked against the row's history
+and allowed mask before they enter its heap. So filtering costs nothing extra: no over-fetch, no re-fetch
+of short rows, no subset fallback, and the B x N score matrix is never written. Exact for any filter, by construction.
 
-Needs ``libdpr_score_topk.so`` (``python -m dpr.kernels.build``, g++ only); CPU only. Machines
-without AVX-512 run the portable tile from ``kernels/score_topk.h`` (correct, slower).
+Needs ``libdpr_score_topk.so`` (``python -m dpr.kernels.build``, g++ only); CPU only. The tile is chosen
+at run time (AVX-512, else AVX2+FMA; ``self.isa``); machines with neither run the portable tile from
+``kernels/score_topk.h`` (correct, several times slower: ``retriever="auto"`` takes ONNX Runtime there).
 """
 
 from __future__ import annotations

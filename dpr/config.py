@@ -98,10 +98,10 @@ class TrainConfig:
     neg_keep_lambda: float = 1.0       # negative-only rows: weight of KL(backbone || steered) over the items the
                                        # prompt allows, so suppressing a tag keeps the backbone's order elsewhere
     pos_lambda: float = 1.0            # rows with a positive prompt: weight of -log(softmax mass on the tag's items)
-    pos_keep_lambda: float = 1.0       # rows with a positive prompt: weight of KL(backbone || steered) over the items
+    pos_keep_lambda: float = 3.0       # rows with a positive prompt: weight of KL(backbone || steered) over the items
                                        # the request allows (the tag's items, minus a negative tag's), so steering
                                        # toward a tag keeps the backbone's order inside it (hard_filter's order)
-    title_prompt_share: float = 0.0    # stages 2-3: share of prompts replaced by the title of an item of the tag
+    title_prompt_share: float = 0.3    # stages 2-3: share of prompts replaced by the title of an item of the tag
                                        # (dpr.train.title_prompts), so meaning carries, not only the tag's name
     mix_positive: float = 0.4          # share of positive / negative / compound examples in stage 3
     mix_negative: float = 0.4

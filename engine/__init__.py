@@ -10,6 +10,7 @@ if __name__ != "dpr.engine":  # imported as the bare name 'engine': never this f
 
     defer_to_installed(__name__, __file__)
 else:
+    from .batch import RequestBatch, ResultBatch  # noqa: F401
     from .engine import Engine, Recommendation, Recommendations, Request  # noqa: F401
     from .errors import BackendError, ClosedError, ExportFolderError, OverloadedError  # noqa: F401
     from .manifest import ExportFolder, load_export  # noqa: F401
@@ -21,5 +22,6 @@ else:
             return DynamicBatcher
         raise AttributeError(name)
 
-    __all__ = ["Engine", "Recommendation", "Recommendations", "Request", "DynamicBatcher", "OverloadedError",
+    __all__ = ["Engine", "Recommendation", "Recommendations", "Request", "RequestBatch", "ResultBatch",
+               "DynamicBatcher", "OverloadedError",
                "BackendError", "ClosedError", "ExportFolderError", "ExportFolder", "load_export", "PromptCache"]

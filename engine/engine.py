@@ -32,6 +32,7 @@ import numpy as np
 from dpr.errors import DPRError, InputError
 
 from .backends import AUTO_ORDER, backend_class, cuda_available
+from .batch import ID_FORMS, RequestBatch, ResultBatch
 from .retrieval.base import Exclusions
 from .errors import BackendError
 from .manifest import ExportFolder, load_export
@@ -764,6 +765,160 @@ class Engine:
         batch = self._validated_batch(histories, prompts, negative_prompts, k, exclude_history, hard_filter)
         return self._run_batch(batch, timings)
 
+    # ---- the columnar batch API --------------------------------------------------------------------
+    def recommend_batch(self, batch: RequestBatch, timings: dict | None = None) -> ResultBatch:
+        """Recommend for a :class:`~dpr.engine.batch.RequestBatch` (histories as one flat array plus row
+        offsets, ids or catalogue indices; prompt columns; one ``k``). The batch is checked once, column by
+        column (``InputError`` naming the row), then runs the same pipeline as :meth:`recommend`: the same
+        requests give the same items and scores. Returns a :class:`~dpr.engine.batch.ResultBatch`:
+        ``indices`` (B, k) int64 catalogue indices (short rows padded with 0, score -inf), ``scores`` (B, k)
+        float32, ``counts`` (B,) int64; ``ids`` / ``titles`` / ``tags`` looked up on first use."""
+        vb = self._validated_request_batch(batch)
+        idx, sc, mask = self._search_batch(vb, timings)
+        k = vb.ks[0]
+        idx, sc = idx[:, :k], sc[:, :k]
+        valid = idx > 0
+        counts = valid.sum(axis=1).astype(np.int64)
+        if not valid.all():
+            idx = np.where(valid, idx, 0)
+            sc = np.where(valid, sc, np.float32(-np.inf))
+        # owned, C-contiguous, writable: torch.from_numpy / DLPack take them as they are
+        idx = np.require(idx, np.int64, ("C", "W", "O"))
+        sc = np.require(sc, np.float32, ("C", "W", "O"))
+        reasons: list = [None] * len(counts)
+        for i in np.flatnonzero(counts < k).tolist():
+            reasons[i] = self._short_reason(vb, i, int(counts[i]), mask)
+        return ResultBatch(idx, sc, counts, k, reasons, self._ids_obj, self._titles_obj, self._tags_obj)
+
+    def _validated_request_batch(self, rb) -> _Batch:
+        """A RequestBatch checked as a whole, vectorised where the check allows: offsets, the flat history
+        array (ids mapped, or indices range-checked), prompt columns, k, exclude_history, hard filter."""
+        if not isinstance(rb, RequestBatch):
+            raise InputError(f"recommend_batch takes a RequestBatch, got {type(rb).__name__} "
+                             f"(lists of histories go to recommend())")
+        if rb.form not in ID_FORMS:
+            raise InputError(f"RequestBatch.form must be one of {ID_FORMS}, got {rb.form!r}")
+        flat = rb.flat
+        if flat is None or isinstance(flat, (str, bytes)) or not hasattr(flat, "__len__"):
+            raise InputError(f"the flat history array must be an array or list of {rb.form}, "
+                             f"got {type(flat).__name__}")
+        if isinstance(flat, np.ndarray) and flat.ndim != 1:
+            raise InputError(f"the flat history array must be 1-D, got shape {flat.shape}")
+        offsets = self._check_offsets(rb.offsets, len(flat))
+        b = len(offsets) - 1
+        if rb.form == "indices":
+            flat = self._check_flat_indices(flat, offsets)
+        else:
+            flat, offsets = self._map_flat_ids(flat, offsets)
+
+        def per_row(x, name):
+            if x is None:
+                return [None] * b
+            if isinstance(x, (str, bytes)) or not isinstance(x, (Sequence, np.ndarray)):
+                raise InputError(f"{name} must be None or a column of {b} entries (one per row), "
+                                 f"got {type(x).__name__}")
+            if isinstance(x, np.ndarray) and x.ndim != 1:
+                raise InputError(f"{name} must be a 1-D column of {b} entries, got shape {x.shape}")
+            if len(x) != b:
+                raise InputError(f"{name} has {len(x)} entries but the batch has {b} rows (lengths must match)")
+            return x.tolist() if isinstance(x, np.ndarray) else list(x)
+
+        pos = self._check_prompt_column(per_row(rb.prompts, "prompts"), "prompt", "row")
+        neg = self._check_prompt_column(per_row(rb.negative_prompts, "negative_prompts"), "negative prompt", "row")
+        k = self._check_k(rb.k)
+        if not isinstance(rb.exclude_history, (bool, np.bool_)):
+            raise InputError(f"exclude_history must be a bool (one for the batch), got {rb.exclude_history!r}")
+        fkeys = self._filter_keys(self._filter_column(rb.hard_filter, b, per_row), "row")
+        return _Batch(flat, offsets, pos, neg, [k] * b, np.full(b, bool(rb.exclude_history)), fkeys)
+
+    @staticmethod
+    def _row_of(offsets: np.ndarray, pos: int) -> int:
+        """The row holding flat position ``pos``."""
+        return int(np.searchsorted(offsets, pos, side="right")) - 1
+
+    @staticmethod
+    def _check_offsets(offsets, n: int) -> np.ndarray:
+        """(B + 1,) int64 row offsets: integers, from 0 to ``n`` (the flat array's length), no row empty."""
+        if offsets is None or isinstance(offsets, (str, bytes)) or not hasattr(offsets, "__len__"):
+            raise InputError(f"offsets must be an int64 array of B + 1 row offsets, got {type(offsets).__name__}")
+        a = np.asarray(offsets)
+        if a.dtype.kind not in "iu":
+            raise InputError(f"offsets must be integers (int64), got dtype {a.dtype}")
+        if a.ndim != 1:
+            raise InputError(f"offsets must be 1-D (B + 1 entries), got shape {a.shape}")
+        if len(a) < 2:
+            raise InputError(f"offsets has {len(a)} entries: it needs B + 1 >= 2 (at least one row)")
+        if a.dtype.kind == "u" and a.max() > np.iinfo(np.int64).max:
+            raise InputError(f"offsets hold values past int64 ({int(a.max())})")
+        a = a.astype(np.int64)
+        if a[0] != 0:
+            raise InputError(f"offsets[0] must be 0, got {int(a[0])}")
+        d = np.diff(a)
+        bad = np.flatnonzero(d < 0)
+        if bad.size:
+            i = int(bad[0])
+            raise InputError(f"row {i}: offsets are not monotonic (offsets[{i}]={int(a[i])} > "
+                             f"offsets[{i + 1}]={int(a[i + 1])})")
+        if a[-1] != n:
+            raise InputError(f"offsets[-1] is {int(a[-1])} but the flat history array has {n} entries "
+                             f"(they must be equal; offsets has {len(a)} entries for {len(a) - 1} rows)")
+        empty = np.flatnonzero(d == 0)
+        if empty.size:
+            i = int(empty[0])
+            raise InputError(f"row {i}: history is empty (offsets[{i}] == offsets[{i + 1}] == {int(a[i])}; "
+                             f"at least one item is needed)")
+        return a
+
+    def _check_flat_indices(self, flat, offsets: np.ndarray) -> np.ndarray:
+        """Catalogue indices: integers (not bools, not floats) in 1..N."""
+        f = np.asarray(flat)
+        if f.dtype.kind not in "iu":
+            if f.dtype.kind == "O":            # name the first entry that is not an integer
+                for p, x in enumerate(f.tolist()):
+                    if not _is_integer(x):
+                        r = self._row_of(offsets, p)
+                        got = "None" if x is None else f"{type(x).__name__} {_short_repr(x)}"
+                        raise InputError(f"row {r}: history: catalogue indices are integers 1..{self.num_items} "
+                                         f"(got {got} at position {p - int(offsets[r])})")
+            else:
+                raise InputError(f"catalogue indices must be integers 1..{self.num_items}, got dtype {f.dtype}"
+                                 f"{' (use RequestBatch.from_ids for item ids)' if f.dtype.kind in 'USO' else ''}")
+            try:
+                f = f.astype(np.int64)
+            except OverflowError:
+                raise InputError(f"catalogue indices must be integers 1..{self.num_items}") from None
+        if f.ndim != 1:
+            raise InputError(f"the flat history array must be 1-D, got shape {f.shape}")
+        bad = np.flatnonzero((f < 1) | (f > self.num_items))
+        if bad.size:
+            p = int(bad[0])
+            r = self._row_of(offsets, p)
+            raise InputError(f"row {r}: history: catalogue index {int(f[p])} at position {p - int(offsets[r])} "
+                             f"is out of range (indices run 1..{self.num_items}; 0 is padding)")
+        return np.ascontiguousarray(f, dtype=np.int64)
+
+    def _map_flat_ids(self, flat, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Item ids -> catalogue indices for the whole flat array in one call (the C++ id index, else a
+        dict); an unknown or non-string id sends the rows to the per-row checks of ``recommend`` (same
+        rules: integers in an id's decimal form, ``unknown_items="ignore"``), which name the row."""
+        ids = flat.tolist() if isinstance(flat, np.ndarray) else list(flat)
+        n = len(ids)
+        got = None
+        try:
+            if self._id_index is not None:
+                got = self._id_index.lookup(ids, n)
+                if got is not None and not got.all():
+                    got = None
+            elif all(type(x) is str for x in ids):
+                m = list(map(self._id_to_index.get, ids))
+                got = None if None in m else np.array(m, dtype=np.int64)
+        except TypeError:
+            got = None
+        if got is not None:
+            return got, offsets
+        o = offsets.tolist()
+        return _flatten([self._history_indices(ids[o[i]:o[i + 1]], f"row {i}: history") for i in range(len(o) - 1)])
+
     def user_encoder_inputs(self, histories, prompts=None, negative_prompts=None) -> tuple:
         """What the user encoder gets for a batch, checked as ``recommend`` checks it: ``(item_seq (B, max_len)
         int64 left-padded internal indices, p_pos (B, d), p_neg (B, d), presence (B, 2) int64)``; feed them
@@ -793,10 +948,7 @@ class Engine:
 
         pos = per_row(prompts, "prompts")
         neg = per_row(negative_prompts, "negative_prompts")
-        if hard_filter is None or isinstance(hard_filter, Mapping) or any(hasattr(hard_filter, a) for a in FILTER_KEYS):
-            filters = [hard_filter] * b
-        else:
-            filters = per_row(hard_filter, "hard_filter")
+        filters = self._filter_column(hard_filter, b, per_row)
         excl = per_row(exclude_history, "exclude_history") if isinstance(exclude_history, (list, tuple)) \
             else [exclude_history] * b
         k = self._check_k(k)
@@ -809,11 +961,21 @@ class Engine:
             flat, offsets = mapped[0], _offsets(mapped[1])
         pos = self._check_prompt_column(pos, "prompt")
         neg = self._check_prompt_column(neg, "negative prompt")
-        if filters and all(f is filters[0] for f in filters):
-            fkeys = [self._filter_key(filters[0], "hard_filter")] * b
-        else:
-            fkeys = [self._filter_key(f, f"request {i}: hard_filter") for i, f in enumerate(filters)]
+        fkeys = self._filter_keys(filters)
         return _Batch(flat, offsets, pos, neg, [k] * b, np.array([bool(e) for e in excl]), fkeys)
+
+    @staticmethod
+    def _filter_column(hard_filter, b: int, per_row) -> list:
+        """None, one filter for every row, or a per-row sequence (``per_row`` checks its length) -> (B,) list."""
+        if hard_filter is None or isinstance(hard_filter, Mapping) or any(hasattr(hard_filter, a) for a in FILTER_KEYS):
+            return [hard_filter] * b
+        return per_row(hard_filter, "hard_filter")
+
+    def _filter_keys(self, filters: list, label: str = "request") -> list:
+        """The checked filter key of every row; a filter shared by every row is checked once."""
+        if filters and all(f is filters[0] for f in filters):
+            return [self._filter_key(filters[0], "hard_filter")] * len(filters)
+        return [self._filter_key(f, f"{label} {i}: hard_filter") for i, f in enumerate(filters)]
 
     def _history_batch(self, histories) -> tuple[np.ndarray, list[int]] | None:
         """Every history mapped in one pass (the C++ id index, else one C-level dict map over all ids):
@@ -839,14 +1001,14 @@ class Engine:
             return None
         return flat, lens
 
-    def _check_prompt_column(self, column: list, what: str) -> list:
+    def _check_prompt_column(self, column: list, what: str, label: str = "request") -> list:
         checked: dict[str, str | None] = {}
         out = []
         for i, p in enumerate(column):
             if isinstance(p, str) and p in checked:
                 out.append(checked[p])
                 continue
-            v = self._check_prompt(p, f"request {i}: {what}")
+            v = self._check_prompt(p, f"{label} {i}: {what}")
             if isinstance(p, str):
                 checked[p] = v
             out.append(v)
@@ -877,7 +1039,9 @@ class Engine:
                 presence[rows, col] = 1
         return p_pos, p_neg, presence
 
-    def _run_batch(self, batch: _Batch, timings: dict | None = None) -> Recommendations:
+    def _search_batch(self, batch: _Batch, timings: dict | None = None):
+        """The pipeline of a validated batch up to retrieval: ``(indices (B, max k) -1 padded, scores,
+        allowed mask or None)``. ``recommend`` and ``recommend_batch`` both run it."""
         p_pos, p_neg, presence = self._prompt_vectors(batch, timings)
         seq = self._pad_flat(batch.flat, batch.offsets)
         users = self.encode_users(seq, p_pos, p_neg, presence, timings=timings)
@@ -901,6 +1065,11 @@ class Engine:
                 full[0] = False
                 mask = np.stack([masks[key] if key else full for key in keys])
         idx, sc = self.retrieve(users, kmax, exclude=exclude, allowed_mask=mask, timings=timings)
+        return idx, sc, mask
+
+    def _run_batch(self, batch: _Batch, timings: dict | None = None) -> Recommendations:
+        idx, sc, mask = self._search_batch(batch, timings)
+        kmax = max(batch.ks)
         b = len(batch.ks)
         out = Recommendations(ks=list(batch.ks), short_reasons=[None] * b)
         same_k = all(k == kmax for k in batch.ks)

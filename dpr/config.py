@@ -88,6 +88,8 @@ class TrainConfig:
     stage3_epochs: int = 0
     stage3_steps_per_epoch: int = 0
     stage3_examples_per_user: float = 60.0
+    stage3_min_steps: int = 1000       # floor of the automatic budget (the old fixed 10 x 100): the synthetic demo
+                                       # data lost 14% of its validation steering score with 480 steps
     stage3_patience: int = 8           # stage-3 epochs without a better validation steering score before stopping
     stage3_calibrate: bool = True      # after stage 3, scale each polarity's shift by the factor the validation
                                        # split prefers (dpr.train.calibrate; folded into the experts' weights)
@@ -97,12 +99,14 @@ class TrainConfig:
     neg_lambda: float = 3.0            # weight of -log(1 - forbidden-tag softmax mass)
     neg_keep_lambda: float = 1.0       # negative-only rows: weight of KL(backbone || steered) over the items the
                                        # prompt allows, so suppressing a tag keeps the backbone's order elsewhere
-    pos_lambda: float = 1.0            # rows with a positive prompt: weight of -log(softmax mass on the tag's items)
-    pos_keep_lambda: float = 3.0       # rows with a positive prompt: weight of KL(backbone || steered) over the items
+    pos_lambda: float = -1.0           # rows with a positive prompt: weight of -log(softmax mass on the tag's items);
+                                       # -1 (with pos_keep_lambda): stage 3 runs per candidate pair, validation picks
+    pos_keep_lambda: float = -1.0      # rows with a positive prompt: weight of KL(backbone || steered) over the items
                                        # the request allows (the tag's items, minus a negative tag's), so steering
                                        # toward a tag keeps the backbone's order inside it (hard_filter's order)
-    title_prompt_share: float = 0.3    # stages 2-3: share of prompts replaced by the title of an item of the tag
-                                       # (dpr.train.title_prompts), so meaning carries, not only the tag's name
+    title_prompt_share: float = -1.0   # stages 2-3: share of prompts replaced by the title of an item of the tag
+                                       # (dpr.train.title_prompts), so meaning carries, not only the tag's name;
+                                       # -1: 0.3 where the titles say what their tag is (measured), else 0
     mix_positive: float = 0.4          # share of positive / negative / compound examples in stage 3
     mix_negative: float = 0.4
     mix_compound: float = 0.2

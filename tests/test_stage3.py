@@ -74,7 +74,7 @@ def test_stage3_applies_the_history_mask_and_the_keep_order_term(small_dataset, 
     monkeypatch.setattr(stage3, "keep_order_loss", keep)
     monkeypatch.setattr(stage3, "steering_loss", loss)
     cfg = TrainConfig(stage1_epochs=1, stage2_epochs=1, stage2_steps_per_epoch=2, stage3_epochs=1,
-                      stage3_steps_per_epoch=3, batch_size=32, neg_keep_lambda=1.0, pos_keep_lambda=0.0, seed=0)
+                      stage3_steps_per_epoch=3, batch_size=32, neg_keep_lambda=1.0, pos_lambda=0.0, pos_keep_lambda=0.0, seed=0)
     train(small_dataset, ModelConfig(d=16, max_len=12, fusion_hidden=16, expert_hidden=16), cfg, text_encoder,
           log=lambda *a: None, val_users=20)
     assert seen["keep_calls"] == 3

@@ -8,7 +8,8 @@ the checkpoint (``meta["auto"]``) and printed by ``dpr-train``:
   few seconds on small catalogues and not too rarely on large ones);
 * ``stage3_epochs = 0``: enough epochs for ``stage3_examples_per_user`` sampled examples per user in all
   (each example is a random cut of the user's sequence, a prompt polarity and a wording), clamped to
-  [10, 300]; early stopping on the validation steering score (``stage3_patience``) ends it sooner.
+  [10, 300] and to at least ``stage3_min_steps`` steps in all; early stopping on the validation steering score
+  (``stage3_patience``) ends it sooner.
 
 What steering needs on a catalogue with one tag per item and short histories (Amazon Office, measured in
 docs/RESULTS.md) is far more steps than on MovieLens-1M: the fixed 10 x 100 steps stopped while the
@@ -48,12 +49,14 @@ def resolve(cfg: TrainConfig, dataset) -> tuple[TrainConfig, dict]:
             "value": steps, "reason": f"about one example per training user: ceil({users} / batch {cfg.batch_size}), "
                                       f"clamped to [20, 100]"}
     if cfg.stage3_epochs == 0:
-        epochs = min(300, max(10, math.ceil(cfg.stage3_examples_per_user * users / (steps * cfg.batch_size))))
+        epochs = math.ceil(cfg.stage3_examples_per_user * users / (steps * cfg.batch_size))
+        epochs = min(300, max(10, math.ceil(cfg.stage3_min_steps / steps), epochs))
         changes["stage3_epochs"] = epochs
         chosen["stage3_epochs"] = {
             "value": epochs, "reason": f"{cfg.stage3_examples_per_user:g} sampled examples per user "
-                                       f"({users} users, {steps} x {cfg.batch_size} per epoch), clamped to "
-                                       f"[10, 300]; early stopping after {cfg.stage3_patience} epochs without gain"}
+                                       f"({users} users, {steps} x {cfg.batch_size} per epoch), at least "
+                                       f"{cfg.stage3_min_steps} steps, at most 300 epochs; early stopping after "
+                                       f"{cfg.stage3_patience} epochs without gain"}
     return dataclasses.replace(cfg, **changes), {"profile": prof, "chosen": chosen}
 
 

@@ -4,6 +4,7 @@ Each stage can run alone, resuming from a checkpoint (``stages=(3,)`` with ``res
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import torch
@@ -43,6 +44,42 @@ def _rebuild_steering(resume: Checkpoint, overrides: dict):
     return cfg, model
 
 
+# (pos_lambda, pos_keep_lambda) candidates when either is -1: none (the stage-3 loss before the positive terms,
+# which the synthetic data's validation prefers) and the pair the Amazon Office ablation chose (docs/RESULTS.md)
+POSITIVE_TERM_CANDIDATES = ((0.0, 0.0), (1.0, 3.0))
+
+
+def _stage3_choosing_positive_terms(model, dataset, cfg, rng, ctx, val_users, log, titles, meta):
+    """Stage 3 once per candidate pair of positive-term weights, each from the same starting state; the
+    run with the best validation steering score is kept (never the test split) and recorded."""
+    import copy
+
+    from dpr.train.stage3 import STEERED
+
+    start = copy.deepcopy({k: v for k, v in model.state_dict().items() if k.startswith(STEERED)})
+    best = None
+    tried = []
+    for pos_lambda, pos_keep in POSITIVE_TERM_CANDIDATES:
+        model.load_state_dict(start, strict=False)
+        c = dataclasses.replace(cfg, pos_lambda=pos_lambda, pos_keep_lambda=pos_keep)
+        log(f"stage 3 with pos_lambda={pos_lambda:g}, pos_keep_lambda={pos_keep:g}")
+        res = train_stage3(model, dataset, c, rng, ctx, val_users=val_users, log=log, titles=titles)
+        score = res.get("calibrated_score", res["best_valid_score"])
+        tried.append({"pos_lambda": pos_lambda, "pos_keep_lambda": pos_keep, "valid_score": score})
+        if best is None or score > best[0]:
+            best = (score, c, res, copy.deepcopy({k: v for k, v in model.state_dict().items()
+                                                  if k.startswith(STEERED)}))
+    score, chosen, res, state = best
+    model.load_state_dict(state, strict=False)
+    scores = ", ".join(f"({t['pos_lambda']:g}, {t['pos_keep_lambda']:g}): {t['valid_score']:.4f}" for t in tried)
+    why = f"the best validation steering score of {scores}"
+    meta.setdefault("auto", {"chosen": {}}).setdefault("chosen", {})["pos_lambda, pos_keep_lambda"] = {
+        "value": [chosen.pos_lambda, chosen.pos_keep_lambda], "reason": why}
+    log(f"auto: pos_lambda, pos_keep_lambda = {chosen.pos_lambda:g}, {chosen.pos_keep_lambda:g} ({why})")
+    res["tried"] = tried
+    return chosen, res
+
+
 def train(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, text_encoder: TextEncoder | None,
           stages=(1, 2, 3), resume: Checkpoint | None = None, log=print, val_users: int = 1000,
           steering_overrides: dict | None = None) -> Checkpoint:
@@ -53,7 +90,7 @@ def train(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, text
     if 1 in stages:
         check_stage1_config(train_cfg)      # fail before any work, not after hours of an earlier stage
     if 3 in stages:
-        check_stage3_config(train_cfg)
+        check_stage3_config(train_cfg, allow_auto=True)
         from dpr.train.auto import describe, resolve
 
         train_cfg, auto = resolve(train_cfg, dataset)
@@ -100,13 +137,21 @@ def train(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, text
         log(f"prompt table: {len(ctx.table.texts)} prompts and {dataset.num_items} item texts encoded "
             f"in {time.time() - t0:.1f}s")
     titles = None
-    if ctx is not None and train_cfg.title_prompt_share > 0 and set(stages) & {2, 3}:
-        from dpr.train.title_prompts import TitlePrompts
+    if ctx is not None and train_cfg.title_prompt_share != 0 and set(stages) & {2, 3}:
+        from dpr.train.title_prompts import TitlePrompts, auto_share
 
         t0 = time.time()
         titles = TitlePrompts(text_encoder, dataset.catalogue)
+        if train_cfg.title_prompt_share < 0:
+            share, why = auto_share(titles, ctx, dataset.catalogue)
+            train_cfg = dataclasses.replace(train_cfg, title_prompt_share=share)
+            meta.setdefault("auto", {"chosen": {}}).setdefault("chosen", {})["title_prompt_share"] = {
+                "value": share, "reason": why}
+            log(f"auto: title_prompt_share = {share:g} ({why})")
         log(f"title prompts: {int((titles.count > 0).sum())} of {len(titles.count)} tags have titled items "
             f"(encoded in {time.time() - t0:.1f}s); share {train_cfg.title_prompt_share:g}")
+        if train_cfg.title_prompt_share == 0:
+            titles = None
     val = dataset.eval_users()[: val_users] if val_users else None
     results = meta.setdefault("stage_results", {})
     for stage in stages:
@@ -115,8 +160,12 @@ def train(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, text
         elif stage == 2:
             results["2"] = train_stage2(model, dataset, train_cfg, rng, ctx, log=log, titles=titles)
         elif stage == 3:
-            results["3"] = train_stage3(model, dataset, train_cfg, rng, ctx, val_users=val_users, log=log,
-                                        titles=titles)
+            if train_cfg.pos_lambda < 0 or train_cfg.pos_keep_lambda < 0:
+                train_cfg, results["3"] = _stage3_choosing_positive_terms(model, dataset, train_cfg, rng, ctx,
+                                                                          val_users, log, titles, meta)
+            else:
+                results["3"] = train_stage3(model, dataset, train_cfg, rng, ctx, val_users=val_users, log=log,
+                                            titles=titles)
         else:
             raise ValueError(f"unknown stage {stage}; stages are 1, 2, 3")
         meta["stages_done"] = sorted(set(meta.get("stages_done", [])) | {stage})

@@ -73,19 +73,23 @@ def steering_score(results: dict) -> float:
             + 0.1 * (pos.get("tag_precision@10", 0.0) - neg.get("violation@10", 0.0)))
 
 
-def check_stage3_config(cfg: TrainConfig) -> None:
-    """Reject stage-3 settings that cannot train, before any work (the pipeline calls it up front)."""
+def check_stage3_config(cfg: TrainConfig, allow_auto: bool = False) -> None:
+    """Reject stage-3 settings that cannot train, before any work (the pipeline calls it up front, with
+    ``allow_auto``: -1 for pos_lambda / pos_keep_lambda means the pipeline chooses them on validation)."""
     if cfg.neg_lambda < 0 or cfg.neg_keep_lambda < 0:
         raise ValueError(f"neg_lambda and neg_keep_lambda must be >= 0, got {cfg.neg_lambda} and {cfg.neg_keep_lambda}")
-    if cfg.stage3_epochs < 0 or cfg.stage3_steps_per_epoch < 0 or cfg.stage3_examples_per_user <= 0:
+    if (cfg.stage3_epochs < 0 or cfg.stage3_steps_per_epoch < 0 or cfg.stage3_examples_per_user <= 0
+            or cfg.stage3_min_steps < 0):
         raise ValueError("stage3_epochs and stage3_steps_per_epoch must be >= 0 (0: chosen from the dataset) and "
-                         f"stage3_examples_per_user > 0, got {cfg.stage3_epochs}, {cfg.stage3_steps_per_epoch}, "
-                         f"{cfg.stage3_examples_per_user}")
+                         f"stage3_examples_per_user > 0, stage3_min_steps >= 0, got {cfg.stage3_epochs}, "
+                         f"{cfg.stage3_steps_per_epoch}, {cfg.stage3_examples_per_user}, {cfg.stage3_min_steps}")
     if cfg.stage3_patience < 1 or not 0 <= cfg.neg_max_violation <= 1:
         raise ValueError(f"stage3_patience must be >= 1 and neg_max_violation in [0, 1], got {cfg.stage3_patience} "
                          f"and {cfg.neg_max_violation}")
-    if cfg.pos_lambda < 0 or cfg.pos_keep_lambda < 0:
-        raise ValueError(f"pos_lambda and pos_keep_lambda must be >= 0, got {cfg.pos_lambda} and {cfg.pos_keep_lambda}")
+    auto = (-1.0,) if allow_auto else ()
+    if any(v < 0 and v not in auto for v in (cfg.pos_lambda, cfg.pos_keep_lambda)):
+        raise ValueError(f"pos_lambda and pos_keep_lambda must be >= 0{' (or -1: chosen on validation)' if auto else ''}"
+                         f", got {cfg.pos_lambda} and {cfg.pos_keep_lambda}")
 
 
 def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Generator, ctx,
@@ -204,6 +208,10 @@ def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
 
         out["calibration"] = cal = calibrate_shift_scales(model, dataset.catalogue, val_cases, ctx, seed=cfg.seed,
                                                           max_violation=cfg.neg_max_violation)
+        chosen = {t: next(r for r in c["grid"] if r["scale"] == c["scale"]) for t, c in cal.items()
+                  if isinstance(c, dict) and "grid" in c}
+        if chosen:
+            out["calibrated_score"] = steering_score(chosen)
         log("stage 3: shift scales chosen on validation: "
             + (", ".join(f"{t} x{c['scale']:g}" for t, c in cal.items() if isinstance(c, dict)) or str(cal)))
     return out

@@ -15,6 +15,7 @@ def trained(text_encoder):
     ds = load_dataset("synthetic", num_users=600, num_items=800, seed=0)
     ck = train(ds, ModelConfig(max_len=30, d=32, fusion_hidden=64, expert_hidden=64),
                TrainConfig(stage1_epochs=15, stage2_epochs=4, stage2_steps_per_epoch=100, stage3_epochs=8,
+                           stage3_steps_per_epoch=100,
                            batch_size=128, seed=0),
                text_encoder, log=lambda *a: None, val_users=300)
     return ds, ck

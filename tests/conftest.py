@@ -76,3 +76,20 @@ def export_dir(tiny_checkpoint, tmp_path_factory) -> Path:
     from dpr.export import ExportConfig, export
 
     return export(tiny_checkpoint, ExportConfig(out=str(tmp_path_factory.mktemp("engine") / "exp")))
+
+
+@pytest.fixture(scope="session")
+def engine(export_dir):
+    """The export served by ONNX Runtime (backend and retriever)."""
+    from dpr.engine import Engine
+
+    return Engine.load(export_dir, backend="onnxruntime", retriever="onnxruntime")
+
+
+@pytest.fixture(scope="session")
+def reference(export_dir, tiny_checkpoint):
+    """The same export served by the torch reference (backend and retriever)."""
+    from dpr.engine import Engine
+
+    return Engine.load(export_dir, backend="torch", retriever="torch",
+                       backend_options={"checkpoint": str(tiny_checkpoint)})

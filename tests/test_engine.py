@@ -30,21 +30,6 @@ def other_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
     return save_checkpoint(ck, tmp_path_factory.mktemp("ckpt2") / "other.pt")
 
 
-@pytest.fixture(scope="session")
-def engine(export_dir):
-    from dpr.engine import Engine
-
-    return Engine.load(export_dir, backend="onnxruntime", retriever="onnxruntime")
-
-
-@pytest.fixture(scope="session")
-def reference(export_dir, tiny_checkpoint):
-    from dpr.engine import Engine
-
-    return Engine.load(export_dir, backend="torch", retriever="torch",
-                       backend_options={"checkpoint": str(tiny_checkpoint)})
-
-
 def _requests(engine, b: int, seed: int):
     rng = np.random.default_rng(seed)
     tags = engine.tag_names

@@ -9,21 +9,6 @@ import pytest
 from dpr.errors import InputError
 
 
-@pytest.fixture(scope="module")
-def engine(export_dir):
-    from dpr.engine import Engine
-
-    return Engine.load(export_dir, backend="onnxruntime", retriever="onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def reference(export_dir, tiny_checkpoint):
-    from dpr.engine import Engine
-
-    return Engine.load(export_dir, backend="torch", retriever="torch",
-                       backend_options={"checkpoint": str(tiny_checkpoint)})
-
-
 def _requests(engine, b: int, seed: int, filters: str = "none"):
     """Random histories of mixed lengths (some past max_len), mixed prompts/None, and a hard filter:
     "none", "shared" (one dict) or "per_row" (dicts and None)."""

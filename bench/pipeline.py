@@ -91,7 +91,7 @@ class PyTorchPipeline:
             hist = np.zeros((b, longest), np.int64)                 # padded with 0: the padding column
             for i, h in enumerate(full):
                 hist[i, :len(h)] = h
-            scores = users @ self.model.item_table.T                 # (B, N + 1)
+            scores = users @ self.model.retrieval_table.T                # (B, N + 1)
             scores.scatter_(1, torch.from_numpy(hist).to(dev), float("-inf"))
             _, idx = torch.topk(scores, min(k, scores.shape[1] - 1), dim=1)
             idx = idx.cpu().numpy()

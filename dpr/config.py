@@ -31,6 +31,10 @@ class ModelConfig:
     experts_per_polarity: int = 4
     top_k: int = 2
     expert_hidden: int = 128           # each expert: d -> expert_hidden -> d
+    # Tag channel: the retrieval space gains one column per tag (items: their 0/1 tags; user vector: a weight
+    # per tag read from the prompt, 0 without one), so a prompt can lift or sink a whole tag while the MoE's
+    # shift of h orders the items inside it (dpr.model.dpr_model). Off in checkpoints that predate it.
+    tag_channel: bool = False
 
     @property
     def num_experts(self) -> int:
@@ -107,6 +111,8 @@ class TrainConfig:
     title_prompt_share: float = -1.0   # stages 2-3: share of prompts replaced by the title of an item of the tag
                                        # (dpr.train.title_prompts), so meaning carries, not only the tag's name;
                                        # -1: 0.3 where the titles say what their tag is (measured), else 0
+    tag_channel: int = -1              # the model's tag channel: 1 on, 0 off, -1 chosen from the dataset (on when
+                                       # it has 1..dpr.train.auto.TAG_CHANNEL_MAX_TAGS tags)
     mix_positive: float = 0.4          # share of positive / negative / compound examples in stage 3
     mix_negative: float = 0.4
     mix_compound: float = 0.2

@@ -54,6 +54,13 @@ class ExportFolder:
         return int(self.model_config["d"])
 
     @property
+    def retrieval_dim(self) -> int:
+        """Width of the retrieval space: the item table's and the steered user vector's columns. ``d`` plus
+        one column per tag when the model has a tag channel (dpr.model.dpr_model), else ``d``."""
+        shape = (self.manifest.get("item_embeddings") or {}).get("shape")
+        return int(shape[1]) if shape else self.dim
+
+    @property
     def max_batch(self) -> int:
         return int(self.manifest.get("max_batch") or 512)
 

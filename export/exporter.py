@@ -560,7 +560,7 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
     graphs: dict[str, dict] = {}
     inferred_models: dict = {}          # graph name -> its checked, shape-inferred ModelProto (from _onnx_export)
     skipped: dict[str, str] = {}
-    table = model.item_emb.weight.detach().float().numpy().copy()
+    table = model.retrieval_table.detach().float().numpy().copy()     # [E | tags] with the tag channel
     rng = np.random.default_rng(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -675,7 +675,8 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
         from dpr.export.quantize import INT8_GRAPH, build_int8_prompt_encoder
 
         graphs[INT8_GRAPH] = build_int8_prompt_encoder(folder, graphs[PROMPT_ENCODER], te.tokenizer, max_tokens,
-                                                       ck.catalogue, table, cfg.int8_min_cosine)
+                                                       ck.catalogue, np.ascontiguousarray(table[:, :mcfg.d]),
+                                                       cfg.int8_min_cosine)
 
     # -- fp16 (recorded, not gated)
     fp16_info = None
@@ -773,7 +774,7 @@ def _parity(model, penc, te, catalogue, folder: Path, graphs: dict, custom_lib, 
         with torch.no_grad():
             ref = penc(torch.from_numpy(ids), torch.from_numpy(mask)).float().numpy()
         got = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-        res[key] = compare(got, ref, table)
+        res[key] = compare(got, ref, table[:, :mcfg.d])     # prompt vectors live in E's d columns
         if key == "real_prompts":
             real_p = (ref, got)
     res["all"] = merge(list(res.values()))
@@ -886,7 +887,7 @@ def _export_fp16(ck, te, folder: Path, graphs: dict, custom_lib, cfg: ExportConf
                 with torch.no_grad():
                     ref = penc32(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
                 got = sess.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-                res["real_prompts"] = compare(got.astype(np.float32), ref, table)
+                res["real_prompts"] = compare(got.astype(np.float32), ref, table[:, :ck.model_config.d])
             else:
                 for b in cfg.parity_batches:
                     inp = _random_user_batch(rng, b, ck.model_config, False, 1.0)

@@ -87,14 +87,17 @@ def test_scaling_a_polarity_scales_exactly_its_shift(tiny_checkpoint):
     pp, pn = torch.randn(9, d, generator=g), torch.randn(9, d, generator=g)
     only_pos = torch.tensor([[1, 0]] * 9)
     only_neg = torch.tensor([[0, 1]] * 9)
+    def shift(presence):        # the whole steering in the retrieval space: h's shift and the tag channel
+        return model.retrieval_vector(h, pp, pn, presence) - model.lift(h)
+
     with torch.no_grad():
-        dpos = model.steer(h, pp, pn, only_pos) - h
-        dneg = model.steer(h, pp, pn, only_neg) - h
+        dpos, dneg = shift(only_pos), shift(only_neg)
         scale_shift(model, POLARITY_POSITIVE, 1.7)
-        assert torch.allclose(model.steer(h, pp, pn, only_pos) - h, 1.7 * dpos, atol=1e-5)
-        assert torch.allclose(model.steer(h, pp, pn, only_neg) - h, dneg, atol=1e-6)   # untouched
+        assert torch.allclose(shift(only_pos), 1.7 * dpos, atol=1e-5)
+        assert torch.equal(shift(only_neg), dneg)                   # untouched
         scale_shift(model, POLARITY_NEGATIVE, 0.5)
-        assert torch.allclose(model.steer(h, pp, pn, only_neg) - h, 0.5 * dneg, atol=1e-5)
+        assert torch.allclose(shift(only_neg), 0.5 * dneg, atol=1e-5)
+    assert model.cfg.tag_channel == (model.retrieval_dim > d)
 
 
 def test_negative_scale_respects_the_violation_cap():
@@ -126,6 +129,7 @@ def test_steering_holds_on_one_tag_items_with_short_histories(text_encoder):
                            stage3_examples_per_user=40.0, stage3_min_steps=400, lr=5e-3), text_encoder, log=lambda *a: None,
                val_users=200)
     chosen = ck.meta["auto"]["chosen"]
+    assert ck.model_config.tag_channel and chosen["tag_channel"]["value"] == 1      # 6 tags: the channel is on
     assert chosen["stage3_steps_per_epoch"]["value"] == ck.train_config.stage3_steps_per_epoch == 20
     assert ck.train_config.stage3_epochs == chosen["stage3_epochs"]["value"] >= 10
     assert ck.meta["stage_results"]["3"]["calibration"]["positive"]["scale"] > 0
@@ -183,3 +187,51 @@ def test_title_prompts_are_on_only_where_titles_say_what_their_tag_is(text_encod
         share, why = auto_share(TitlePrompts(text_encoder, cat), ctx, cat)
         assert share == expect, why
         assert "by chance" in why
+
+
+@pytest.mark.parametrize("setting, tags, on", [(-1, 25, True), (-1, 1, True), (-1, 128, True), (-1, 129, False),
+                                               (-1, 0, False), (1, 500, True), (0, 25, False)])
+def test_tag_channel_follows_the_number_of_tags(setting, tags, on):
+    from dpr.config import TrainConfig
+    from dpr.train.auto import resolve_tag_channel
+
+    got, why = resolve_tag_channel(TrainConfig(tag_channel=setting), tags)
+    assert got is on and why
+    with pytest.raises(ValueError, match="tag_channel must be"):
+        resolve_tag_channel(TrainConfig(tag_channel=2), tags)
+
+
+def test_tag_channel_is_exactly_the_backbone_without_a_prompt_and_lifts_or_sinks_the_tag():
+    """The channel's columns: items carry their 0/1 tags; a row without prompts gets exact zeros (so its
+    scores are the backbone's); a positive prompt adds a+ sigmoid(G p) to the tags, a negative
+    one subtracts a- sigmoid(G p)."""
+    from dpr.config import ModelConfig
+    from dpr.model import DPRModel
+
+    torch.manual_seed(0)
+    n, t, d = 30, 5, 8
+    m = DPRModel(ModelConfig(num_items=n, num_tags=t, d=d, max_len=6, text_dim=12, tag_channel=True)).eval()
+    tags = np.zeros((n + 1, t), np.float32)
+    tags[np.arange(1, n + 1), np.arange(n) % t] = 1
+    tags[1, 2] = 1                                                 # one item with two tags
+    m.set_item_tags(tags)
+    with pytest.raises(ValueError, match="item_tags must have shape"):
+        m.set_item_tags(tags[:, :3])
+    assert m.retrieval_table.shape == (n + 1, d + t) and m.retrieval_dim == d + t
+    assert torch.equal(m.retrieval_table[:, d:], torch.from_numpy(tags))
+    seq = torch.randint(1, n + 1, (4, 6))
+    p = torch.randn(4, d)
+    presence = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]])
+    with torch.no_grad():
+        out = m(seq, p, p, presence)
+        h = m.user_vector(seq)
+        w = m.tag_weights(p, p, presence)
+    assert out.shape == (4, d + t)
+    assert torch.equal(out[0, :d], h[0]) and not out[0, d:].any()
+    # no prompt: the backbone's scores (the extra terms are exact zeros; a GEMM may sum in another order)
+    assert torch.allclose(m.scores(out[:1]), h[:1] @ m.item_table.t(), rtol=0, atol=1e-6)
+    assert (w[1] > 0).all() and (w[2] < 0).all()
+    assert torch.allclose(w[3], torch.zeros(t), atol=1e-5)     # the same text as both: a+ = a- at init
+    assert torch.equal(out[:, d:], w)
+    with pytest.raises(ValueError, match="num_tags"):
+        DPRModel(ModelConfig(num_items=n, num_tags=0, d=d, tag_channel=True))

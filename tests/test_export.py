@@ -101,7 +101,9 @@ def _check_export(folder: Path, ckpt: Path, expect_fused: bool, fp16: bool = Fal
             assert ins["p_pos"]["dtype"] == "float32" and ins["presence"]["shape"][1] == 2
             assert set(ins["item_seq"]["dynamic_axes"]) == ({"0", "1"} if trim else {"0"})
             assert all(set(i["dynamic_axes"]) == {"0"} for n, i in ins.items() if n != "item_seq")
-            assert outs["user_vector"]["shape"][1] == d
+            mc = man["model_config"]         # the retrieval space: d, plus a column per tag with the tag channel
+            rd = d + (mc["num_tags"] if mc.get("tag_channel") else 0)
+            assert outs["user_vector"]["shape"][1] == rd == man["item_embeddings"]["shape"][1]
             assert {"random_b512_short", "random_b512_full", "real", "real_end_to_end"} <= set(g["parity"])
             assert ("trimmed_history" in g["parity"]) is trim
             assert g["tensorrt_profile"]["item_seq"]["min"][1] == (1 if trim else L)
@@ -119,9 +121,13 @@ def _check_export(folder: Path, ckpt: Path, expect_fused: bool, fp16: bool = Fal
 
     # item table and catalogue
     table = np.load(folder / "item_embeddings.npy")
-    assert table.dtype == np.float32 and table.shape == (ck.model_config.num_items + 1, d)
+    mc = ck.model_config
+    assert table.dtype == np.float32 and table.shape == (mc.num_items + 1, d + (mc.num_tags if mc.tag_channel else 0))
     model = ck.build_model()
-    np.testing.assert_array_equal(table, model.item_emb.weight.detach().numpy())
+    np.testing.assert_array_equal(table[:, :d], model.item_emb.weight.detach().numpy())
+    if mc.tag_channel:       # the tag columns are the catalogue's 0/1 tags (row 0: padding)
+        np.testing.assert_array_equal(table[1:, d:], ck.catalogue.item_tags[1:].astype(np.float32))
+        assert not table[0, d:].any()
     items = json.loads((folder / "items.json").read_text())
     assert items["ids"] == ck.catalogue.ids and items["tag_names"] == ck.catalogue.tag_names
     if fp16:
@@ -167,8 +173,9 @@ def _independent_parity(folder: Path, ckpt: Path, text_encoder_src: str, fused: 
     with torch.no_grad():
         ref = model(*(torch.from_numpy(feed[k]) for k in USER_INPUTS)).numpy()
     # rows without prompts are exactly the backbone's vector
-    with torch.no_grad():
-        h = model.user_vector(torch.from_numpy(seq)).numpy()
+    with torch.no_grad():       # lifted: zero tag weights in the tag channel's columns, when the model has one
+        h = model.lift(model.user_vector(torch.from_numpy(seq))).numpy()
+    rd = model.retrieval_dim
     variants = [("user_encoder_portable.onnx", None)]
     if fused:
         variants.append(("user_encoder.onnx", _fused_lib()))
@@ -178,13 +185,14 @@ def _independent_parity(folder: Path, ckpt: Path, text_encoder_src: str, fused: 
             so.register_custom_ops_library(lib)
         s = ort.InferenceSession(str(folder / fname), so, providers=["CPUExecutionProvider"])
         got = s.run(None, feed)[0]
-        assert got.shape == (b, ck.model_config.d)
+        assert got.shape == (b, rd)
         assert np.abs(got - ref).max() < 1e-4, fname
         none_rows = np.arange(b) % 4 == 0
         assert np.abs(got[none_rows] - h[none_rows]).max() < 1e-4, fname
+        assert not got[none_rows, ck.model_config.d:].any()      # no prompt: exact zeros in the tag channel
         # TensorRT-profile-sized batches run (dynamic batch axis)
         big = {k: np.repeat(v, 16, axis=0)[:512] for k, v in feed.items()}
-        assert s.run(None, big)[0].shape == (512, ck.model_config.d)
+        assert s.run(None, big)[0].shape == (512, rd)
 
 
 def _check_tokenizer(folder: Path, text_encoder) -> None:
@@ -487,7 +495,7 @@ def test_int8_leaves_the_most_sensitive_matmuls_in_fp32(sasrec_export, tmp_path,
         shutil.copy(sasrec_export / name, folder / name)
     man = json.loads((sasrec_export / "manifest.json").read_text())
     cat = Catalogue.from_dict(json.loads((folder / "items.json").read_text()))
-    table = np.load(folder / "item_embeddings.npy")
+    table = np.load(folder / "item_embeddings.npy")[:, :man["model_config"]["d"]]   # prompt vectors live in E's d
     tok = AutoTokenizer.from_pretrained(str(tiny_encoder_dir))
     fp32_entry = man["graphs"]["prompt_encoder"]
     names = quantizable_matmuls(onnx.load(str(folder / "prompt_encoder.onnx")))

@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", default=None, help="checkpoint to continue from (e.g. to run stage 3 alone)")
     p.add_argument("--config", default=None, help="JSON file with {'model': {...}, 'train': {...}} fields")
     p.add_argument("--val-users", type=int, default=1000, help="validation users for steering model selection")
-    add_dataclass_args(p, ModelConfig, skip=("num_items", "num_tags", "text_dim"), title="model")
+    add_dataclass_args(p, ModelConfig, skip=("num_items", "num_tags", "text_dim", "tag_channel"),
+                       title="model")      # tag_channel: --tag-channel sets TrainConfig's (1 / 0 / -1 auto)
     add_dataclass_args(p, TrainConfig, title="training")
     return p
 
@@ -59,7 +60,8 @@ def _run(args) -> int:
     if resume is not None:
         # Model flags given with --resume: steering fields rebuild the steering modules (ablations on one
         # backbone); backbone fields must match the checkpoint.
-        given = {f: getattr(args, f) for f in ModelConfig.__dataclass_fields__ if getattr(args, f, None) is not None}
+        given = {f: getattr(args, f) for f in ModelConfig.__dataclass_fields__
+                 if f != "tag_channel" and getattr(args, f, None) is not None}
         from dpr.train.pipeline import STEERING_FIELDS
 
         clash = {k: v for k, v in given.items() if k not in STEERING_FIELDS and getattr(resume.model_config, k) != v}

@@ -175,7 +175,7 @@ def run_task(model, catalogue, cases: EvalCases, ctx: EvalContext, heldout: bool
     rng = np.random.default_rng(seed)
     tags = torch.from_numpy(catalogue.item_tags)                      # (N + 1, T)
     item_tags_np = catalogue.item_tags
-    table = model.item_table
+    table = model.retrieval_table        # with the tag channel: [E | tags]
     hist_all = torch.from_numpy(cases.padded(model.cfg.max_len))
     n = len(cases)
     pos, neg = cases.pos_tag, cases.neg_tag
@@ -204,7 +204,8 @@ def run_task(model, catalogue, cases: EvalCases, ctx: EvalContext, heldout: bool
         sl = slice(s, min(s + batch_size, n))
         hist = hist_all[sl]
         b = hist.shape[0]
-        h = model.user_vector(hist)
+        h_d = model.user_vector(hist)
+        h = model.lift(h_d)              # the unsteered vector in the retrieval space
         # allowed mask: carries the positive tag (if any) and lacks the negative tag (if any)
         allowed = torch.ones(b, table.shape[0], dtype=torch.bool)
         p_pos_rows, p_neg_rows = torch.from_numpy(has_pos[sl]), torch.from_numpy(has_neg[sl])
@@ -244,10 +245,10 @@ def run_task(model, catalogue, cases: EvalCases, ctx: EvalContext, heldout: bool
         if "dpr" in per or "dpr_hard_filter" in per:
             presence = torch.stack([p_pos_rows, p_neg_rows], dim=1).to(torch.int64)
             pp, pn = model.project_prompt(t_pos), model.project_prompt(t_neg)
-            h2 = model.steer(h, pp, pn, presence)
+            h2 = model.retrieval_vector(h_d, pp, pn, presence)
             if negative_weight != 1.0 and p_neg_rows.any():
                 # the same request without its negative prompt, then part of the way back to h2
-                base = model.steer(h, pp, pn, presence * torch.tensor([1, 0]))
+                base = model.retrieval_vector(h_d, pp, pn, presence * torch.tensor([1, 0]))
                 h2 = base + negative_weight * (h2 - base)
             add("dpr", topk_full(h2, table, k, hist), sl)
             if "dpr_hard_filter" in per:

@@ -1,5 +1,10 @@
 """Training settings that adapt to the dataset (``0`` in a TrainConfig field means "choose for me").
 
+* ``tag_channel = -1``: the model's tag channel (dpr.model.dpr_model) is on when the catalogue has 1 to
+  ``TAG_CHANNEL_MAX_TAGS`` tags: each tag is a column of the retrieval space, so retrieval costs
+  ``(d + T) / d`` times as much (at d = 64 and 128 tags, 3x), and past that a tag vocabulary is closer to
+  free text than to categories.
+
 Chosen from what the dataset is, never from its test split; each choice is recorded with its reason in
 the checkpoint (``meta["auto"]``) and printed by ``dpr-train``:
 
@@ -33,6 +38,21 @@ def dataset_profile(dataset) -> dict:
     return {"users": int(dataset.num_users), "items": int(dataset.num_items), "tags": int(tags.shape[1]),
             "tags_per_item": float(tags.sum(1).mean()) if tags.size else 0.0,
             "mean_history": float(lengths.mean()) if lengths.size else 0.0}
+
+
+TAG_CHANNEL_MAX_TAGS = 128
+
+
+def resolve_tag_channel(cfg: TrainConfig, num_tags: int) -> tuple[bool, str]:
+    """Whether the model gets a tag channel, and why."""
+    if cfg.tag_channel in (0, 1):
+        return bool(cfg.tag_channel), "set in the config"
+    if cfg.tag_channel != -1:
+        raise ValueError(f"tag_channel must be 1 (on), 0 (off) or -1 (chosen from the dataset), got {cfg.tag_channel}")
+    if 1 <= num_tags <= TAG_CHANNEL_MAX_TAGS:
+        return True, f"{num_tags} tags (1..{TAG_CHANNEL_MAX_TAGS}): one retrieval column per tag"
+    return False, (f"{num_tags} tags: " + ("none to steer by" if num_tags < 1 else
+                                          f"more than {TAG_CHANNEL_MAX_TAGS}, too many retrieval columns"))
 
 
 def resolve(cfg: TrainConfig, dataset) -> tuple[TrainConfig, dict]:

@@ -26,12 +26,15 @@ SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
 
 @torch.no_grad()
 def scale_shift(model, polarity: int, s: float) -> None:
-    """Multiply ``polarity``'s shift by ``s`` in place (its experts' last layer)."""
+    """Multiply ``polarity``'s steering by ``s`` in place: its shift of h (its experts' last layer) and, with
+    the tag channel, that polarity's channel strength (``tag_log_scale``), so the whole of it scales by ``s``."""
     moe = model.moe
     n = model.cfg.experts_per_polarity
     sl = slice(0, n) if polarity == POLARITY_POSITIVE else slice(n, 2 * n)
     moe.w2[sl] *= s
     moe.b2[sl] *= s
+    if model.cfg.tag_channel:
+        model.tag_log_scale[0 if polarity == POLARITY_POSITIVE else 1] += float(np.log(s))
 
 
 def _pick_negative(rows: list[tuple[float, dict]], max_violation: float) -> float:

@@ -24,7 +24,7 @@ from dpr.train.stage3 import check_stage3_config, train_stage3
 
 # Model fields that only shape the steering modules (projection, Fusion, MoE): a run resuming from a
 # checkpoint may change them (ablations reuse one stage-1 backbone); the backbone's fields may not change.
-STEERING_FIELDS = ("fusion", "fusion_hidden", "moe", "experts_per_polarity", "top_k", "expert_hidden")
+STEERING_FIELDS = ("fusion", "fusion_hidden", "moe", "experts_per_polarity", "top_k", "expert_hidden", "tag_channel")
 
 
 def _rebuild_steering(resume: Checkpoint, overrides: dict):
@@ -39,8 +39,9 @@ def _rebuild_steering(resume: Checkpoint, overrides: dict):
                          f"only {', '.join(STEERING_FIELDS)} may change")
     cfg = dataclasses.replace(resume.model_config, **overrides).validate()
     model = DPRModel(cfg)
-    kept = {k: v for k, v in resume.state_dict.items() if not k.startswith(STEERED)}
+    kept = {k: v for k, v in resume.state_dict.items() if not k.startswith(STEERED) and k in model.state_dict()}
     model.load_state_dict(kept, strict=False)
+    model.set_item_tags(resume.catalogue.item_tags)
     return cfg, model
 
 
@@ -96,6 +97,9 @@ def train(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, text
         train_cfg, auto = resolve(train_cfg, dataset)
         if auto["chosen"]:
             log(describe(auto))
+    from dpr.train.auto import resolve_tag_channel
+
+    tag_channel, tag_why = resolve_tag_channel(train_cfg, dataset.catalogue.num_tags)
     rng = seed_everything(train_cfg.seed)
     if text_encoder is None and set(stages) - {1}:
         raise ValueError(f"stages {sorted(set(stages) - {1})} need a text encoder (only stage 1 runs without one)")
@@ -107,7 +111,10 @@ def train(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, text
             raise CheckpointError("the checkpoint was trained with a different text encoder "
                                   f"({resume.text_encoder.get('source')}) than {text_encoder.source}")
         model_cfg = resume.model_config
-        changed = {k: v for k, v in (steering_overrides or {}).items() if getattr(model_cfg, k, v) != v}
+        changed = {k: v for k, v in (steering_overrides or {}).items()
+                   if k != "tag_channel" and getattr(model_cfg, k, v) != v}   # the channel follows train_cfg
+        if set(stages) & {2, 3} and bool(model_cfg.tag_channel) != tag_channel and "tag_channel" not in changed:
+            changed["tag_channel"] = tag_channel
         if text_encoder is not None and model_cfg.text_dim != text_encoder.dim:
             if resume.text_encoder.get("hash") or set(resume.meta.get("stages_done", [])) - {1}:
                 raise CheckpointError(f"the checkpoint's model expects {model_cfg.text_dim}-d text embeddings but "
@@ -123,12 +130,18 @@ def train(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, text
     else:
         model_cfg.num_items = dataset.num_items
         model_cfg.num_tags = dataset.catalogue.num_tags
+        model_cfg.tag_channel = tag_channel
         if text_encoder is not None:
             model_cfg.text_dim = text_encoder.dim
         model = DPRModel(model_cfg)
+        model.set_item_tags(dataset.catalogue.item_tags)
         meta = {"dataset": dataset.stats(), "stages_done": [], "timings": {}}
     if 3 in stages:
         meta["auto"] = auto
+    if train_cfg.tag_channel == -1 and set(stages) & {2, 3}:
+        meta.setdefault("auto", {"chosen": {}}).setdefault("chosen", {})["tag_channel"] = {
+            "value": int(model_cfg.tag_channel), "reason": tag_why}
+        log(f"auto: tag_channel = {int(model_cfg.tag_channel)} ({tag_why})")
     ctx = None
     if text_encoder is not None:
         bank = PromptBank(heldout=train_cfg.heldout_templates)

@@ -1,7 +1,11 @@
 """Stage 2, alignment: backbone, item table and text encoder frozen; the projection P learns to map a
 prompt about tag t to a vector that scores the items carrying t highly (multi-positive softmax over
 the catalogue), for prompts of both polarities (a negative prompt still *names* its tag; the
-polarity is handled by Fusion and the MoE in stage 3)."""
+polarity is handled by Fusion and the MoE in stage 3).
+
+With the tag channel, the channel's head G learns here too (with P): the prompt's tag as a 0/1 target per
+tag (binary cross-entropy over all tags), so stage 3 starts from a channel that already points at the tag the
+prompt means, for names and (with title prompts) for item titles alike."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from dpr.config import TrainConfig
 from dpr.data.dataset import Dataset
@@ -24,11 +29,20 @@ def alignment_loss(p: torch.Tensor, item_table: torch.Tensor, positives: torch.T
     return (torch.logsumexp(logits, dim=1) - torch.logsumexp(pos_logits, dim=1)).mean()
 
 
+def tag_head_loss(logits: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the tag head's (B, T) logits against each row's tag (one 1 per row), summed
+    over tags and averaged over rows (a mean over tags would shrink the one positive's gradient by 1/T)."""
+    target = torch.zeros_like(logits).scatter_(1, tags.view(-1, 1).long(), 1.0)
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="sum") / logits.shape[0]
+
+
 def train_stage2(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Generator, ctx,
                  log=print, titles=None) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     params = list(model.projection.parameters())
+    if model.cfg.tag_channel:
+        params += list(model.tag_head.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.stage2_lr)
@@ -49,6 +63,8 @@ def train_stage2(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
                 emb = titles.mix(emb, tags, rng, cfg.title_prompt_share)
             p = model.project_prompt(emb)
             loss = alignment_loss(p, items, item_tags[:, tags].t(), cfg.align_temperature)
+            if model.cfg.tag_channel:
+                loss = loss + tag_head_loss(model.tag_head(p), torch.from_numpy(tags))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -20,7 +20,7 @@ from dpr.data.dataset import Dataset
 from dpr.model.moe import POLARITY_NEGATIVE, POLARITY_POSITIVE
 from dpr.train.common import step_bar
 
-STEERED = ("fusion", "moe", "projection")
+STEERED = ("fusion", "moe", "projection", "tag_head", "tag_log_scale")
 
 
 def steering_loss(logits: torch.Tensor, targets: torch.Tensor, forbidden: torch.Tensor,
@@ -141,8 +141,9 @@ def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
                 t_pos = titles.mix(t_pos, batch.pos_tag, rng, cfg.title_prompt_share)
                 t_neg = titles.mix(t_neg, batch.neg_tag, rng, cfg.title_prompt_share)
             presence = torch.from_numpy(np.stack([has_pos, has_neg], axis=1).astype(np.int64))
-            h2 = model.steer(h, model.project_prompt(t_pos), model.project_prompt(t_neg), presence)
-            logits = h2 @ model.item_table.t()
+            h2 = model.retrieval_vector(h, model.project_prompt(t_pos), model.project_prompt(t_neg), presence)
+            table_r = model.retrieval_table
+            logits = h2 @ table_r.t()
             targets = torch.from_numpy(batch.targets)
             if cfg.stage3_mask_history:
                 logits = logits.masked_fill(history_mask(torch.from_numpy(batch.histories), targets,
@@ -158,7 +159,7 @@ def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
                 steered = logits[neg_only]                  # only these rows enter the term
                 allowed = ~forbidden[neg_only] & torch.isfinite(steered)
                 with torch.no_grad():
-                    base = h[neg_only] @ model.item_table.t()
+                    base = h[neg_only] @ model.item_table.t()     # = lift(h) @ retrieval table
                 loss = loss + cfg.neg_keep_lambda * keep_order_loss(base, steered, allowed)
             with_pos = torch.from_numpy(has_pos)
             if (cfg.pos_lambda or cfg.pos_keep_lambda) and bool(with_pos.any()):

@@ -60,6 +60,9 @@ class BenchConfig:
                                  default="1e4,1e5,1e6")
     retrieval_iters: int = _help("timed searches per size and retriever (0: min(--iters, 5))", default=0)
     gate: bool = _help("run the fused-vs-portable gating section (--no-gate skips it)", default=True)
+    host: bool = _help("run the host section: the engine's own Python/numpy time per batch (all but tokenizer, "
+                       "model runs and retrieval kernel) through recommend_batch (indices, ids) and recommend() "
+                       "(--no-host skips it)", default=True)
     gate_min_time: float = _help("seconds of timing per gating measurement", default=0.3)
     ceiling_size: int = _help("matrix size of the matmul ceiling measurement", default=4096)
     k: int = _help("items per request", default=10)

@@ -9,7 +9,39 @@ PY=${PYTHON:-python}
 export DPR_KERNEL_CACHE=${DPR_KERNEL_CACHE:-$PWD/build/kernel-cache}
 status=0
 echo "== build"; $PY -m dpr.kernels.build --quiet || status=1
-echo "== gpu tests"; $PY -m pytest tests/test_kernels.py -m gpu -q -p no:cacheprovider -rs || status=1
+echo "== gpu tests"; $PY -m pytest tests/test_kernels.py tests/test_moe_gate_op.py -m gpu -q -p no:cacheprovider -rs || status=1
+echo "== dpr::moe_gate (torch operator, no ctypes): eager vs inside a CUDA graph, batch 512"
+$PY - <<'PYEOF' || status=1
+import torch
+from dpr.kernels import moe_gate_op
+print(moe_gate_op.load())
+assert moe_gate_op.implementation("cuda") == "cpp", "the CUDA operator library is not loaded"
+B, d, n, k = 512, 64, 4, 2
+g = torch.Generator(device="cuda").manual_seed(0)
+x = [torch.randn(B, d, device="cuda", generator=g), torch.randn(d, 2 * n, device="cuda", generator=g) / 8,
+     torch.randn(2 * n, device="cuda", generator=g), torch.randn(B, 2 * n, d, device="cuda", generator=g),
+     torch.randint(0, 3, (B,), device="cuda", generator=g), torch.randn(B, d, device="cuda", generator=g)]
+op = torch.ops.dpr.moe_gate
+calls = 100
+s = torch.cuda.Stream(); s.wait_stream(torch.cuda.current_stream())
+with torch.cuda.stream(s):
+    for _ in range(3): op(*x, n, k)
+torch.cuda.current_stream().wait_stream(s)
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    for _ in range(calls): op(*x, n, k)
+def timed(fn, iters):
+    for _ in range(3): fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters): fn()
+    b.record(); torch.cuda.synchronize()
+    return a.elapsed_time(b) / iters * 1e3
+eager = timed(lambda: op(*x, n, k), 500)
+in_graph = timed(graph.replay, 20) / calls
+print(f"dpr::moe_gate B={B}: eager {eager:.1f} us per call, inside a CUDA graph {in_graph:.2f} us per call (target <= 10)")
+PYEOF
 echo "== CUDA kernel benchmark"
 $PY - <<'PYEOF' || status=1
 import torch

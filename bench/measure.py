@@ -6,7 +6,8 @@ before batch i + 1. On a machine shared with other jobs the load drifts over min
 exposes every runner to the same drift, so the ratios between them stay meaningful even when the
 absolute times do not. The first ``warmup`` batches are untimed; of each timed call the wall time and
 the per-stage seconds (the engine's ``timings``) are kept, ``other`` being what no stage accounts for
-(request validation, id mapping, result assembly).
+(request validation, id mapping, result assembly), and beside them the engine's own ``host`` seconds (all
+but the tokenizer, the model runs and the retrieval kernel; see dpr.bench.host).
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ class Runner:
     engine: object = None
     totals: list = field(default_factory=list)
     stages: dict = field(default_factory=lambda: {s: [] for s in STAGES})
+    host: list = field(default_factory=list)
     first: list | None = None
     cache_start: tuple = (0, 0)
 
     def reset(self) -> None:
-        self.totals, self.stages, self.first = [], {s: [] for s in STAGES}, None
+        self.totals, self.stages, self.first, self.host = [], {s: [] for s in STAGES}, None, []
         if self.engine is not None:
             self.engine.prompt_cache.clear()
 
@@ -60,11 +62,14 @@ class Runner:
             self.stages[s].append(v)
             known += v
         self.stages["other"].append(max(dt - known, 0.0))
+        if "host" in timings:
+            self.host.append(float(timings["host"]))
 
     def result(self, batch_size: int) -> dict:
         out = {"total": summarise(self.totals, batch_size),
                "stages": {s: summarise(v, batch_size) for s, v in self.stages.items()},
-               "seconds": list(self.totals), "prompt_cache": None}
+               "seconds": list(self.totals), "prompt_cache": None,
+               "host": summarise(self.host, batch_size) if self.host else None}
         if self.engine is not None:
             st = self.engine.prompt_cache.stats()
             hits, misses = st["hits"] - self.cache_start[0], st["misses"] - self.cache_start[1]

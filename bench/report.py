@@ -88,6 +88,16 @@ def format_report(res: dict) -> str:
     for name, u in (res.get("user_encoder_gating") or {}).items():
         L.append(f"whole user encoder, {name}, batch {cfg['batch']}: fused graph {_ms(u['fused']['median_ms'])} ms vs "
                  f"portable {_ms(u['portable']['median_ms'])} ms (x{_f(u['ratio'], '.2f')})")
+    h = res.get("host")
+    if h:
+        ep = h["entry_points"]
+        L.append("")
+        L.append(f"host stage (all but tokenizer, model runs and retrieval kernel), batch {h['batch']}, "
+                 f"{h['backend']}, prompts={h['prompts']}: median ms per batch (us per request)")
+        L.append("  " + "  ".join(f"{name}: {_f(e['median_ms'], '.2f')} ({_f(e['us_per_request'], '.2f')})"
+                                  for name, e in ep.items())
+                 + f"  | targets: recommend_batch <= {h['targets_ms']['recommend_batch']:g} ms, recommend() <= "
+                   f"{h['targets_ms']['recommend']:g} ms")
     if res.get("skipped_backends"):
         L.append("")
         for name, why in res["skipped_backends"].items():
@@ -95,9 +105,10 @@ def format_report(res: dict) -> str:
     # the main table, last
     L.append("")
     head = (f"{'backend':<21} {'prompts':<9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'req/s':>8} {'x torch':>8} "
-            + " ".join(f"{lab:>10}" for _, lab in STAGE_LABELS) + f" {'cache hit':>9} {'top10 agree':>11}")
-    L.append(f"end to end, recommend() on {cfg['batch']} requests; stage columns: median ms; x torch: throughput "
-             f"over the plain PyTorch pipeline's")
+            + " ".join(f"{lab:>10}" for _, lab in STAGE_LABELS) + f" {'host':>8} {'cache hit':>9} {'top10 agree':>11}")
+    L.append(f"end to end, recommend() on {cfg['batch']} requests; stage columns: median ms (host: the engine's "
+             f"own time besides tokenizer, models and retrieval kernel, about 'other'); x torch: throughput over the plain "
+             f"PyTorch pipeline's")
     L.append(head)
     L.append("-" * len(head))
     sp = res["speedup_vs_torch"]
@@ -110,6 +121,7 @@ def format_report(res: dict) -> str:
         L.append(f"{r['backend']:<21} {r['prompts']:<9} {_ms(t['median_ms']):>8} {_ms(t['p90_ms']):>8} "
                  f"{_ms(t['p99_ms']):>8} {_f(t['throughput_rps'], '.0f'):>8} {_f(ratio, '.2f'):>8} "
                  + " ".join(f"{_ms(r['stages'][s]['median_ms']):>10}" for s, _ in STAGE_LABELS)
+                 + f" {_ms((r.get('host') or {}).get('median_ms')):>8}"
                  + f" {hit:>9} {_f(r.get('top10_agreement'), '.3f'):>11}")
     fv = res.get("fused_vs_portable")
     L.append("")

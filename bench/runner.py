@@ -5,7 +5,8 @@
 3. per prompt mode, the plain PyTorch pipeline and every backend interleaved batch by batch (see
    dpr.bench.measure): latency, throughput, stages, prompt-cache hit rate, agreement of the top-10
    with the pipeline's;
-4. the user encoder with the fused vs the portable graph (ONNX Runtime backends);
+4. the user encoder with the fused vs the portable graph (ONNX Runtime backends); the host stage per
+   entry point (dpr.bench.host);
 5. the gating step alone, fused vs portable, at 1, 64, --batch, 4096;
 6. the retrieval section with the ceilings;
 7. the summary fields (``speedup_vs_torch``, ``fused_vs_portable``, ``retrieval``).
@@ -23,6 +24,7 @@ from .backends import load_engine, plan_backends, resolve_device
 from .config import BenchConfig, BenchError
 from .config import log as _log
 from .gating import gating_section
+from .host import host_section
 from .machine import machine_info, versions
 from .measure import Runner, engine_call, overlap, pipeline_call, run_mode, time_user_encoders
 from .pipeline import NAME as PIPELINE
@@ -133,6 +135,14 @@ def run(cfg: BenchConfig) -> dict:
         ug = _user_encoder_gating(cfg, ort, export, device, batches, modes)
         if ug:
             res["user_encoder_gating"]["onnxruntime"] = ug
+    # -- the host stage per entry point, on the first backend measured (ONNX Runtime when there is one)
+    res["host"] = None
+    host_engine = engines.get("onnxruntime") or next(iter(engines.values()), None)
+    if cfg.host and host_engine is not None:
+        hmode = next((m for m in ("templates", "none", "unique") if m in modes), modes[0])
+        _log(f"host stage: recommend_batch (indices, ids) and recommend() on {host_engine.backend_name}, "
+             f"prompts={hmode}")
+        res["host"] = host_section(host_engine, batches[hmode], k, cfg.warmup, hmode)
     for engine in engines.values():
         engine.close()
     del engines, runners, pipe

@@ -11,8 +11,9 @@
 ``flat[offsets[i]:offsets[i + 1]]``, oldest first), either original item ids (:meth:`RequestBatch.from_ids`)
 or catalogue indices already mapped (``1..N``, :meth:`RequestBatch.from_indices`; index ``i`` is
 ``engine.item_ids[i - 1]``). Prompt columns are length-``B`` sequences of str or None (or None for the whole
-column); ``k`` and ``exclude_history`` hold for the whole batch; ``hard_filter`` is None, one dict shared by
-every row or a length-``B`` list of dicts/None (the format ``Engine.recommend`` takes).
+column); ``k`` and ``exclude_history`` are one value for the whole batch (an int, a bool) or a length-``B``
+column of them (ints, bools: never coerced, a wrong type is an error naming the row); ``hard_filter`` is None,
+one dict shared by every row or a length-``B`` list of dicts/None (the format ``Engine.recommend`` takes).
 
 :meth:`Engine.recommend_batch` checks the batch once, column by column (an ``InputError`` names the row and
 what is wrong), runs it through the same pipeline as ``Engine.recommend`` and returns a :class:`ResultBatch`.
@@ -41,8 +42,8 @@ class RequestBatch:
     form: str = "ids"                  # "ids" | "indices"
     prompts: Sequence | None = None    # (B,) str | None per row, or None: no prompts
     negative_prompts: Sequence | None = None
-    k: int = 10
-    exclude_history: bool = True
+    k: Any = 10                        # int for every row | (B,) ints
+    exclude_history: Any = True        # bool for every row | (B,) bools
     hard_filter: Any = None            # None | one dict for every row | (B,) list of dicts / None
 
     @classmethod
@@ -74,10 +75,11 @@ class RequestBatch:
 @dataclass(eq=False)
 class ResultBatch:
     """A batch's results as columns. ``indices`` (B, k) int64 catalogue indices, best first (index ``i`` is
-    ``engine.item_ids[i - 1]``); a row with fewer than ``k`` eligible items is padded with index **0** and
+    ``engine.item_ids[i - 1]``); a row with fewer than its ``k`` eligible items is padded with index **0** and
     score ``-inf`` after its ``counts[i]`` results. ``scores`` (B, k) float32, ``counts`` (B,) int64.
     ``short_reasons[i]`` says why row ``i`` is short (None when full). ``ids`` / ``titles`` / ``tags``: per-row
-    lists of the ``counts[i]`` results, looked up from ``indices`` on first use."""
+    lists of the ``counts[i]`` results, looked up from ``indices`` on first use. With a per-row ``k`` column,
+    ``k`` is the largest and ``ks`` (B,) holds each row's (rows asking for fewer are padded after them)."""
     indices: np.ndarray
     scores: np.ndarray
     counts: np.ndarray
@@ -86,6 +88,7 @@ class ResultBatch:
     _ids: np.ndarray = field(default=None, repr=False)      # the engine's object arrays, for the lookups
     _titles: np.ndarray = field(default=None, repr=False)
     _tags: np.ndarray = field(default=None, repr=False)
+    ks: np.ndarray | None = None       # (B,) int64 per-row k, when the batch had a k column
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -93,7 +96,7 @@ class ResultBatch:
     @property
     def short_rows(self) -> list[int]:
         """The rows that got fewer than ``k`` items."""
-        return np.flatnonzero(self.counts < self.k).tolist()
+        return np.flatnonzero(self.counts < (self.k if self.ks is None else self.ks)).tolist()
 
     def _lookup(self, table: np.ndarray) -> list[list]:
         pos = self.indices - 1

@@ -6,9 +6,11 @@
         rec = await batcher.submit_async(req)    # asyncio
 
 Requests are validated in the caller's thread on ``submit`` (a bad request's future fails at once with
-its InputError and never joins a batch). One worker thread gathers valid requests until
-``max_batch_size`` are waiting or ``max_delay_ms`` has passed since the oldest arrived, runs them as one
-engine batch and resolves each future with its own row. Should a whole batch fail, its requests are
+its InputError and never joins a batch) and appended to the queue's columns (:mod:`.request_queue`: one
+history buffer, k and exclude columns; no Python object per queued request besides its Future). One worker
+thread gathers valid requests until ``max_batch_size`` are waiting or ``max_delay_ms`` has passed since the
+oldest arrived, takes them as one columnar batch, runs it through the engine's columnar core (the one
+``recommend_batch`` runs) and resolves each future with its own row. Should a whole batch fail, its requests are
 retried one by one so that only the culprit fails. The queue is bounded: beyond ``max_queue`` waiting
 requests ``submit`` raises :class:`OverloadedError`. ``close()`` stops intake and drains what is queued.
 """
@@ -18,16 +20,24 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
+
+import numpy as np
 
 from dpr.errors import InputError
 
 from .errors import ClosedError, OverloadedError
+from .request_queue import RequestQueue
 
 
 class DynamicBatcher:
     def __init__(self, engine, max_batch_size: int = 512, max_delay_ms: float = 5.0, max_queue: int = 10000):
+        for name, v in (("max_batch_size", max_batch_size), ("max_queue", max_queue)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise InputError(f"{name} must be an integer, got {v!r}")
+        if isinstance(max_delay_ms, bool) or not isinstance(max_delay_ms, (int, float, np.integer, np.floating)) \
+                or not np.isfinite(max_delay_ms):
+            raise InputError(f"max_delay_ms must be a finite number of milliseconds, got {max_delay_ms!r}")
         if max_batch_size < 1:
             raise InputError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_delay_ms < 0:
@@ -38,7 +48,7 @@ class DynamicBatcher:
         self.max_batch_size = int(max_batch_size)
         self.max_delay = float(max_delay_ms) / 1000.0
         self.max_queue = int(max_queue)
-        self._queue: deque = deque()
+        self._queue = RequestQueue()
         self._cond = threading.Condition()
         self._closed = False
         self._stats = {"submitted": 0, "rejected_invalid": 0, "rejected_overload": 0, "batches": 0,
@@ -65,7 +75,7 @@ class DynamicBatcher:
             if len(self._queue) >= self.max_queue:
                 self._stats["rejected_overload"] += 1
                 raise OverloadedError(f"the batcher queue is full ({self.max_queue} requests waiting); retry later")
-            self._queue.append((time.monotonic(), row, fut))
+            self._queue.append(row, fut, time.monotonic())
             self._stats["submitted"] += 1
             self._cond.notify()
         return fut
@@ -77,51 +87,53 @@ class DynamicBatcher:
     # ---- worker -----------------------------------------------------------------------------------
     def _take_batch(self):
         with self._cond:
-            while not self._queue:
+            while not len(self._queue):
                 if self._closed:
                     return None
                 self._cond.wait()
-            deadline = self._queue[0][0] + self.max_delay
+            deadline = self._queue.oldest_arrival() + self.max_delay
             while len(self._queue) < self.max_batch_size and not self._closed:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
-            n = min(self.max_batch_size, len(self._queue))
-            return [self._queue.popleft() for _ in range(n)]
+            return self._queue.take(min(self.max_batch_size, len(self._queue)))
 
     def _loop(self):
         while True:
             batch = self._take_batch()
             if batch is None:
                 return
-            live = [(row, fut) for _, row, fut in batch if fut.set_running_or_notify_cancel()]
-            if live:
-                self._run(live)
+            cols, futures = batch
+            live = [i for i, f in enumerate(futures) if f.set_running_or_notify_cancel()]
+            if len(live) < len(futures):           # cancelled while queued: not run
+                if not live:
+                    continue
+                cols, futures = cols.select(live), [futures[i] for i in live]
+            self._run(cols, futures)
 
-    def _run(self, live):
+    def _run(self, cols, futures):
         try:
-            recs = self.engine._run_rows([row for row, _ in live])
+            recs = self.engine._run_rows(cols)
         except BaseException as exc:  # noqa: BLE001 - isolate the culprit
-            if len(live) == 1:
-                live[0][1].set_exception(exc)
+            if len(futures) == 1:
+                futures[0].set_exception(exc)
                 with self._cond:
                     self._stats["failed"] += 1
                 return
-            for item in live:
-                self._run_one(item)
+            for i, fut in enumerate(futures):
+                self._run_one(cols.select(np.array([i])), fut)
             return
-        for i, (_, fut) in enumerate(live):
+        for i, fut in enumerate(futures):
             fut.set_result(recs[i])
         with self._cond:
             self._stats["batches"] += 1
-            self._stats["completed"] += len(live)
-            self._stats["max_batch_seen"] = max(self._stats["max_batch_seen"], len(live))
+            self._stats["completed"] += len(futures)
+            self._stats["max_batch_seen"] = max(self._stats["max_batch_seen"], len(futures))
 
-    def _run_one(self, item):
-        row, fut = item
+    def _run_one(self, cols, fut):
         try:
-            rec = self.engine._run_rows([row])[0]
+            rec = self.engine._run_rows(cols)[0]
         except BaseException as exc:  # noqa: BLE001
             fut.set_exception(exc)
             with self._cond:

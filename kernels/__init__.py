@@ -3,8 +3,12 @@
 * ``fused_moe_gate.h`` per-row math (g++ and nvcc), ``fused_moe_gate_cpu.cc`` CPU twin (C ABI),
   ``fused_moe_gate.cu`` CUDA kernel + launchers, ``ort_custom_op.cc`` ONNX Runtime custom op;
 * ``build`` compiles them (``python -m dpr.kernels.build``), ``build.ort_library_path()`` finds the ORT lib;
-* ``torch_op`` (torch.ops.dpr.fused_moe_gate), ``onnx_translation`` (torch.onnx), ``trt_plugin``
-  (TensorRT AOT plugin), ``capi`` (ctypes), ``bench_op`` (CPU timings).
+* ``moe_gate_op`` (``torch.ops.dpr.moe_gate``: the torch backend's gate; ``moe_gate_torch.cc`` /
+  ``moe_gate_torch_cuda.cc`` register the CPU twin and the CUDA kernel with torch's dispatcher, no ctypes; a
+  fake implementation for tracing; the reference when the library is missing);
+* ``torch_op`` (torch.ops.dpr.fused_moe_gate: the op the ONNX exporter traces), ``onnx_translation``
+  (torch.onnx), ``trt_plugin`` (TensorRT AOT plugin), ``capi`` (ctypes, for callers without torch),
+  ``bench_op`` (CPU timings).
 
 Importing this package is cheap (no torch, no compilation).
 """

@@ -13,7 +13,12 @@ name               file                        needs
 ``ort_cuda_lib``   ``libdpr_ort_ops_cuda.so``  nvcc + ORT headers: custom op, CPU and CUDA EPs
 ``ptx_sm80``       ``fused_moe_gate.sm80.ptx`` nvcc: PTX for the TensorRT plugin (compute_80)
 ``ptx_sm90``       ``fused_moe_gate.sm90.ptx`` nvcc: PTX for the TensorRT plugin (compute_90)
+``torch_ops``      ``libdpr_torch_ops.so``     g++ + torch's headers: ``dpr::moe_gate`` CPU (the twin)
+``torch_ops_cuda`` ``libdpr_torch_ops_cuda.so`` nvcc + a CUDA build of torch: ``dpr::moe_gate`` CUDA
 =================  ==========================  =====================================================
+
+The torch operator libraries are built against the torch installed beside this package (its version and
+C++ ABI are part of the cache key) and loaded with ``torch.ops.load_library`` (dpr.kernels.moe_gate_op).
 
 ORT headers come from ``$ORT_INCLUDE_DIR``, else a previous fetch in the cache, else
 ``fetch_ort_headers.sh`` (Debian trixie's ``libonnxruntime-dev``, downloaded into the cache).
@@ -53,6 +58,8 @@ FILES = {
     "ort_cuda_lib": "libdpr_ort_ops_cuda.so",
     "ptx_sm80": "fused_moe_gate.sm80.ptx",
     "ptx_sm90": "fused_moe_gate.sm90.ptx",
+    "torch_ops": "libdpr_torch_ops.so",
+    "torch_ops_cuda": "libdpr_torch_ops_cuda.so",
 }
 
 CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-Wall", "-Wextra"]
@@ -188,9 +195,51 @@ class _Target:
         return cache_dir() / f"{self.name}-{self.key()}" / FILES[self.name]
 
 
+@functools.lru_cache(maxsize=None)
+def torch_build_info() -> tuple[dict | None, str]:
+    """(torch's include/library folders, C++ ABI, version and CUDA version; or None and why not)."""
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except Exception as exc:  # noqa: BLE001 - a broken torch install is a reason, not a crash
+        return None, f"torch is not importable ({type(exc).__name__}: {exc})"
+    return {"include": list(cpp_extension.include_paths()), "lib": list(cpp_extension.library_paths()),
+            "abi": int(bool(torch._C._GLIBCXX_USE_CXX11_ABI)), "version": torch.__version__,
+            "cuda": torch.version.cuda}, "torch"
+
+
+def _torch_flags(info: dict) -> tuple[list[str], list[str]]:
+    """(compile flags, link flags) of a torch operator library; the version define keys the cache."""
+    cflags = [f"-I{p}" for p in info["include"]] + [f"-D_GLIBCXX_USE_CXX11_ABI={info['abi']}",
+                                                   f"-DDPR_TORCH_VERSION=\"{info['version']}\""]
+    lflags = [f for p in info["lib"] for f in (f"-L{p}", f"-Wl,-rpath,{p}")] + ["-lc10", "-ltorch_cpu", "-ltorch"]
+    return cflags, lflags
+
+
 def _targets(cxx: str | None, nvcc: str | None, ort_inc: Path | None) -> dict[str, _Target]:
     k = str(KERNEL_DIR)
     t: dict[str, _Target] = {}
+    tinfo, _ = torch_build_info()
+    if cxx and tinfo:
+        tcf, tlf = _torch_flags(tinfo)
+        # torch's headers need C++17 at least; -w: their own warnings are not ours to fix
+        t["torch_ops"] = _Target("torch_ops", ["moe_gate_torch.cc", "moe_gate_torch.h", "fused_moe_gate_cpu.cc"],
+                                 [cxx], lambda tmp, out: [
+            [cxx, "-O3", "-std=c++17", "-fPIC", "-fopenmp", "-w", "-shared", f"-I{k}", *tcf,
+             f"{k}/moe_gate_torch.cc", f"{k}/fused_moe_gate_cpu.cc", *tlf, "-o", str(out)]])
+        if nvcc and tinfo["cuda"]:
+            t["torch_ops_cuda"] = _Target(
+                "torch_ops_cuda", ["moe_gate_torch_cuda.cc", "moe_gate_torch.h", "fused_moe_gate.cu"], [nvcc, cxx],
+                lambda tmp, out: [
+                    # c10/cuda's headers include the CUDA runtime's: nvcc's own include folder
+                    [cxx, "-O3", "-std=c++17", "-fPIC", "-w", "-c", f"-I{k}", *tcf,
+                     f"-I{Path(nvcc).resolve().parent.parent / 'include'}", f"{k}/moe_gate_torch_cuda.cc",
+                     "-o", str(tmp / "op.o")],
+                    [nvcc, *NVCCFLAGS, *GENCODE, "-Xcompiler", "-fPIC", "-c", "-DDPR_STANDALONE_CUDA_LIB", f"-I{k}",
+                     f"{k}/fused_moe_gate.cu", "-o", str(tmp / "cuda.o")],
+                    [nvcc, "-shared", str(tmp / "op.o"), str(tmp / "cuda.o"), *tlf, "-lc10_cuda", "-ltorch_cuda",
+                     "-o", str(out)]],
+                spill_check=True)
     if cxx:
         t["cpu_lib"] = _Target("cpu_lib", ["fused_moe_gate_cpu.cc"], [cxx], lambda tmp, out: [
             [cxx, *CXXFLAGS, "-shared", f"-I{k}", f"{k}/fused_moe_gate_cpu.cc", "-o", str(out)]])
@@ -274,6 +323,10 @@ def build(force: bool = False, verbose: bool = True, fetch_headers: bool = True,
         "cuda_lib": "nvcc not found (set NVCC or put nvcc on PATH)",
         "ptx_sm80": "nvcc not found", "ptx_sm90": "nvcc not found",
         "ort_cuda_lib": "nvcc not found" if not nvcc else ("no C++ compiler" if not cxx else why),
+        "torch_ops": "no C++ compiler (g++)" if not cxx else torch_build_info()[1],
+        "torch_ops_cuda": ("nvcc not found" if not nvcc else "no C++ compiler" if not cxx
+                           else torch_build_info()[1] if torch_build_info()[0] is None
+                           else "torch is a CPU build (no CUDA runtime to link the operator against)"),
     }
     for name in FILES:
         if only is not None and name not in only:

@@ -27,6 +27,8 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.dpr_score_topk_pack_f32.argtypes = [_P, _I64, _I64, _P]
     lib.dpr_score_topk_f32.restype = ctypes.c_int
     lib.dpr_score_topk_f32.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _P, _P, _P, _I64, _P, _P, ctypes.c_int]
+    lib.dpr_score_topk_f32_any_order.restype = ctypes.c_int
+    lib.dpr_score_topk_f32_any_order.argtypes = lib.dpr_score_topk_f32.argtypes
 
 
 def library() -> ctypes.CDLL | None:
@@ -70,11 +72,12 @@ def pack(table: np.ndarray) -> np.ndarray:
 
 def score_topk(queries: np.ndarray, packed: np.ndarray, num_items: int, k: int,
                excl_offsets: np.ndarray | None = None, excl_items: np.ndarray | None = None,
-               allowed: np.ndarray | None = None, threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
+               allowed: np.ndarray | None = None, threads: int = 0,
+               rows_sorted: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of ``queries (B, d) @ items 1..num_items``: ``(indices int64 (B, k), scores float32)``.
 
     ``excl_offsets (B + 1)`` / ``excl_items``: row ``b`` excludes ``excl_items[excl_offsets[b]:excl_offsets[b+1]]``
-    (sorted within the row). ``allowed``: None, bool/uint8 ``(N + 1,)`` shared or ``(B, N + 1)`` per row.
+    (sorted within the row; ``rows_sorted=False``: in any order, sorted inside the kernel's threads). ``allowed``: None, bool/uint8 ``(N + 1,)`` shared or ``(B, N + 1)`` per row.
     Rows with fewer than ``k`` eligible items are padded with -1 / -inf. The GIL is released meanwhile.
     """
     lib = _require()
@@ -105,6 +108,7 @@ def score_topk(queries: np.ndarray, packed: np.ndarray, num_items: int, k: int,
         else:
             raise ValueError(f"allowed must have shape ({num_items + 1},) or ({b}, {num_items + 1}), got {allowed.shape}")
         allowed_p = allowed.ctypes.data
-    _check(lib, lib.dpr_score_topk_f32(q.ctypes.data, b, d, packed.ctypes.data, num_items, k, off_p, items_p,
+    fn = lib.dpr_score_topk_f32 if rows_sorted else lib.dpr_score_topk_f32_any_order
+    _check(lib, fn(q.ctypes.data, b, d, packed.ctypes.data, num_items, k, off_p, items_p,
                                         allowed_p, stride, out_i.ctypes.data, out_s.ctypes.data, int(threads)))
     return out_i, out_s

@@ -47,6 +47,15 @@ int dpr_score_topk_f32(const float* queries, int64_t batch, int64_t d, const flo
                        int64_t k, const int64_t* excl_offsets, const int64_t* excl_items, const uint8_t* allowed,
                        int64_t allowed_row_stride, int64_t* out_idx, float* out_scores, int num_threads);
 
+// As dpr_score_topk_f32, but each exclusion row may come in any order (repeats allowed): the engine passes a
+// batch's histories as they are (chronological, with the batch's own offsets). The rows are sorted into
+// scratch memory here, split over the kernel's threads, then searched as above: no per-(row, item) keys are
+// built by the caller. Offsets and items are checked as dpr_score_topk_f32 checks them (except the order).
+int dpr_score_topk_f32_any_order(const float* queries, int64_t batch, int64_t d, const float* packed,
+                                 int64_t n_items, int64_t k, const int64_t* excl_offsets,
+                                 const int64_t* excl_items, const uint8_t* allowed, int64_t allowed_row_stride,
+                                 int64_t* out_idx, float* out_scores, int num_threads);
+
 #ifdef __cplusplus
 }
 #endif

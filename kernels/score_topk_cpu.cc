@@ -13,6 +13,7 @@
 // 6x16 AVX2 micro-kernel shape. Scores are stored for both halves and compared in registers.
 #include <omp.h>
 
+#include <algorithm>
 #include <new>
 
 #include "cpu_isa.h"
@@ -236,6 +237,34 @@ int dpr_score_topk_f32(const float* queries, int64_t batch, int64_t d, const flo
     write_row(merged.data(), static_cast<int64_t>(merged.size()), k, out_idx + b * k, out_scores + b * k);
   }
   return DPR_TOPK_OK;
+}
+
+int dpr_score_topk_f32_any_order(const float* queries, int64_t batch, int64_t d, const float* packed,
+                                 int64_t n_items, int64_t k, const int64_t* excl_offsets,
+                                 const int64_t* excl_items, const uint8_t* allowed, int64_t allowed_row_stride,
+                                 int64_t* out_idx, float* out_scores, int num_threads) {
+  if (excl_offsets == nullptr || excl_items == nullptr || batch <= 0)
+    return dpr_score_topk_f32(queries, batch, d, packed, n_items, k, excl_offsets, excl_items, allowed,
+                              allowed_row_stride, out_idx, out_scores, num_threads);
+  if (excl_offsets[0] != 0) return DPR_TOPK_BAD_EXCLUSION;
+  for (int64_t b = 0; b < batch; ++b)
+    if (excl_offsets[b + 1] < excl_offsets[b]) return DPR_TOPK_BAD_EXCLUSION;
+  std::vector<int64_t> sorted;
+  try {
+    sorted.resize(static_cast<size_t>(excl_offsets[batch]));
+  } catch (const std::bad_alloc&) {
+    return DPR_TOPK_OUT_OF_MEMORY;
+  }
+  const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
+  // a fork/join costs more than sorting a few short rows on one thread
+#pragma omp parallel for num_threads(threads) schedule(static) if (excl_offsets[batch] >= 4096 && threads > 1)
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t lo = excl_offsets[b], hi = excl_offsets[b + 1];
+    std::copy(excl_items + lo, excl_items + hi, sorted.data() + lo);
+    std::sort(sorted.data() + lo, sorted.data() + hi);
+  }
+  return dpr_score_topk_f32(queries, batch, d, packed, n_items, k, excl_offsets, sorted.data(), allowed,
+                            allowed_row_stride, out_idx, out_scores, num_threads);
 }
 
 }  // extern "C"

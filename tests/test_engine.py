@@ -108,7 +108,7 @@ def test_stages_match_reference(engine, reference):
     pp = engine.encode_prompts(["more comedy"] * 16)
     pres = np.tile(np.array([[1, 0]]), (16, 1))
     u = engine.encode_users(h, pp, None, pres)
-    assert u.shape == (16, engine.dim)
+    assert u.shape == (16, engine.retrieval_dim)      # d, plus a column per tag with the tag channel
     assert np.abs(u - reference.encode_users(h, pp, None, pres)).max() <= 1e-4
     idx, sc = engine.retrieve(u, 5)
     assert idx.shape == (16, 5) and (idx > 0).all()

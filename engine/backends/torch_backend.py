@@ -48,7 +48,7 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, export, device: str = "cpu", checkpoint: str | None = None, text_encoder: str | None = None,
-                 threads: int | None = None, compile: bool = False, **options):
+                 threads: int | None = None, compile: bool = False, fused_gate: bool | None = None, **options):
         super().__init__(export, device)
         if options:
             raise BackendError(f"torch backend got unknown option(s): {', '.join(sorted(options))}")
@@ -74,6 +74,7 @@ class TorchBackend(Backend):
             raise BackendError(f"the torch weights do not match the export's model config: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
         self.model = model.eval().to(self.tdevice)
+        self.gate = self._install_fused_gate(fused_gate)
         self.trims_history = bool(getattr(self.model.backbone, "padding_invariant", False))
         te = self._load_text_encoder(export, text_encoder)
         self.prompt_encoder = PromptEncoder(te, self.model.projection).eval().to(self.tdevice)
@@ -82,6 +83,35 @@ class TorchBackend(Backend):
         self._user_lock = contextlib.nullcontext()     # a real lock once compiled
         if self.compiled:
             self._compile_user_encoder()
+
+    def _install_fused_gate(self, want: bool | None) -> str:
+        """The MoE gate as ``torch.ops.dpr.moe_gate`` (the C++ twin on the CPU, the CUDA kernel on a GPU; no
+        Python between the model and the kernel) when its library is built (``python -m dpr.kernels.build``;
+        never compiled here, at load), else the plain-PyTorch reference. ``fused_gate``: None (auto), True
+        (an error when the library is missing), False (the reference). Returns what serves the gate."""
+        if want is not None and not isinstance(want, bool):
+            raise BackendError(f"torch backend: fused_gate must be True, False or None, got {want!r}")
+        if want is False:
+            return "reference (fused_gate=False)"
+        from dpr.model.moe import MoE
+
+        try:
+            from dpr.kernels import moe_gate_op
+
+            st = moe_gate_op.load(build=False)
+        except Exception as exc:  # noqa: BLE001 - the kernels are optional: the reference serves
+            st = {"cpu": None, "cuda": None, "why": {"cpu": f"{type(exc).__name__}: {exc}"}}
+        key = "cuda" if self.tdevice.type == "cuda" else "cpu"
+        if st.get(key) != "cpp":
+            why = st["why"].get(key) or st["why"].get("cpu") or "not available"
+            if want:
+                raise BackendError(f"torch backend: fused_gate=True but dpr::moe_gate has no C++ {key} kernel: {why}")
+            return f"reference (dpr::moe_gate not available: {why})"
+        op = self._torch.ops.dpr.moe_gate
+        for m in self.model.modules():
+            if isinstance(m, MoE):
+                m.gate = op
+        return "dpr::moe_gate (" + ("CUDA kernel" if key == "cuda" else "C++ CPU twin") + ")"
 
     def _compile_user_encoder(self) -> None:
         """``compile=True``: the user encoder through ``torch.compile(dynamic=True)`` (fused element-wise
@@ -161,7 +191,8 @@ class TorchBackend(Backend):
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "torch": self._torch.__version__,
-                "weights": self.weights_source, "text_encoder": self.text_encoder_source, "compiled": self.compiled}
+                "weights": self.weights_source, "text_encoder": self.text_encoder_source, "compiled": self.compiled,
+                "gate": self.gate}
 
     @classmethod
     def availability(cls, device: str) -> tuple[bool, str]:

@@ -88,10 +88,14 @@ def pad_results(idx: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray
 class Exclusions:
     """Every row's exclusion list in one array: row ``b`` excludes ``items[offsets[b]:offsets[b + 1]]``
     (any order, repeats allowed). ``offsets`` int ``(B + 1,)`` from 0, non-decreasing, ending at
-    ``len(items)``."""
+    ``len(items)``. ``rows_sorted``: each row's items are ascending. ``checked``: the maker has checked the
+    arrays (offsets as above, items in ``1..N``: the engine's own batch). Either lets the fused retriever hand
+    the arrays to its kernel as they are (it sorts unsorted rows itself), without building :class:`Filters`."""
 
     offsets: np.ndarray
     items: np.ndarray
+    rows_sorted: bool = False
+    checked: bool = False
 
 
 @dataclass

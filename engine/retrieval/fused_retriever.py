@@ -19,7 +19,7 @@ import numpy as np
 
 from dpr.errors import InputError
 
-from .base import DeviceError, Filters, Retriever, physical_cores
+from .base import DeviceError, Exclusions, Filters, Retriever, pad_results, physical_cores
 
 __all__ = ["FusedRetriever"]
 
@@ -49,6 +49,39 @@ class FusedRetriever(Retriever):
         self._kernel = score_topk
         self._packed = score_topk.pack(self.table)
         self.isa = score_topk.isa()
+
+    def search(self, queries: np.ndarray, k: int, exclude: Any = None,
+               allowed_mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """As :meth:`Retriever.search`. Exclusions the engine made (``Exclusions(checked=True)``: its batch's
+        offsets and histories as they are) or with sorted rows, and a bool allowed mask, go to the kernel as
+        they are: the kernel checks them (offsets, items in 0..N), sorts unsorted rows in its own threads and
+        applies them while it scores. No (row, item) keys are built and split again here."""
+        direct = (exclude is None or (isinstance(exclude, Exclusions) and (exclude.rows_sorted or exclude.checked))) \
+            and (allowed_mask is None or (isinstance(allowed_mask, np.ndarray) and allowed_mask.dtype == np.bool_))
+        if not direct or self._packed is None:
+            return super().search(queries, k, exclude=exclude, allowed_mask=allowed_mask)
+        q = self._check_queries(queries)
+        k = self._check_k(k)
+        kk = min(k, self.num_items)
+        if q.shape[0] == 0 or kk > self.max_heap_k:
+            return super().search(q, k, exclude=exclude, allowed_mask=allowed_mask)
+        offsets = items = None
+        if exclude is not None:
+            offsets, items = np.asarray(exclude.offsets), np.asarray(exclude.items)
+            if offsets.dtype.kind not in "iu" or items.dtype.kind not in "iu" or offsets.shape != (q.shape[0] + 1,):
+                raise InputError(f"Exclusions must have {q.shape[0] + 1} integer offsets and integer items, got "
+                                 f"offsets {offsets.dtype} {offsets.shape} and items {items.dtype}")
+        n1 = self.num_items + 1
+        if allowed_mask is not None and allowed_mask.shape not in ((n1,), (q.shape[0], n1)):
+            raise InputError(f"allowed_mask must have shape ({n1},) or ({q.shape[0]}, {n1}) (catalogue of "
+                             f"{self.num_items} items plus padding row 0), got {allowed_mask.shape}")
+        try:
+            idx, sc = self._kernel.score_topk(q, self._packed, self.num_items, kk, offsets, items, allowed_mask,
+                                              threads=self.threads,
+                                              rows_sorted=exclude is None or exclude.rows_sorted)
+        except (self._kernel.KernelError, ValueError) as exc:
+            raise InputError(f"exclusions or allowed mask refused by the fused kernel: {exc}") from None
+        return pad_results(idx, sc, k)
 
     def _search(self, q: np.ndarray, kk: int, filters: Filters | None) -> tuple[np.ndarray, np.ndarray]:
         if self._packed is None:

@@ -1,0 +1,219 @@
+"""The stage pipeline of a checked batch (:class:`Columns`): prompts -> prompt vectors (deduplicated, LRU
+cache, tokenized once, length-bucketed chunks) -> histories left-padded in one vectorised pass -> user
+encoder (length-ordered chunks) -> retrieval with the history exclusion and hard filters -> top-k arrays.
+
+:class:`StagePipeline` is the part of :class:`~dpr.engine.Engine` that runs models and kernels; each stage is
+also public (``encode_prompts``, ``encode_users``, ``retrieve``) for callers that drive them one by one.
+``timings`` (a dict) receives seconds per stage: ``tokenize``, ``prompt_encoder``, ``user_encoder`` and
+``retrieval`` are the tokenizer, the model runs and the retrieval kernel; the engine adds ``host``, all the
+rest (checks, id mapping, padding, exclusion lists, masks, result assembly).
+"""
+
+from __future__ import annotations
+
+import time
+from itertools import chain
+from typing import Sequence
+
+import numpy as np
+
+from dpr.errors import InputError
+
+from .chunking import history_chunks, prompt_chunks
+from .columns import Columns
+from .retrieval.base import Exclusions
+
+
+def _add(timings: dict | None, name: str, seconds: float) -> None:
+    if timings is not None:
+        timings[name] = timings.get(name, 0.0) + seconds
+
+
+def exclusions(cols: Columns, num_items: int) -> Exclusions | None:
+    """The history exclusion of a batch, as the batch holds it: its own offsets and histories (no copy when
+    every row excludes its history), marked ``checked`` (offsets well formed, items in 1..N: the validation
+    made sure). The fused retrieval kernel takes them as they are and sorts each row in its own threads; the
+    other retrievers build their filters from them. No per-(row, item) keys are built and split again."""
+    ex = cols.exclude_history
+    if not ex.any():
+        return None
+    if ex.all():
+        return Exclusions(cols.offsets, cols.flat, checked=True)
+    lens = np.diff(cols.offsets)
+    keep = np.repeat(ex, lens)
+    lens = lens * ex
+    offsets = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    return Exclusions(offsets, cols.flat[keep], checked=True)
+
+
+class StagePipeline:
+    """The model and kernel stages (mixed into :class:`~dpr.engine.Engine`, which sets the attributes)."""
+
+    # ---- prompts ----------------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        with self._tok_lock:
+            enc = self._tokenizer.encode_batch(list(texts), add_special_tokens=self._add_special)
+        ids = np.asarray([e.ids for e in enc], dtype=np.int64)
+        mask = np.asarray([e.attention_mask for e in enc], dtype=np.int64)
+        return ids, mask
+
+    def encode_prompts(self, texts: Sequence[str], timings: dict | None = None) -> np.ndarray:
+        """(len(texts), d) prompt vectors; repeats within the call and across calls hit the LRU cache."""
+        texts = [self.checker.check_prompt(t, f"prompt {i}") for i, t in enumerate(texts)]
+        if any(t is None for t in texts):
+            raise InputError("encode_prompts takes strings, not None")
+        if not texts:
+            return np.zeros((0, self.dim), np.float32)
+        uniq = list(dict.fromkeys(texts))
+        vecs = self._encode_unique(uniq, timings)
+        if len(uniq) == len(texts):
+            return vecs
+        where = {t: i for i, t in enumerate(uniq)}
+        return vecs[[where[t] for t in texts]]
+
+    def _encode_unique(self, uniq: list[str], timings: dict | None) -> np.ndarray:
+        """(len(uniq), d) vectors of checked, distinct prompts: cached ones from the cache, the rest
+        tokenized together and encoded in chunks."""
+        cached = self.prompt_cache.get_many(self.prompt_cache_key, uniq)
+        todo = [i for i, v in enumerate(cached) if v is None]
+        if not todo:                              # every prompt cached (templates): one copy, no row loop
+            _add(timings, "tokenize", 0.0)
+            _add(timings, "prompt_encoder", 0.0)
+            return np.concatenate(cached).reshape(len(cached), self.dim)     # 3x np.stack's speed here
+        out = np.empty((len(uniq), self.dim), np.float32)
+        for i, v in enumerate(cached):
+            if v is not None:
+                out[i] = v
+        t_tok = t_enc = 0.0
+        if todo:
+            texts = [uniq[i] for i in todo]
+            t0 = time.perf_counter()
+            ids, mask = self.tokenize(texts)
+            t1 = time.perf_counter()
+            enc = np.empty((len(todo), self.dim), np.float32)
+
+            def run(chunk):
+                rows, lo, hi = chunk
+                enc[rows] = np.asarray(self.backend.encode_prompts(np.ascontiguousarray(ids[rows, lo:hi]),
+                                                                   np.ascontiguousarray(mask[rows, lo:hi])),
+                                       dtype=np.float32)
+
+            self._chunks.run(run, list(self._prompt_chunks(mask)))
+            t_enc = time.perf_counter() - t1
+            t_tok = t1 - t0
+            self.prompt_cache.put_many(self.prompt_cache_key, texts, enc)
+            out[todo] = enc
+        _add(timings, "tokenize", t_tok)
+        _add(timings, "prompt_encoder", t_enc)
+        return out
+
+    def _prompt_chunks(self, mask: np.ndarray):
+        return prompt_chunks(mask, self.prompt_chunk_tokens, self.max_batch, self.chunk_workers)
+
+    def _prompt_vectors(self, cols: Columns, timings: dict | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(p_pos, p_neg, presence) of a batch: each distinct prompt encoded (or found in the cache) once."""
+        b = len(cols.prompts)
+        p_pos = np.zeros((b, self.dim), np.float32)
+        p_neg = np.zeros((b, self.dim), np.float32)
+        presence = np.zeros((b, 2), np.int64)
+        where = dict.fromkeys(chain(cols.prompts, cols.negatives))      # distinct prompts, first-seen order
+        where.pop(None, None)
+        if not where:
+            _add(timings, "tokenize", 0.0)
+            _add(timings, "prompt_encoder", 0.0)
+            return p_pos, p_neg, presence
+        vecs = self._encode_unique(list(where), timings)
+        for i, t in enumerate(where):
+            where[t] = i
+        where[None] = -1
+        for col, texts, dst in ((0, cols.prompts, p_pos), (1, cols.negatives, p_neg)):
+            code = np.fromiter(map(where.__getitem__, texts), np.int64, len(texts))   # a C-level map, no row loop
+            rows = np.flatnonzero(code >= 0)
+            if rows.size:
+                dst[rows] = vecs[code[rows]]
+                presence[rows, col] = 1
+        return p_pos, p_neg, presence
+
+    # ---- histories --------------------------------------------------------------------------------------
+    def pad_histories(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
+        """Left-pad (0) and truncate to max_len keeping the most recent items. Row by row: the specification
+        the batch path's vectorised ``_pad_flat`` is tested against."""
+        out = np.zeros((len(seqs), self.max_len), dtype=np.int64)
+        for i, s in enumerate(seqs):
+            s = np.asarray(s, dtype=np.int64)[-self.max_len:]
+            if len(s):
+                out[i, self.max_len - len(s):] = s
+        return out
+
+    def _pad_flat(self, flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+        """``pad_histories`` of the rows ``flat[offsets[i]:offsets[i + 1]]``, in one vectorised pass."""
+        b, L = len(offsets) - 1, self.max_len
+        out = np.zeros((b, L), dtype=np.int64)
+        take = np.minimum(np.diff(offsets), L)                  # the most recent max_len items of each row
+        total = int(take.sum())
+        if total:
+            # flat position of each kept item, and its padded column: one repeat per array, no per-row work
+            ends = offsets[1:]
+            start_in_out = np.repeat(np.arange(b) * L + (L - take), take)
+            step = np.arange(total) - np.repeat(np.cumsum(take) - take, take)     # 0..take-1 per row
+            src = np.repeat(ends - take, take) + step
+            out.reshape(-1)[start_in_out + step] = flat[src]
+        return out
+
+    def encode_users(self, histories, p_pos=None, p_neg=None, presence=None, timings: dict | None = None) -> np.ndarray:
+        """(B, retrieval_dim) steered user vectors. ``histories``: lists of original item ids, or an int64
+        (B, max_len) array of internal indices (left-padded). Missing p_pos/p_neg/presence mean no prompt."""
+        if isinstance(histories, np.ndarray) and histories.dtype.kind in "iu" and histories.ndim == 2:
+            if histories.shape[1] != self.max_len:
+                raise InputError(f"item_seq must have {self.max_len} columns, got {histories.shape[1]}")
+            seq = histories.astype(np.int64, copy=False)
+        else:
+            seq = self.pad_histories([self.checker.history_indices(h, f"history {i}") for i, h in enumerate(histories)])
+        b = seq.shape[0]
+        p_pos = np.zeros((b, self.dim), np.float32) if p_pos is None else np.asarray(p_pos, np.float32)
+        p_neg = np.zeros((b, self.dim), np.float32) if p_neg is None else np.asarray(p_neg, np.float32)
+        presence = np.zeros((b, 2), np.int64) if presence is None else np.asarray(presence, np.int64)
+        for name, a, shape in (("p_pos", p_pos, (b, self.dim)), ("p_neg", p_neg, (b, self.dim)),
+                               ("presence", presence, (b, 2))):
+            if a.shape != shape:
+                raise InputError(f"{name} must have shape {shape}, got {a.shape}")
+        t0 = time.perf_counter()
+        out = np.empty((b, self.retrieval_dim), np.float32)
+
+        def run(chunk):
+            rows, width = chunk
+            out[rows] = np.asarray(self.backend.encode_users(np.ascontiguousarray(seq[rows, self.max_len - width:]),
+                                                             p_pos[rows], p_neg[rows], presence[rows]),
+                                   dtype=np.float32)
+
+        self._chunks.run(run, list(self._history_chunks(seq)))
+        _add(timings, "user_encoder", time.perf_counter() - t0)
+        return out
+
+    @property
+    def _trims_history(self) -> bool:
+        return bool(self.history_chunk_rows) and bool(getattr(self.backend, "trims_history", False))
+
+    def _history_chunks(self, seq: np.ndarray):
+        return history_chunks(seq, self._trims_history, self.history_chunk_rows, self.max_batch, self.chunk_workers)
+
+    # ---- retrieval --------------------------------------------------------------------------------------
+    def retrieve(self, vectors: np.ndarray, k: int, exclude=None, allowed_mask=None,
+                 timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over the item table: (indices (B, k) internal, -1 padded; scores)."""
+        t0 = time.perf_counter()
+        out = self.retriever.search(vectors, k, exclude=exclude, allowed_mask=allowed_mask)
+        _add(timings, "retrieval", time.perf_counter() - t0)
+        return out
+
+    # ---- the whole batch ----------------------------------------------------------------------------------
+    def _search(self, cols: Columns, timings: dict | None = None):
+        """A checked batch up to retrieval: ``(indices (B, max k) -1 padded, scores, allowed mask or None)``."""
+        p_pos, p_neg, presence = self._prompt_vectors(cols, timings)
+        seq = self._pad_flat(cols.flat, cols.offsets)
+        users = self.encode_users(seq, p_pos, p_neg, presence, timings=timings)
+        mask = self.catalogue.allowed_mask(cols.filter_keys)
+        idx, sc = self.retrieve(users, cols.kmax, exclude=exclusions(cols, self.num_items), allowed_mask=mask,
+                                timings=timings)
+        return idx, sc, mask

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"fp32 parity gate, top-10 overlap (default {d.min_overlap:g})")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--verbose", action="store_true", help="show the torch exporter's output")
+    p.add_argument("--triton-repo", default=None, metavar="DIR",
+                   help="also write a Triton model repository in DIR (config.pbtxt + Python-backend model.py, "
+                        "the export copied in; dpr.serve.triton_repo)")
     return p
 
 
@@ -58,7 +61,15 @@ def main(argv: list[str] | None = None) -> int:
                            text_encoder=args.text_encoder, atol=args.atol, min_overlap=args.min_overlap,
                            int8=args.int8, int8_min_cosine=args.int8_min_cosine,
                            seed=args.seed, verbose=args.verbose)
+        if args.triton_repo:
+            from dpr.serve.triton_repo import check_target
+
+            check_target(args.triton_repo)          # before the export, not after it
         out = export(args.checkpoint, cfg)
+        if args.triton_repo:
+            from dpr.serve.triton_repo import write_repository
+
+            repo_model = write_repository(args.triton_repo, out)
     except DPRError as exc:
         print(f"dpr-export: error: {exc}", file=sys.stderr)
         return 1
@@ -75,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
               f"top10_overlap={par.get('top10_overlap', float('nan')):.4f}")
     for name, why in man["skipped"].items():
         print(f"  {name}: skipped ({why})")
+    if args.triton_repo:
+        print(f"dpr-export: wrote the Triton model repository {args.triton_repo} (model {repo_model.name!r})")
     return 0
 
 

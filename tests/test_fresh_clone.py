@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FOLDERS = ("engine", "export", "kernels", "bench")
+FOLDERS = ("engine", "export", "kernels", "bench", "serve")
 
 
 def _as_a_user(code: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -1,0 +1,162 @@
+"""One front-end call's rows as columns (:class:`Part`), merged into one ``RequestBatch`` per engine call.
+
+Every front end (``/recommend``, the v2 infer route, Triton) turns what it received into Parts; the batcher
+concatenates the Parts that wait together and calls ``Engine.recommend_batch`` once, then hands each Part
+its slice of the ``ResultBatch``. ``RequestBatch`` holds one ``k`` and one ``exclude_history`` for the
+whole batch, so a Part has one of each and Parts are merged by that pair (a call mixing k values is split
+into one Part per value by :func:`split_rows`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from dpr.engine import RequestBatch, ResultBatch
+from dpr.errors import InputError
+
+
+class LimitError(InputError):
+    """A request is over one of the service's limits (``status`` is 413 or 422)."""
+
+    def __init__(self, message: str, status: int = 422):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Part:
+    flat: list                    # every row's history ids, concatenated (oldest first within a row)
+    lens: list[int]               # ids per row
+    prompts: list | None          # str | None per row, or None: no row has one
+    negatives: list | None
+    k: int
+    exclude_history: bool = True
+    filters: list | None = None   # dict | None per row, or None
+
+    def __len__(self) -> int:
+        return len(self.lens)
+
+    @property
+    def key(self) -> tuple:
+        return (self.k, self.exclude_history)
+
+
+def _column(parts: Sequence[Part], name: str) -> list | None:
+    cols = [getattr(p, name) for p in parts]
+    if all(c is None for c in cols):
+        return None
+    out: list = []
+    for p, c in zip(parts, cols):
+        out.extend(c if c is not None else [None] * len(p))
+    return out
+
+
+def merge(parts: Sequence[Part]) -> RequestBatch:
+    """Parts of one (k, exclude_history) as one RequestBatch (plain list concatenation: no per-row objects)."""
+    flat: list = []
+    lens: list = []
+    for p in parts:
+        flat.extend(p.flat)
+        lens.extend(p.lens)
+    offsets = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    filters = _column(parts, "filters")
+    return RequestBatch.from_ids(flat, offsets, prompts=_column(parts, "prompts"),
+                                 negative_prompts=_column(parts, "negatives"), k=parts[0].k,
+                                 exclude_history=parts[0].exclude_history, hard_filter=filters)
+
+
+def slice_result(res: ResultBatch, start: int, stop: int) -> ResultBatch:
+    """Rows ``start:stop`` of a ResultBatch (views; ids/titles/tags still looked up lazily)."""
+    if start == 0 and stop == len(res):
+        return res
+    extra = {}
+    if getattr(res, "ks", None) is not None:         # a per-row k column (newer engines)
+        extra["ks"] = res.ks[start:stop]
+    return dataclasses.replace(res, indices=res.indices[start:stop], scores=res.scores[start:stop],
+                               counts=res.counts[start:stop], short_reasons=res.short_reasons[start:stop], **extra)
+
+
+def split_rows(rows_k: Sequence[int], rows_excl: Sequence[bool]) -> list[tuple[tuple, list[int]]]:
+    """Row positions grouped by (k, exclude_history), in first-seen order (usually one group)."""
+    groups: dict = {}
+    for i, key in enumerate(zip(rows_k, rows_excl)):
+        groups.setdefault(key, []).append(i)
+    return list(groups.items())
+
+
+class IdCheck:
+    """The catalogue's ids as a set, so a call with an unknown id is refused before it joins a batch (one bad
+    call must not fail its batch-mates; the engine checks again and stays the authority)."""
+
+    def __init__(self, engine, unknown_items: str):
+        self.ids = frozenset(engine.item_ids) if unknown_items == "error" else None
+        self.example = ", ".join(repr(a) for a in engine.item_ids[:2])
+
+    def check(self, flat: list, lens: list[int], label) -> None:
+        if self.ids is None or self.ids.issuperset(flat):
+            return
+        start = 0
+        for row, n in enumerate(lens):
+            for pos, x in enumerate(flat[start:start + n]):
+                if x not in self.ids:
+                    raise InputError(f"{label(row)}: history holds unknown item id {x!r} at position {pos} "
+                                     f"(not in the export's catalogue; ids in this export look like {self.example})")
+            start += n
+
+
+def check_limits(lens: list[int], prompts, negatives, k: int, cfg, label) -> None:
+    """The service's limits on one call, each refusal naming the limit and its flag."""
+    if len(lens) > cfg.max_requests_per_call:
+        raise LimitError(f"{len(lens)} requests in one call; the limit is {cfg.max_requests_per_call} "
+                         f"(--max-requests-per-call)", 413)
+    for row, n in enumerate(lens):
+        if n > cfg.max_history:
+            raise LimitError(f"{label(row)}: history has {n} item ids; the limit is {cfg.max_history} (--max-history)")
+        if n == 0:
+            raise InputError(f"{label(row)}: history is empty (at least one item id is needed)")
+    if k > cfg.max_k:
+        raise LimitError(f"k={k} is over the limit of {cfg.max_k} (--max-k)")
+    for col, what in ((prompts, "prompt"), (negatives, "negative prompt")):
+        for row, p in enumerate(col or ()):
+            if p is None:
+                continue
+            if not p.strip():
+                raise InputError(f"{label(row)}: {what} is empty or whitespace only (send null for no prompt)")
+            if len(p) * 4 > cfg.max_prompt_bytes:     # cheap bound first, exact only near it
+                nb = len(p.encode("utf-8", "surrogatepass"))
+                if nb > cfg.max_prompt_bytes:
+                    raise LimitError(f"{label(row)}: {what} is {nb} bytes; the limit is {cfg.max_prompt_bytes} "
+                                     f"(--max-prompt-bytes)")
+
+
+def run_parts(engine, parts: Sequence[Part]) -> list:
+    """Every Part's ResultBatch (or the exception it raised), with one ``recommend_batch`` call per
+    (k, exclude_history) group. A failing group is re-run Part by Part so only the culprit fails."""
+    out: list = [None] * len(parts)
+    groups: dict = {}
+    for i, p in enumerate(parts):
+        groups.setdefault(p.key, []).append(i)
+    for idx in groups.values():
+        members = [parts[i] for i in idx]
+        try:
+            res = engine.recommend_batch(merge(members))
+        except Exception as exc:  # noqa: BLE001 - isolate the culprit
+            if len(idx) == 1:
+                out[idx[0]] = exc
+                continue
+            for i in idx:
+                try:
+                    out[i] = engine.recommend_batch(merge([parts[i]]))
+                except Exception as e:  # noqa: BLE001
+                    out[i] = e
+            continue
+        start = 0
+        for i, p in zip(idx, members):
+            out[i] = slice_result(res, start, start + len(p))
+            start += len(p)
+    return out

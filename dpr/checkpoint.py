@@ -8,6 +8,7 @@ training metadata. A file that is not ours, truncated, or of a newer version fai
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -46,6 +47,29 @@ class Checkpoint:
         return model.eval()
 
 
+def content_hash(payload: dict) -> str:
+    """sha256 over everything a checkpoint holds but the hash itself: every tensor's name, dtype, shape and
+    bytes (in name order), then the other fields as canonical JSON. A bit flipped in a weight or in the
+    catalogue, which the zip container does not notice, changes it."""
+    h = hashlib.sha256(state_hash(payload.get("state_dict") or {}).encode())
+    rest = {k: v for k, v in payload.items() if k not in ("state_dict", "content_sha256")}
+    h.update(json.dumps(rest, sort_keys=True, default=repr).encode())
+    return h.hexdigest()
+
+
+def state_hash(state_dict: dict) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name]
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"state_dict entry {name!r} is a {type(t).__name__}, not a tensor")
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
     """Write atomically (temp file + rename) so a crash never leaves a truncated checkpoint."""
     path = Path(path)
@@ -60,6 +84,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> Path:
         "text_encoder": dict(ckpt.text_encoder),
         "meta": dict(ckpt.meta),
     }
+    payload["content_sha256"] = content_hash(payload)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -83,9 +108,18 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     if not isinstance(payload, dict) or payload.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path} is not a dpr checkpoint (no '{FORMAT_NAME}' format marker)")
     version = payload.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
         raise CheckpointError(f"{path} has checkpoint format version {version!r}; this dpr reads versions "
                               f"1..{FORMAT_VERSION} (upgrade dpr to read newer checkpoints)")
+    recorded = payload.get("content_sha256")    # absent in checkpoints written before it was recorded
+    if recorded is not None:
+        try:
+            actual = content_hash(payload)
+        except (TypeError, AttributeError, RuntimeError) as exc:
+            raise CheckpointError(f"{path} is a damaged dpr checkpoint: {exc}") from None
+        if actual != recorded:
+            raise CheckpointError(f"{path} is damaged: its content does not match the sha256 recorded when it "
+                                  f"was written (a changed or corrupted byte); restore it or train again")
     try:
         return Checkpoint(
             model_config=from_dict(ModelConfig, payload["model_config"]),

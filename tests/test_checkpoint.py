@@ -66,3 +66,24 @@ def test_newer_version_and_damaged(tiny_checkpoint, tmp_path):
     torch.save(raw, wrong)
     with pytest.raises(CheckpointError):
         load_checkpoint(wrong).build_model()
+
+
+def test_content_hash_catches_edits_and_old_checkpoints_still_load(tiny_checkpoint, tmp_path):
+    """Every checkpoint records a sha256 of its content: a changed title or weight is refused by name; one
+    written before the hash existed (no ``content_sha256``) still loads."""
+    raw = torch.load(tiny_checkpoint, weights_only=True)
+    assert len(raw["content_sha256"]) == 64
+    edited = dict(raw, catalogue=dict(raw["catalogue"], titles=["x"] + raw["catalogue"]["titles"][1:]))
+    torch.save(edited, tmp_path / "title.pt")
+    with pytest.raises(CheckpointError, match=r"title\.pt is damaged: its content does not match the sha256"):
+        load_checkpoint(tmp_path / "title.pt")
+    name = sorted(raw["state_dict"])[0]
+    weights = dict(raw["state_dict"])
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] += 1
+    torch.save(dict(raw, state_dict=weights), tmp_path / "weight.pt")
+    with pytest.raises(CheckpointError, match="does not match the sha256"):
+        load_checkpoint(tmp_path / "weight.pt")
+    old = {k: v for k, v in raw.items() if k != "content_sha256"}
+    torch.save(old, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt").catalogue.ids == load_checkpoint(tiny_checkpoint).catalogue.ids

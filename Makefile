@@ -6,7 +6,7 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 # cpu: onnxruntime + faiss-cpu. Use EXTRAS=gpu,encoder,test on a GPU machine (never cpu and gpu together:
 # onnxruntime and onnxruntime-gpu install the same module).
-EXTRAS     ?= cpu,encoder,test,plot
+EXTRAS     ?= cpu,encoder,test,plot,serve
 PY         := $(VENV)/bin/python
 DEMO_DIR   ?= build/demo
 PYTEST_ARGS ?=
@@ -19,7 +19,17 @@ LOCK       ?= requirements.lock
 # are dpr.engine, ... and must not stand in for installed modules of those names (docs/ARCHITECTURE.md).
 export PYTHONSAFEPATH := 1
 
-.PHONY: install kernels test test-all test-latest lock demo ml1m ml1m-cpu clean
+.PHONY: install kernels test test-all test-latest lock demo fuzz soak ml1m ml1m-cpu clean triton-env serve serve-triton bench-serve
+
+# Triton (README "Serving"): the tritonserver that nvidia-pytriton ships runs model.py in a Python-backend stub
+# that embeds the venv's Python. Debian's python3.11 works there; the pyenv 3.11.7 first on PATH here fails in
+# the stub (AttributeError: _recursion_count). So Triton gets its own venv from Debian's interpreter, with its own
+# lock (pytriton needs numpy<2). `make test` builds it when that interpreter exists (about 1-2 minutes) and the
+# Triton tests skip, naming this target, when it is absent.
+TRITON_PYTHON ?= /usr/bin/python3.11
+TRITON_VENV   ?= .venv-triton
+TRITON_LOCK   ?= requirements-triton.lock
+SERVE_EXPORT  ?= $(DEMO_DIR)/export
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	rm -rf $(VENV)
@@ -35,10 +45,24 @@ install: $(VENV)/.installed
 kernels: install
 	$(PY) -m dpr.kernels.build
 
-test: install kernels
+$(TRITON_VENV)/.installed: pyproject.toml $(TRITON_LOCK)
+	@test -x "$(TRITON_PYTHON)" || { echo "no $(TRITON_PYTHON): apt-get install python3.11 python3.11-venv (Debian's build; see README Serving)"; exit 2; }
+	rm -rf $(TRITON_VENV)
+	$(TRITON_PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q -c $(TRITON_LOCK) "$(TORCH_SPEC)"
+	$(TRITON_VENV)/bin/python -m pip install -q -c $(TRITON_LOCK) -e ".[cpu,triton]"
+	touch $@
+
+triton-env: $(TRITON_VENV)/.installed
+
+# The Triton env is built when Debian's python3.11 (with its venv module) is there; without it the Triton tests
+# skip with the reason.
+TEST_TRITON := $(if $(shell "$(TRITON_PYTHON)" -c "import ensurepip, venv" 2>/dev/null && echo yes),triton-env)
+
+test: install kernels $(TEST_TRITON)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
-test-all: install kernels
+test-all: install kernels $(TEST_TRITON)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # The newest versions pyproject's ranges allow, in their own venv: catches the next upstream break.
@@ -54,6 +78,19 @@ lock: test-latest
 
 demo: install kernels
 	$(PY) -m dpr.cli.demo --out $(DEMO_DIR)
+
+# Reliability campaign (docs/RELIABILITY.md). `make test` runs the short forms; these run the long ones.
+# fuzz: the hypothesis tests with FUZZ_SCALE times the CI example counts, new random examples every run (a failure
+# prints the @reproduce_failure line that replays it).
+# soak: 8 client threads x 10,000 mixed valid/invalid requests through the dynamic batcher, every answer checked
+# against its own request's; memory, fds, threads and p99 by window; stops sending after 10 minutes.
+FUZZ_SCALE ?= 25
+SOAK_ARGS  ?=
+fuzz: install kernels
+	DPR_FUZZ=long DPR_FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz_*.py $(PYTEST_ARGS)
+
+soak: install kernels
+	$(PY) -m dpr.bench.soak --threads 8 --requests 10000 --max-seconds 600 --json build/soak/report.json $(SOAK_ARGS)
 
 # ML-1M recipe (issue 7): both backbones, hyper-parameters from configs/ml1m-*.json, seeded; writes
 # $(ML1M_OUT)/{sasrec,gru4rec}.pt and their dpr-eval JSON, and the wall time of each in times.txt.
@@ -83,6 +120,17 @@ ml1m: install
 
 ml1m-cpu:
 	$(MAKE) ml1m ML1M_RECIPE=-cpu ML1M_OUT=build/ml1m-cpu ML1M_DEVICE=cpu
+
+# Serving (README "Serving"): the HTTP service, or Triton, on SERVE_EXPORT (default: the demo's export).
+serve: install
+	$(VENV)/bin/dpr-serve $(SERVE_EXPORT) $(SERVE_ARGS)
+
+serve-triton: triton-env
+	$(TRITON_VENV)/bin/dpr-serve --triton $(SERVE_EXPORT) $(SERVE_ARGS)
+
+# The load test: starts both servers on 127.0.0.1, drives them, stops them, prints the table.
+bench-serve: install kernels triton-env
+	$(PY) -m dpr.serve.load $(BENCH_SERVE_ARGS)
 
 clean:
 	rm -rf build .pytest_cache .venv-latest

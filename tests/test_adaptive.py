@@ -132,7 +132,14 @@ def test_steering_holds_on_one_tag_items_with_short_histories(text_encoder):
     assert ck.model_config.tag_channel and chosen["tag_channel"]["value"] == 1      # 6 tags: the channel is on
     assert chosen["stage3_steps_per_epoch"]["value"] == ck.train_config.stage3_steps_per_epoch == 20
     assert ck.train_config.stage3_epochs == chosen["stage3_epochs"]["value"] >= 10
-    assert ck.meta["stage_results"]["3"]["calibration"]["positive"]["scale"] > 0
+    cal = ck.meta["stage_results"]["3"]["calibration"]
+    assert cal["positive"]["scale"] > 0
+    from dpr.train.calibrate import SHIFT_SCALES           # tag channel: the shift of h alone chosen too
+
+    for task in ("positive", "negative"):
+        assert cal[task]["shift_scale"] in SHIFT_SCALES
+        assert [r["shift_scale"] for r in cal[task]["shift_grid"]] == list(SHIFT_SCALES)
+        assert cal[task]["final"] == cal[task]["shift_grid"][SHIFT_SCALES.index(cal[task]["shift_scale"])]
     tried = ck.meta["stage_results"]["3"]["tried"]                 # positive terms chosen on validation
     assert [(t["pos_lambda"], t["pos_keep_lambda"]) for t in tried] == [(0.0, 0.0), (1.0, 3.0)]
     best = max(tried, key=lambda t: t["valid_score"])

@@ -22,6 +22,11 @@ import torch
 from dpr.model.moe import POLARITY_NEGATIVE, POLARITY_POSITIVE
 
 SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 3.0)
+# With the tag channel, a second pass scales the shift of h alone (the channel kept): the channel already
+# lifts or sinks the tag, and where the shift does not order the items inside it better than the backbone
+# (Amazon Office: channel alone = the hard filter, the shift 0.2-2% below it; docs/RESULTS.md) validation
+# can turn it down or off.
+SHIFT_SCALES = (0.0, 0.5, 1.0)
 
 
 @torch.no_grad()
@@ -62,10 +67,34 @@ def calibrate_shift_scales(model, catalogue, val_cases: dict, ctx, seed: int = 0
             scale_shift(model, pol, s / current)
             current = s
             rows.append((s, run_task(model, catalogue, cases, ctx, seed=seed, methods=("dpr",))["dpr"]))
-        if task == "positive":
-            best = max(rows, key=lambda sr: (sr[1]["ndcg@10"] + 0.1 * sr[1]["tag_precision@10"], -abs(sr[0] - 1)))[0]
-        else:
-            best = _pick_negative(rows, max_violation)
+        best = _pick(task, rows, max_violation)
         scale_shift(model, pol, best / current)
         out[task] = {"scale": best, "grid": [{"scale": s, **{k: round(v, 4) for k, v in r.items()}} for s, r in rows]}
+        out[task]["final"] = out[task]["grid"][[s for s, _ in rows].index(best)]
+        if model.cfg.tag_channel:
+            out[task].update(_calibrate_shift_alone(model, pol, task, catalogue, cases, ctx, seed, max_violation))
     return out
+
+
+def _pick(task: str, rows: list[tuple[float, dict]], max_violation: float) -> float:
+    if task == "positive":
+        return max(rows, key=lambda sr: (sr[1]["ndcg@10"] + 0.1 * sr[1]["tag_precision@10"], -abs(sr[0] - 1)))[0]
+    return _pick_negative(rows, max_violation)
+
+
+@torch.no_grad()
+def _calibrate_shift_alone(model, polarity, task, catalogue, cases, ctx, seed, max_violation) -> dict:
+    """The second pass (tag channel only): the shift of h scaled by each of SHIFT_SCALES, the channel kept."""
+    from dpr.eval.protocol import run_task
+
+    moe, n = model.moe, model.cfg.experts_per_polarity
+    sl = slice(0, n) if polarity == POLARITY_POSITIVE else slice(n, 2 * n)
+    w2, b2 = moe.w2[sl].clone(), moe.b2[sl].clone()
+    rows = []
+    for s in SHIFT_SCALES:
+        moe.w2[sl], moe.b2[sl] = w2 * s, b2 * s
+        rows.append((s, run_task(model, catalogue, cases, ctx, seed=seed, methods=("dpr",))["dpr"]))
+    best = _pick(task, rows, max_violation)
+    moe.w2[sl], moe.b2[sl] = w2 * best, b2 * best
+    grid = [{"shift_scale": s, **{k: round(v, 4) for k, v in r.items()}} for s, r in rows]
+    return {"shift_scale": best, "shift_grid": grid, "final": grid[[s for s, _ in rows].index(best)]}

@@ -209,10 +209,10 @@ def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
 
         out["calibration"] = cal = calibrate_shift_scales(model, dataset.catalogue, val_cases, ctx, seed=cfg.seed,
                                                           max_violation=cfg.neg_max_violation)
-        chosen = {t: next(r for r in c["grid"] if r["scale"] == c["scale"]) for t, c in cal.items()
-                  if isinstance(c, dict) and "grid" in c}
+        chosen = {t: c["final"] for t, c in cal.items() if isinstance(c, dict) and "final" in c}
         if chosen:
             out["calibrated_score"] = steering_score(chosen)
         log("stage 3: shift scales chosen on validation: "
-            + (", ".join(f"{t} x{c['scale']:g}" for t, c in cal.items() if isinstance(c, dict)) or str(cal)))
+            + (", ".join(f"{t} x{c['scale']:g}" + (f" (shift of h alone x{c['shift_scale']:g})" if "shift_scale" in c
+                                                 else "") for t, c in cal.items() if isinstance(c, dict)) or str(cal)))
     return out

@@ -28,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-batch", type=int, default=d.opt_batch, help="TensorRT profile opt batch (default: max)")
     p.add_argument("--no-fused", dest="fused", action="store_false",
                    help="write only the portable user encoder (no dpr::FusedMoEGate custom node)")
+    p.add_argument("--no-portable-graph", dest="portable_graph", action="store_false",
+                   help="with a fused graph, leave out user_encoder_portable.onnx: the fused graph's local "
+                        "function is the portable gating (one user graph for every runtime)")
     p.add_argument("--no-torch-weights", dest="torch_weights", action="store_false",
                    help="leave out model_state.safetensors and text_encoder/ (ONNX-only deployment; "
                         "the torch backend then needs --checkpoint)")
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         from dpr.export.exporter import ExportConfig, export
 
         cfg = ExportConfig(out=args.out, opset=args.opset, fp16=args.fp16, max_batch=args.max_batch,
-                           opt_batch=args.opt_batch, fused=args.fused, force=args.force, torch_weights=args.torch_weights,
+                           opt_batch=args.opt_batch, fused=args.fused, portable_graph=args.portable_graph,
+                           force=args.force, torch_weights=args.torch_weights,
                            text_encoder=args.text_encoder, atol=args.atol, min_overlap=args.min_overlap,
                            int8=args.int8, int8_min_cosine=args.int8_min_cosine,
                            seed=args.seed, verbose=args.verbose)

@@ -1,8 +1,9 @@
 """Which ONNX operators the TensorRT 10 ONNX parser supports, and a check of an exported graph against them.
 
 The list (``tensorrt_supported_ops.txt``, shipped beside this module) is the "Y" rows of onnx-tensorrt's
-``docs/operators.md`` for TensorRT 10. Only operator *names* are checked; per-operator restrictions
-(constant ``K`` of TopK, types) are documented there. The fused gate ``dpr::FusedMoEGate`` is allowed:
+``docs/operators.md`` for TensorRT 10. Only operator *names* are checked here; the per-operator
+restrictions (TopK's ``K``, constant axes, opset, plugin attributes, profiles) are checked by
+``dpr.export.trt_constraints``. The fused gate ``dpr::FusedMoEGate`` is allowed:
 TensorRT runs it as a plugin (``dpr.kernels.trt_plugin``).
 """
 

@@ -3,8 +3,12 @@
     torch.onnx.export(model, args, dynamo=True, custom_translation_table=custom_translation_table())
 
 emits ONE node ``dpr::FusedMoEGate(z, w_router, b_router, expert_out, polarity, residual)`` with the int
-attributes ``experts_per_polarity`` and ``top_k`` (custom opset ``dpr`` version 1). Run the model in
-ONNX Runtime with ``SessionOptions.register_custom_ops_library(dpr.kernels.build.ort_library_path())``.
+attributes ``experts_per_polarity`` and ``top_k`` (custom opset ``dpr`` version 1) and the string attributes
+``plugin_namespace="dpr"``, ``plugin_version="1"`` and the int ``aot=1`` that TensorRT's ONNX parser
+reads to find the plugin and pick its ahead-of-time implementation (``op_spec.TRT_NODE_ATTRS``). The
+exporter then adds the op's portable body as a model-local function (``dpr.kernels.onnx_function``):
+ONNX Runtime runs the kernel when ``SessionOptions.register_custom_ops_library(
+dpr.kernels.build.ort_library_path())`` registered it, and inlines the body otherwise.
 """
 
 from __future__ import annotations
@@ -12,10 +16,9 @@ from __future__ import annotations
 import onnx
 import onnxscript
 
-from dpr.kernels.op_spec import OP_DOMAIN, OP_DOMAIN_VERSION, OP_NAME
+from dpr.kernels.op_spec import OP_DOMAIN, OP_DOMAIN_VERSION, OP_NAME, TRT_NODE_ATTRS
 
 dpr_opset = onnxscript.values.Opset(domain=OP_DOMAIN, version=OP_DOMAIN_VERSION)
-
 
 
 def _schema() -> onnx.defs.OpSchema:
@@ -30,7 +33,10 @@ def _schema() -> onnx.defs.OpSchema:
         outputs=[P("out", "T")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "float32 or float16")],
         attributes=[S.Attribute("experts_per_polarity", S.AttrType.INT, "experts per polarity group (n)"),
-                    S.Attribute("top_k", S.AttrType.INT, "experts mixed per row (1..n)")],
+                    S.Attribute("top_k", S.AttrType.INT, "experts mixed per row (1..n)")]
+                   + [S.Attribute(name, S.AttrType.INT if isinstance(v, int) else S.AttrType.STRING,
+                                  "read by TensorRT's ONNX parser (plugin lookup, AOT)", required=False)
+                      for name, v in TRT_NODE_ATTRS.items()],
     )
 
 
@@ -42,7 +48,7 @@ def fused_moe_gate_onnx(z, w_router, b_router, expert_out, polarity, residual, e
                         top_k: int):
     """Traced by the exporter: emits one dpr::FusedMoEGate node."""
     return _fused_moe_gate_op(z, w_router, b_router, expert_out, polarity, residual,
-                              experts_per_polarity=experts_per_polarity, top_k=top_k)
+                              experts_per_polarity=experts_per_polarity, top_k=top_k, **TRT_NODE_ATTRS)
 
 
 def custom_translation_table() -> dict:

@@ -1,6 +1,8 @@
-"""TensorRT plugin ``dpr::FusedMoEGate`` (TensorRT >= 10.6 Python plugins, AOT implementation).
+"""TensorRT plugin ``dpr::FusedMoEGate`` (TensorRT >= 10.9 Python plugins, ahead-of-time implementation).
 
-``register()`` defines, with ``tensorrt.plugin`` (imported lazily):
+``tensorrt.plugin``'s ``@trtp.aot_impl`` first shipped in TensorRT 10.9 (``op_spec.MIN_TENSORRT``);
+``register()`` refuses an older TensorRT with an error naming the version. It defines, with
+``tensorrt.plugin`` (imported lazily):
 
 * ``@trtp.register``: the shape/type descriptor (output like ``residual``: (B, d), same dtype);
 * ``@trtp.autotune``: the two supported type combinations (all FP32 or all FP16; polarity INT64);
@@ -9,15 +11,16 @@
   (B, d, E, experts_per_polarity, top_k) that TensorRT passes between the input and output pointers:
   ``kernel(z, w_router, b_router, expert_out, polarity, residual, B, d, E, n, k, out)``.
 
-An ONNX model reaches it through TensorRT's ONNX parser with a node ``FusedMoEGate`` carrying the
-attributes ``plugin_namespace="dpr"`` and ``aot=1`` (see :func:`make_trt_onnx`).
+TensorRT's ONNX parser maps an exported ``dpr::FusedMoEGate`` node onto it through the node's attributes
+``plugin_namespace="dpr"``, ``plugin_version="1"`` and ``aot=1`` (``op_spec.TRT_NODE_ATTRS``; the exporter
+writes them, and :func:`make_trt_onnx` writes the same node).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from dpr.kernels.op_spec import ATTRS, INPUTS, OP_DOMAIN, OP_NAME, TRT_PLUGIN_ID
+from dpr.kernels.op_spec import ATTRS, INPUTS, OP_DOMAIN, OP_DOMAIN_VERSION, OP_NAME, TRT_NODE_ATTRS, TRT_PLUGIN_ID
 
 ROWS_PER_BLOCK = 4             # fused_moe_gate.cu DPR_WARPS_PER_BLOCK
 THREADS_PER_BLOCK = 32 * ROWS_PER_BLOCK
@@ -41,6 +44,13 @@ def ptx_bytes(arch: int = 80) -> bytes:
     return Path(path).read_bytes()
 
 
+def ptx_sha256(arch: int = 80) -> str:
+    """sha256 of the PTX the plugin embeds: part of the engine cache key, so a kernel change rebuilds."""
+    import hashlib
+
+    return hashlib.sha256(ptx_bytes(arch)).hexdigest()
+
+
 def register() -> None:
     """Register ``dpr::FusedMoEGate`` with TensorRT's plugin registry (idempotent)."""
     global _registered
@@ -49,7 +59,12 @@ def register() -> None:
     from dpr.errors import require
 
     trt = require("tensorrt", "the TensorRT plugin dpr::FusedMoEGate")
-    trtp = require("tensorrt.plugin", "the TensorRT plugin dpr::FusedMoEGate (TensorRT >= 10.6)")
+    from dpr.kernels.trt_version import MIN_TENSORRT_STR, tensorrt_too_old
+
+    too_old = tensorrt_too_old(trt.__version__)      # aot_impl: TensorRT >= 10.9
+    if too_old:
+        raise RuntimeError(too_old)
+    trtp = require("tensorrt.plugin", f"the TensorRT plugin dpr::FusedMoEGate (TensorRT >= {MIN_TENSORRT_STR})")
     from typing import List, Tuple, Union
 
     @trtp.register(TRT_PLUGIN_ID)
@@ -93,7 +108,9 @@ def register() -> None:
 
 def make_trt_onnx(path: str | Path, dtype: str = "float32", experts_per_polarity: int = 4, top_k: int = 2,
                   d: int = 64, batch: int | str = "B") -> Path:
-    """Write a one-node ONNX model that TensorRT's ONNX parser maps onto the AOT plugin."""
+    """Write a one-node ONNX model with the node the exporter writes (domain ``dpr``, the plugin attributes
+    ``op_spec.TRT_NODE_ATTRS`` and the portable body as a model-local function), which TensorRT's ONNX
+    parser maps onto the AOT plugin when it is registered."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -104,11 +121,14 @@ def make_trt_onnx(path: str | Path, dtype: str = "float32", experts_per_polarity
     ins = [helper.make_tensor_value_info(nm, TensorProto.INT64 if nm == "polarity" else elem, shapes[nm])
            for nm in INPUTS]
     out = helper.make_tensor_value_info("out", elem, [batch, d])
-    node = helper.make_node(OP_NAME, list(INPUTS), ["out"], name="fused_moe_gate",
-                            plugin_namespace=OP_DOMAIN, aot=1,
-                            **dict(zip(ATTRS, (experts_per_polarity, top_k))))
+    node = helper.make_node(OP_NAME, list(INPUTS), ["out"], name="fused_moe_gate", domain=OP_DOMAIN,
+                            **TRT_NODE_ATTRS, **dict(zip(ATTRS, (experts_per_polarity, top_k))))
     graph = helper.make_graph([node], "dpr_fused_moe_gate", ins, [out])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(OP_DOMAIN, OP_DOMAIN_VERSION)])
+    from dpr.kernels.onnx_function import attach_function
+
+    attach_function(model)
     path = Path(path)
     onnx.save(model, str(path))
     return path

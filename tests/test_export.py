@@ -82,6 +82,7 @@ def _check_export(folder: Path, ckpt: Path, expect_fused: bool, fp16: bool = Fal
         model = onnx.load(str(path))
         assert check_tensorrt_ops(model) == [], (name, check_tensorrt_ops(model))
         assert g["tensorrt_unsupported_ops"] == []
+        assert g["tensorrt_constraints"] == [], (name, g["tensorrt_constraints"])
         assert g["exporter"] in ("dynamo", "torchscript")
         ins = {i["name"]: i for i in g["inputs"]}
         outs = {o["name"]: o for o in g["outputs"]}
@@ -113,7 +114,10 @@ def _check_export(folder: Path, ckpt: Path, expect_fused: bool, fp16: bool = Fal
             assert custom == {("dpr", "FusedMoEGate")}
             c = g["custom_ops"][0]
             assert c["attribute_values"] == {"experts_per_polarity": ck.model_config.experts_per_polarity,
-                                             "top_k": ck.model_config.top_k}
+                                             "top_k": ck.model_config.top_k, "aot": 1}
+            assert set(c["attributes"]) == {"experts_per_polarity", "top_k", "aot", "plugin_namespace",
+                                            "plugin_version"}
+            assert "parity_without_kernel" in g
             assert any(n.domain == "dpr" and n.op_type == "FusedMoEGate" for n in model.graph.node)
         else:
             assert custom == set()
@@ -134,7 +138,7 @@ def _check_export(folder: Path, ckpt: Path, expect_fused: bool, fp16: bool = Fal
         assert np.load(folder / "item_embeddings_fp16.npy").dtype == np.float16
         for name, g in man["fp16"].items():
             assert g.get("file"), (name, g)
-            assert g["tensorrt_unsupported_ops"] == []
+            assert g["tensorrt_unsupported_ops"] == [] and g["tensorrt_constraints"] == []
             assert np.isfinite(g["parity"]["all"]["max_abs"])
     return man
 
@@ -238,6 +242,95 @@ def test_roundtrip_sasrec(sasrec_export, tiny_checkpoint, tiny_encoder_dir, text
     assert man["custom_op"]["domain"] == "dpr" and man["custom_op"]["name"] == "FusedMoEGate"
     _no_leftovers(sasrec_export.parent, sasrec_export.name)
     assert oct(sasrec_export.stat().st_mode & 0o777) != oct(0o700)
+
+
+def test_fused_node_carries_the_plugin_attributes_and_the_local_function(sasrec_export, tiny_checkpoint):
+    """From a real export: the dpr::FusedMoEGate node carries what TensorRT's oldest supported parser (10.9)
+    reads to find the plugin (plugin_namespace, plugin_version; aot=1), the graph ships the op as a
+    model-local function, and ONNX Runtime *without* the custom-op library runs it (inlining the body) with
+    the PyTorch reference's results."""
+    from dpr.checkpoint import load_checkpoint
+    from dpr.export.parity import compare
+    from dpr.kernels.op_spec import TRT_NODE_ATTRS
+
+    if _fused_lib() is None:
+        pytest.skip("the custom-op library is not built: no fused graph in this export")
+    man = json.loads((sasrec_export / "manifest.json").read_text())
+    path = sasrec_export / man["graphs"]["user_encoder"]["file"]
+    model = onnx.load(str(path))
+    nodes = [n for n in model.graph.node if n.op_type == "FusedMoEGate"]
+    assert nodes and all(n.domain == "dpr" for n in nodes)
+    for n in nodes:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        assert attrs["plugin_namespace"] == b"dpr" and attrs["plugin_version"] == b"1" and attrs["aot"] == 1
+        assert {k: v for k, v in TRT_NODE_ATTRS.items()} == {"plugin_namespace": "dpr", "plugin_version": "1", "aot": 1}
+    fn = [f for f in model.functions if (f.domain, f.name) == ("dpr", "FusedMoEGate")]
+    assert len(fn) == 1 and list(fn[0].input) == ["z", "w_router", "b_router", "expert_out", "polarity", "residual"]
+    assert all(n.domain in ("", "ai.onnx") for n in fn[0].node)          # the body: standard ops only
+    onnx.checker.check_model(model, full_check=True)
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+
+    # ONNX Runtime without the custom-op library: the local function is inlined
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ck = load_checkpoint(tiny_checkpoint)
+    torch_model = ck.build_model().eval()
+    table = np.load(sasrec_export / "item_embeddings.npy")
+    rng = np.random.default_rng(3)
+    mc = ck.model_config
+    for b in (1, 7, 33):                                                  # odd sizes
+        seq = np.zeros((b, mc.max_len), dtype=np.int64)
+        for i in range(b):
+            ln = int(rng.integers(1, mc.max_len + 1))
+            seq[i, mc.max_len - ln:] = rng.integers(1, mc.num_items + 1, size=ln)
+        feed = {"item_seq": seq, "p_pos": rng.standard_normal((b, mc.d)).astype(np.float32),
+                "p_neg": rng.standard_normal((b, mc.d)).astype(np.float32),
+                "presence": np.array([[0, 0], [1, 0], [0, 1], [1, 1]], dtype=np.int64)[np.arange(b) % 4]}
+        with torch.no_grad():
+            ref = torch_model(*(torch.from_numpy(feed[k]) for k in USER_INPUTS)).numpy()
+        got = sess.run(None, feed)[0]
+        res = compare(got, ref, table)
+        assert res["max_abs"] <= 1e-4 and res["top10_overlap"] >= 0.99, (b, res)
+    # the export gated the same check and recorded it
+    par = man["graphs"]["user_encoder"]["parity_without_kernel"]["all"]
+    assert par["max_abs"] <= 1e-4 and par["top10_overlap"] >= 0.99
+
+
+def test_single_graph_export_serves_with_and_without_the_kernel(tmp_path, tiny_checkpoint, sasrec_export):
+    """portable_graph=False: one user graph (the fused one, whose local function is the portable gating);
+    the engine serves it with the custom-op library (kernel) and without it (ONNX Runtime inlines the body),
+    with the same answers as the two-graph export's portable graph."""
+    from dpr.engine import Engine
+
+    if _fused_lib() is None:
+        pytest.skip("the custom-op library is not built: no fused graph, the portable graph is always written")
+    folder = export(tiny_checkpoint, ExportConfig(out=str(tmp_path / "one"), portable_graph=False,
+                                                  parity_batches=(1, 7, 33)))
+    man = json.loads((folder / "manifest.json").read_text())
+    assert set(man["graphs"]) == {"prompt_encoder", "user_encoder"}
+    assert not (folder / "user_encoder_portable.onnx").exists()
+    assert "local function" in man["skipped"]["user_encoder_portable"]
+    for key in ("parity", "parity_without_kernel"):
+        par = man["graphs"]["user_encoder"][key]["all"]
+        assert par["max_abs"] <= 1e-4 and par["top10_overlap"] >= 0.99, (key, par)
+
+    kernel = Engine.load(folder, backend="onnxruntime")
+    inlined = Engine.load(folder, backend="onnxruntime", backend_options={"fused": False})
+    old = Engine.load(sasrec_export, backend="onnxruntime", backend_options={"fused": False})  # two-graph export
+    assert kernel.backend.fused and not inlined.backend.fused
+    assert "local function" in inlined.choice_reason and inlined.backend.user_graph == "user_encoder.onnx"
+    assert old.backend.user_graph == "user_encoder_portable.onnx"             # older exports keep loading
+    ids = kernel.item_ids
+    hist = [[ids[i % len(ids)] for i in range(j, j + 5)] for j in range(7)]
+    res = [e.recommend(hist, ["more comedy"] * 7, ["no horror"] * 7, k=10) for e in (kernel, inlined, old)]
+    for r in res[1:]:
+        for a, b in zip(res[0].item_ids, r.item_ids):
+            assert len(set(a) & set(b)) >= 9
+        np.testing.assert_allclose(np.asarray(r.scores, dtype=np.float64),
+                                   np.asarray(res[0].scores, dtype=np.float64), atol=1e-4)
+    for e in (kernel, inlined, old):
+        e.close()
 
 
 def test_roundtrip_gru4rec(tmp_path, small_dataset, text_encoder, tiny_encoder_dir):

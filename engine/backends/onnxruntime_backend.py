@@ -22,6 +22,7 @@ import numpy as np
 from dpr.errors import require
 
 from ..errors import BackendError
+from ..graph_domains import check_graph_domains
 from .base import Backend, cuda_available
 
 
@@ -109,6 +110,11 @@ class OnnxRuntimeBackend(Backend):
         self.prompt_session = self._session(pe_file, None)
         self.prompt_graph = pe_file.name
         ufile = fused_file if use_fused else export.graph_file("user_encoder_portable")
+        if ufile is None:
+            # a single-graph export: without the custom-op library ORT inlines the fused graph's
+            # dpr::FusedMoEGate local function, which is the portable gating
+            ufile = fused_file
+            self.fused_reason = f"portable gating (the local function of {fused_file.name}, inlined): {why}"
         self.user_session = self._session(ufile, self.custom_op_library)
         self.user_graph = ufile.name
         # a graph exported with a dynamic history axis (padding-invariant backbone, manifest history_trim)
@@ -130,6 +136,7 @@ class OnnxRuntimeBackend(Backend):
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if lib:
             so.register_custom_ops_library(str(lib))
+        check_graph_domains(path)                  # before ORT, which would run any contrib op it implements
         try:
             return ort.InferenceSession(str(path), so, providers=self.providers,
                                         disabled_optimizers=list(self.disabled_optimizers) or None)

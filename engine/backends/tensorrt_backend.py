@@ -1,25 +1,86 @@
-"""TensorRT 10 backend (GPU only; UNVERIFIED here: no GPU/TensorRT on the development machine).
+"""TensorRT backend (GPU only; UNVERIFIED here: no GPU/TensorRT on the development machine).
+
+Needs TensorRT >= 10.9 (``dpr.kernels.op_spec.MIN_TENSORRT``): the ``dpr::FusedMoEGate`` plugin is a
+``tensorrt.plugin`` ahead-of-time plugin (``@trtp.aot_impl``), which first shipped in 10.9. An older
+TensorRT is refused with an error naming the version.
 
 Builds one engine per graph from the export's ONNX files with an optimisation profile over batch
-1..max_batch (the manifest's ``tensorrt_profile`` per graph), FP16 when ``fp16=True``, registers the
-kernels' ``dpr::FusedMoEGate`` plugin (``import dpr.kernels.trt_plugin``) for the fused graph, caches the
-serialized engines on disk keyed by the export's model hash, the TensorRT version and the GPU name, and
-keeps one execution context per thread (``threading.local``). Buffers are torch CUDA tensors.
+1..max_batch (the manifest's ``tensorrt_profile`` per graph), FP16 when ``fp16=True``, and keeps one
+execution context per thread (``threading.local``). Buffers are torch CUDA tensors.
+
+The user encoder: the fused graph with the plugin registered when the export has one. When TensorRT cannot
+parse or build it, the backend retries with the portable gating (the export's portable graph, or, for a
+single-graph export, the fused graph with the plugin attributes removed so the parser imports the
+``dpr::FusedMoEGate`` model-local function's body) and says why in ``fused_reason`` (which the engine
+appends to ``choice_reason``) and in the log. ``fused`` is True only when the built network really holds
+the plugin layer: a parser that imports the local function instead leaves ``fused`` False.
+
+Serialized engines are cached on disk (``DPR_TRT_CACHE``, default ``~/.cache/dpr/tensorrt``) under a key
+over everything that changes the engine: the ONNX graph's sha256, the plugin PTX's sha256, the TensorRT
+version, the GPU's compute capability, the precision and the optimisation profile. Writes are atomic
+(temporary file + ``os.replace``), so a crash never leaves a truncated plan that a later run would load.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import tempfile
 import threading
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from dpr.errors import require
+from dpr.kernels.op_spec import OP_DOMAIN, OP_NAME, TRT_NODE_ATTRS
+from dpr.kernels.trt_version import tensorrt_too_old
 
 from ..errors import BackendError
 from .base import Backend, cuda_available
+
+log = logging.getLogger("dpr.engine.tensorrt")
+
+
+# ---- version --------------------------------------------------------------------------------------
+
+def check_tensorrt_version(version: str) -> None:
+    """BackendError unless ``version`` >= op_spec.MIN_TENSORRT (the plugin's @trtp.aot_impl needs 10.9)."""
+    too_old = tensorrt_too_old(version)
+    if too_old:
+        raise BackendError(too_old)
+
+
+# ---- engine cache ---------------------------------------------------------------------------------
+
+def engine_cache_key(onnx_sha256: str, ptx_sha256: str | None, tensorrt_version: str,
+                     compute_capability: tuple[int, int], precision: str, profile: dict) -> str:
+    """A key over everything that changes a built engine; any change gives a new key (a stale plan is never
+    served after a kernel, graph, TensorRT, GPU, precision or profile change)."""
+    parts = {"onnx": onnx_sha256, "ptx": ptx_sha256 or "none", "tensorrt": str(tensorrt_version),
+             "sm": list(compute_capability), "precision": precision, "profile": profile}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``: readers see
+    the old file or the whole new one, and a failure leaves no partial file behind."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def _cache_dir() -> Path:
@@ -29,33 +90,104 @@ def _cache_dir() -> Path:
     return p
 
 
+# ---- graph sources --------------------------------------------------------------------------------
+
+class GraphSource:
+    """The ONNX bytes one engine is built from, their sha256, and whether the plugin is wanted."""
+
+    def __init__(self, name: str, data: bytes, plugin: bool, origin: str):
+        self.name, self.data, self.plugin, self.origin = name, data, plugin, origin
+        self.sha256 = hashlib.sha256(data).hexdigest()
+
+
+def without_plugin_attributes(onnx_bytes: bytes) -> bytes:
+    """The fused graph with ``plugin_namespace``/``plugin_version`` removed from its dpr::FusedMoEGate nodes:
+    TensorRT's parser then imports the model-local function's portable body instead of the plugin."""
+    import onnx
+
+    model = onnx.load_from_string(onnx_bytes)
+    if not any(f.domain == OP_DOMAIN and f.name == OP_NAME for f in model.functions):
+        raise BackendError("the fused graph has no dpr::FusedMoEGate local function to fall back to")
+    for node in model.graph.node:
+        if node.domain == OP_DOMAIN and node.op_type == OP_NAME:
+            keep = [a for a in node.attribute if a.name not in TRT_NODE_ATTRS]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+    return model.SerializeToString()
+
+
+def portable_source(export) -> GraphSource:
+    """The portable gating: the export's portable graph (older exports) or the fused graph's local function."""
+    portable = export.graph_file("user_encoder_portable")
+    if portable is not None and portable.is_file():
+        return GraphSource("user_encoder_portable", portable.read_bytes(), False, portable.name)
+    fused = export.graph_file("user_encoder")
+    if fused is None:
+        raise BackendError(f"the export {export.path} has no user encoder graph")
+    return GraphSource("user_encoder", without_plugin_attributes(fused.read_bytes()), False,
+                       f"{fused.name} (local function body)")
+
+
+def choose_user_graph(export, build: Callable[[GraphSource], object], fused: bool | None,
+                      plugin_error: str | None) -> tuple[object, bool, str]:
+    """Build the user encoder: the fused graph when wanted and possible, else the portable gating.
+
+    ``build(source)`` returns a built graph with ``plugin_layers`` (how many plugin layers its network
+    held) or raises BackendError when TensorRT cannot parse or build it. ``plugin_error``: why the plugin
+    could not be registered (None when it was). Returns ``(graph, fused, reason)``; ``fused`` is True only
+    when the built network holds the plugin. ``fused=True`` makes every fallback an error.
+    """
+    fused_file = export.graph_file("user_encoder")
+    if fused is False:
+        why = "disabled (fused=False)"
+    elif fused_file is None:
+        why = (export.manifest.get("skipped") or {}).get("user_encoder", "the export has no fused graph")
+    elif plugin_error is not None:
+        why = f"the dpr::FusedMoEGate TensorRT plugin cannot be registered: {plugin_error}"
+    else:
+        try:
+            graph = build(GraphSource("user_encoder", fused_file.read_bytes(), True, fused_file.name))
+        except BackendError as exc:
+            why = f"TensorRT could not use the fused graph ({exc}); retried with the portable gating"
+        else:
+            if getattr(graph, "plugin_layers", 0) > 0:
+                return graph, True, f"fused dpr::FusedMoEGate plugin ({fused_file.name})"
+            why = ("TensorRT's parser imported the dpr::FusedMoEGate local function instead of the plugin "
+                   "(the plugin was not found under the node's plugin_namespace/plugin_version)")
+            if fused:
+                raise BackendError(f"fused user encoder requested but unavailable: {why}")
+            log.warning("dpr.engine: tensorrt user encoder: %s", why)
+            return graph, False, f"portable gating: {why}"
+    if fused:
+        raise BackendError(f"fused user encoder requested but unavailable: {why}")
+    if fused is not False:
+        log.warning("dpr.engine: tensorrt user encoder: %s", why)
+    source = portable_source(export)
+    return build(source), False, f"portable gating ({source.origin}): {why}"
+
+
+# ---- one engine -----------------------------------------------------------------------------------
+
 class _TrtGraph:
-    def __init__(self, trt, torch, onnx_path: Path, profile: dict, fp16: bool, key: str, logger):
+    def __init__(self, trt, torch, source: GraphSource, profile: dict, fp16: bool, cache_key: str, logger):
         self.trt, self.torch = trt, torch
-        cache = _cache_dir() / f"{key}.plan"
+        self.name = source.name
+        cache = _cache_dir() / f"{cache_key}.plan"
+        meta_path = cache.with_suffix(".json")
         runtime = trt.Runtime(logger)
         engine = None
-        if cache.is_file():
+        if cache.is_file() and meta_path.is_file():
             engine = runtime.deserialize_cuda_engine(cache.read_bytes())
+            self.plugin_layers = int(json.loads(meta_path.read_text()).get("plugin_layers", 0))
         if engine is None:
-            builder = trt.Builder(logger)
-            network = builder.create_network(0)          # TensorRT 10: explicit batch always
-            parser = trt.OnnxParser(network, logger)
-            if not parser.parse_from_file(str(onnx_path)):
-                errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-                raise BackendError(f"TensorRT cannot parse {onnx_path.name}: {errs}")
-            config = builder.create_builder_config()
-            if fp16:
-                config.set_flag(trt.BuilderFlag.FP16)
-            prof = builder.create_optimization_profile()
-            for name, p in profile.items():
-                prof.set_shape(name, tuple(p["min"]), tuple(p["opt"]), tuple(p["max"]))
-            config.add_optimization_profile(prof)
-            plan = builder.build_serialized_network(network, config)
-            if plan is None:
-                raise BackendError(f"TensorRT failed to build an engine for {onnx_path.name}")
-            cache.write_bytes(bytes(plan))
+            plan, self.plugin_layers = self._build(source, profile, fp16, logger)
+            # the metadata first: a plan is only trusted with its metadata beside it
+            write_atomic(meta_path, json.dumps({"plugin_layers": self.plugin_layers, "graph": source.origin,
+                                                "onnx_sha256": source.sha256}).encode())
+            write_atomic(cache, plan)
             engine = runtime.deserialize_cuda_engine(plan)
+            if engine is None:
+                raise BackendError(f"TensorRT cannot deserialize the engine it built for {source.origin}")
         self.engine = engine
         self.inputs, self.outputs = [], []
         for i in range(engine.num_io_tensors):
@@ -63,6 +195,29 @@ class _TrtGraph:
             mode = engine.get_tensor_mode(name)
             (self.inputs if mode == trt.TensorIOMode.INPUT else self.outputs).append(name)
         self._local = threading.local()
+
+    def _build(self, source: GraphSource, profile: dict, fp16: bool, logger) -> tuple[bytes, int]:
+        trt = self.trt
+        builder = trt.Builder(logger)
+        network = builder.create_network(0)          # TensorRT 10: explicit batch always
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse(source.data):
+            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise BackendError(f"TensorRT cannot parse {source.origin}: {errs}")
+        # count the plugin layers: a parser that imported the local function body instead holds none
+        kinds = {getattr(trt.LayerType, k) for k in ("PLUGIN", "PLUGIN_V2", "PLUGIN_V3") if hasattr(trt.LayerType, k)}
+        plugin_layers = sum(1 for i in range(network.num_layers) if network.get_layer(i).type in kinds)
+        config = builder.create_builder_config()
+        if fp16:
+            config.set_flag(trt.BuilderFlag.FP16)
+        prof = builder.create_optimization_profile()
+        for name, p in profile.items():
+            prof.set_shape(name, tuple(p["min"]), tuple(p["opt"]), tuple(p["max"]))
+        config.add_optimization_profile(prof)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise BackendError(f"TensorRT failed to build an engine for {source.origin}")
+        return bytes(plan), plugin_layers
 
     def _context(self):
         ctx = getattr(self._local, "ctx", None)
@@ -96,6 +251,8 @@ class _TrtGraph:
         return host.numpy()
 
 
+# ---- the backend ----------------------------------------------------------------------------------
+
 class TensorRTBackend(Backend):
     name = "tensorrt"
 
@@ -107,35 +264,38 @@ class TensorRTBackend(Backend):
         if not ok:
             raise BackendError(f"TensorRT backend unavailable: {why}")
         trt = require("tensorrt", "the tensorrt backend")
+        check_tensorrt_version(trt.__version__)
         import torch
 
         self.trt, self.torch, self.fp16 = trt, torch, bool(fp16)
         self.prompt_variant = "fp16" if self.fp16 else "fp32"
+        precision = "fp16" if self.fp16 else "fp32"
         logger = trt.Logger(trt.Logger.WARNING)
-        fused_file = export.graph_file("user_encoder")
-        use_fused = fused is not False and fused_file is not None
-        if use_fused:
+        dev = torch.device(device)
+        self.gpu = torch.cuda.get_device_name(dev)
+        sm = tuple(torch.cuda.get_device_capability(dev))
+
+        plugin_error, ptx_sha = None, None
+        if fused is not False and export.graph_file("user_encoder") is not None:
             try:
                 import dpr.kernels.trt_plugin as plugin
+
                 plugin.register()
-            except Exception as exc:  # noqa: BLE001
-                if fused:
-                    raise BackendError(f"the dpr::FusedMoEGate TensorRT plugin cannot be registered: {exc}") from None
-                use_fused = False
-        self.fused = use_fused
-        gpu = torch.cuda.get_device_name(torch.device(device))
+                ptx_sha = plugin.ptx_sha256()
+            except Exception as exc:  # noqa: BLE001 - any failure means: no plugin
+                plugin_error = f"{type(exc).__name__}: {exc}"
+        profiles = export.graphs
 
-        def key(graph):
-            h = hashlib.sha256(f"{export.model_hash}|{graph}|{trt.__version__}|{gpu}|fp16={fp16}".encode())
-            return h.hexdigest()[:32]
+        def build(source: GraphSource, graph: str | None = None) -> _TrtGraph:
+            profile = profiles[graph or source.name]["tensorrt_profile"]
+            key = engine_cache_key(source.sha256, ptx_sha if source.plugin else None, trt.__version__, sm,
+                                   precision, profile)
+            return _TrtGraph(trt, torch, source, profile, self.fp16, key, logger)
 
-        g = export.graphs
-        self.prompt = _TrtGraph(trt, torch, export.graph_file("prompt_encoder"),
-                                g["prompt_encoder"]["tensorrt_profile"], fp16, key("prompt_encoder"), logger)
-        ug = "user_encoder" if use_fused else "user_encoder_portable"
-        self.user_graph = ug
-        self.user = _TrtGraph(trt, torch, export.graph_file(ug), g[ug]["tensorrt_profile"], fp16, key(ug), logger)
-        self.gpu = gpu
+        pe = export.graph_file("prompt_encoder")
+        self.prompt = build(GraphSource("prompt_encoder", pe.read_bytes(), False, pe.name))
+        self.user, self.fused, self.fused_reason = choose_user_graph(export, build, fused, plugin_error)
+        self.user_graph = self.user.name
 
     def encode_prompts(self, input_ids, attention_mask):
         return self.prompt.run({"input_ids": input_ids, "attention_mask": attention_mask}).astype(np.float32)
@@ -146,7 +306,8 @@ class TensorRTBackend(Backend):
 
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "tensorrt": self.trt.__version__, "gpu": self.gpu,
-                "fp16": self.fp16, "user_graph": self.user_graph, "engine_cache": str(_cache_dir())}
+                "fp16": self.fp16, "user_graph": self.user_graph, "fused": self.fused,
+                "fused_reason": self.fused_reason, "engine_cache": str(_cache_dir())}
 
     @classmethod
     def availability(cls, device: str) -> tuple[bool, str]:
@@ -156,6 +317,10 @@ class TensorRTBackend(Backend):
             import tensorrt as trt
         except ImportError:
             return False, "tensorrt is not installed"
+        try:
+            check_tensorrt_version(trt.__version__)
+        except BackendError as exc:
+            return False, str(exc)
         if not cuda_available():
             return False, "no CUDA device visible to torch"
         return True, f"TensorRT {trt.__version__}"

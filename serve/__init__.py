@@ -6,6 +6,8 @@
   batcher + a Python-backend ``model.py``) for NVIDIA's Triton container (``dpr-export --triton-repo DIR``).
 * ``triton_server``: the tritonserver nvidia-pytriton ships, started on such a repository
   (``dpr-serve --triton EXPORT_DIR``).
+* ``ray``: a Ray Serve deployment of the engine (replicas, ``@serve.batch``, health checks, rolling export
+  updates; the ``/recommend`` schema of ``http_app``): ``dpr-serve --ray EXPORT_DIR`` (the ``scale`` extra).
 * ``columns`` / ``tensors``: every front end turns its requests into ``RequestBatch`` columns and calls
   ``Engine.recommend_batch`` once per batch (Python runs per batch, not per request).
 * ``cli``: ``dpr-serve``; ``procs``: start/stop a server process; ``load``: the load test

@@ -14,7 +14,8 @@ Built-in names (imported lazily, so a missing optional package only matters when
 * ``"fused"``: one C++ pass of scoring + running top-k with the filters applied inside (AVX-512 or
   AVX2+FMA, chosen at run time; the fastest exact CPU path on those; needs ``python -m dpr.kernels.build``);
 * ``"onnxruntime"``: in-memory MatMul + TopK graph;
-* ``"faiss"``: ``IndexFlatIP``, CPU or GPU.
+* ``"faiss"``: ``IndexFlatIP``, CPU or GPU;
+* ``"milvus"``: the table in Milvus (Milvus Lite in-process, or a cluster by URI); FLAT is exact.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ RETRIEVERS: dict[str, Factory] = {
     "onnxruntime": "dpr.engine.retrieval.onnxruntime_retriever:OnnxRuntimeRetriever",
     "fused": "dpr.engine.retrieval.fused_retriever:FusedRetriever",
     "faiss": "dpr.engine.retrieval.faiss_retriever:FaissRetriever",
+    "milvus": "dpr.engine.retrieval.milvus_retriever:MilvusRetriever",
 }
 
 #: optional top-level packages each built-in retriever needs
@@ -51,6 +53,7 @@ _DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "torch": ("torch",),
     "onnxruntime": ("onnxruntime", "onnx"),
     "faiss": ("faiss",),
+    "milvus": ("pymilvus",),
     "fused": (),
 }
 

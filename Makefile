@@ -6,7 +6,7 @@ VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 # cpu: onnxruntime + faiss-cpu. Use EXTRAS=gpu,encoder,test on a GPU machine (never cpu and gpu together:
 # onnxruntime and onnxruntime-gpu install the same module).
-EXTRAS     ?= cpu,encoder,test,plot,serve
+EXTRAS     ?= cpu,encoder,test,plot,serve,scale
 PY         := $(VENV)/bin/python
 DEMO_DIR   ?= build/demo
 PYTEST_ARGS ?=
@@ -82,15 +82,16 @@ demo: install kernels
 # Reliability campaign (docs/RELIABILITY.md). `make test` runs the short forms; these run the long ones.
 # fuzz: the hypothesis tests with FUZZ_SCALE times the CI example counts, new random examples every run (a failure
 # prints the @reproduce_failure line that replays it).
-# soak: 8 client threads x 10,000 mixed valid/invalid requests through the dynamic batcher, every answer checked
-# against its own request's; memory, fds, threads and p99 by window; stops sending after 10 minutes.
+# soak: 8 client threads x 10,000 mixed valid/invalid requests through the dynamic batcher, then through the HTTP
+# service (a dpr-serve subprocess), every answer checked against its own request's; memory, fds, threads (of
+# the serving process) and p99 by window; each target stops sending after 5 minutes (10 in all).
 FUZZ_SCALE ?= 25
 SOAK_ARGS  ?=
 fuzz: install kernels
 	DPR_FUZZ=long DPR_FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz_*.py $(PYTEST_ARGS)
 
 soak: install kernels
-	$(PY) -m dpr.bench.soak --threads 8 --requests 10000 --max-seconds 600 --json build/soak/report.json $(SOAK_ARGS)
+	$(PY) -m dpr.bench.soak --target all --threads 8 --requests 10000 --max-seconds 300 --json build/soak/report.json $(SOAK_ARGS)
 
 # ML-1M recipe (issue 7): both backbones, hyper-parameters from configs/ml1m-*.json, seeded; writes
 # $(ML1M_OUT)/{sasrec,gru4rec}.pt and their dpr-eval JSON, and the wall time of each in times.txt.

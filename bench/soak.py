@@ -1,9 +1,9 @@
 """Soak: many client threads send mixed valid and invalid requests for a long time through a serving target
-(the DynamicBatcher now; the HTTP and Triton front ends plug in as further targets) and every answer is
-checked against the answer its own request must get.
+(the DynamicBatcher in this process, or the HTTP service ``dpr-serve`` in a subprocess; Triton can plug in as a
+further target) and every answer is checked against the answer its own request must get.
 
-    python -m dpr.bench.soak --threads 8 --requests 10000 --max-seconds 600      # make soak
-    python -m dpr.bench.soak --export DIR --json soak.json
+    python -m dpr.bench.soak --threads 8 --requests 10000 --max-seconds 600      # make soak (both targets)
+    python -m dpr.bench.soak --target http --export DIR --json soak.json
 
 What it reports (``run_soak`` returns it as a dict; ``verdict`` turns it into pass/fail lines):
 
@@ -13,6 +13,7 @@ What it reports (``run_soak`` returns it as a dict; ``verdict`` turns it into pa
   ``unexpected``: a valid request that failed. All must be 0.
 * resident memory (RSS) at the end of the warm-up and at the end, and its growth (<= 5%);
 * open file descriptors and OS threads before the target starts and after it closes (no leak);
+  all three of the serving process: this one for the batcher, the server's for HTTP (:class:`ProcProbe`);
 * p50 / p99 latency in 10 windows of the run; the median p99 of the first third of the windows against that of
   the last third (a trend, not one window's pause).
 
@@ -273,6 +274,40 @@ def os_threads() -> int:
     return threading.active_count()
 
 
+class ProcProbe:
+    """Resident memory, open file descriptors and OS threads of another process (the HTTP server), from
+    /proc/PID; ``None`` is this process. What the soak judges is the serving process, not the clients."""
+
+    def __init__(self, pid: int | None = None):
+        self.pid = pid
+
+    def rss(self) -> int:
+        if self.pid is None:
+            return rss_bytes()
+        try:
+            with open(f"/proc/{self.pid}/statm") as fh:
+                return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def fds(self) -> int:
+        if self.pid is None:
+            return open_fds()
+        try:
+            return len(os.listdir(f"/proc/{self.pid}/fd"))
+        except OSError:
+            return -1
+
+    def threads(self) -> int:
+        if self.pid is None:
+            return os_threads()
+        try:
+            with open(f"/proc/{self.pid}/status") as fh:
+                return next((int(ln.split()[1]) for ln in fh if ln.startswith("Threads:")), -1)
+        except OSError:
+            return -1
+
+
 # ---- the soak ------------------------------------------------------------------------------------------
 
 def same_error(expected: Answer, got: Answer) -> bool:
@@ -328,13 +363,13 @@ def _warm_up(make_target, pool: list[Case], timeout_s: float) -> None:
 def run_soak(make_target, pool: list[Case], threads: int = 8, requests_per_thread: int = 10000,
              inflight: int = 16, max_seconds: float = 600.0, warmup_fraction: float = 0.1,
              n_windows: int = 10, request_timeout_s: float = 60.0, seed: int = 0,
-             mismatch_examples: int = 5, warm_up: bool = True) -> dict:
+             mismatch_examples: int = 5, warm_up: bool = True, probe: ProcProbe | None = None) -> dict:
     """Run the soak: ``threads`` clients each send ``requests_per_thread`` requests drawn from ``pool``
     (at most ``inflight`` outstanding each) through ``make_target()``, until done or ``max_seconds``
     (the rest counted as ``not_sent``). Before it, with ``warm_up``, the pool once through a throwaway
     target; file descriptors and threads are counted after that and after the soak's target is closed;
-    resident memory after the first ``warmup_fraction`` of the answers and at the end. Returns the report
-    (see the module docstring)."""
+    resident memory after the first ``warmup_fraction`` of the answers and at the end, all three of the
+    process ``probe`` reads (default: this one). Returns the report (see the module docstring)."""
     if threads < 1 or requests_per_thread < 1 or inflight < 1 or not pool:
         raise InputError("threads, requests_per_thread and inflight must be >= 1 and the pool not empty")
     by_len: dict = {}
@@ -355,9 +390,10 @@ def run_soak(make_target, pool: list[Case], threads: int = 8, requests_per_threa
     trace_every = max(1, total // 20)
     rss_trace: list = []                   # (answers so far, RSS MB): a leak climbs, an allocator settles
 
+    probe = probe or ProcProbe()
     if warm_up:
         _warm_up(make_target, pool, request_timeout_s)
-    fds0, thr0, rss0 = _settled(open_fds), _settled(os_threads), rss_bytes()
+    fds0, thr0, rss0 = _settled(probe.fds), _settled(probe.threads), probe.rss()
     py0 = {t.ident for t in threading.enumerate()}
     target = make_target()
     t_start = time.monotonic()
@@ -376,9 +412,9 @@ def run_soak(make_target, pool: list[Case], threads: int = 8, requests_per_threa
                                  "got": repr(ans)[:300], "want": repr(case.expected)[:300]})
             done_n[0] += 1
             if done_n[0] == warm_at:
-                marks["warm"] = {"rss": rss_bytes(), "t": t_done - t_start}
+                marks["warm"] = {"rss": probe.rss(), "t": t_done - t_start}
             if done_n[0] % trace_every == 0:
-                rss_trace.append((done_n[0], round(rss_bytes() / 2 ** 20, 1)))
+                rss_trace.append((done_n[0], round(probe.rss() / 2 ** 20, 1)))
 
     def client(tid: int):
         rng = np.random.default_rng([seed, tid])
@@ -390,11 +426,12 @@ def run_soak(make_target, pool: list[Case], threads: int = 8, requests_per_threa
             try:
                 left = deadline + request_timeout_s - time.monotonic()
                 ans = fut.result(timeout=max(0.0, min(request_timeout_s, left)))
-            except Exception:  # noqa: BLE001 - a timeout (or a broken target): the answer is lost
+            except Exception as exc:  # noqa: BLE001 - a timeout (or a broken target): the answer is lost
                 with lock:
                     counts["lost"] += 1
                     if len(examples) < mismatch_examples:
-                        examples.append({"verdict": "lost", "request": repr(case.request)[:300]})
+                        examples.append({"verdict": "lost", "request": repr(case.request)[:300],
+                                         "error": f"{type(exc).__name__}: {exc}"[:300]})
                 return
             record(case, ans, t_sent, time.monotonic())
 
@@ -422,11 +459,11 @@ def run_soak(make_target, pool: list[Case], threads: int = 8, requests_per_threa
         w.join(max_seconds + 2 * request_timeout_s + 30)
     hung_clients = sum(w.is_alive() for w in workers)
     elapsed = time.monotonic() - t_start
-    rss_end = rss_bytes()
-    thr_loaded = os_threads()
+    rss_end = probe.rss()
+    thr_loaded = probe.threads()
     target_stats = target.stats() if hasattr(target, "stats") else {}
     target.close()
-    fds1, thr1 = _settled(open_fds, fds0), _settled(os_threads, thr0)
+    fds1, thr1 = _settled(probe.fds, fds0), _settled(probe.threads, thr0)
     added = [t.name for t in threading.enumerate() if t.ident not in py0]
     warm = marks.get("warm", {"rss": rss_end, "t": elapsed})
     wins = _windows(t_done_s[: done_n[0]], lat_s[: done_n[0]], n_windows)
@@ -540,21 +577,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--p99-ratio-max", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="write the report here")
+    p.add_argument("--target", default="batcher", choices=("batcher", "http", "all"),
+                   help="the DynamicBatcher in this process, the HTTP service (dpr-serve subprocess), or both")
     a = p.parse_args(argv)
     from dpr.engine import Engine
 
     export_dir = Path(a.export) if a.export else small_export()
     engine = Engine.load(export_dir, backend=a.backend, retriever=a.retriever)
     pool = make_pool(engine, a.pool_valid, a.pool_invalid, a.seed)
-    report = run_soak(lambda: BatcherTarget(engine, a.max_batch, a.max_delay_ms), pool, a.threads, a.requests,
-                      a.inflight, a.max_seconds, n_windows=a.windows, seed=a.seed)
+    targets = ["batcher", "http"] if a.target == "all" else [a.target]
+    reports = [_run_target(t, a, engine, pool, export_dir) for t in targets]
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+    return 0 if not any(r["failures"] for r in reports) else 1
+
+
+def _run_target(which: str, a, engine, pool, export_dir) -> dict:
+    """One soak through ``which`` ("batcher" or "http"), printed; returns its report with ``failures``."""
+    if which == "batcher":
+        report = run_soak(lambda: BatcherTarget(engine, a.max_batch, a.max_delay_ms), pool, a.threads, a.requests,
+                          a.inflight, a.max_seconds, n_windows=a.windows, seed=a.seed)
+    else:
+        from .soak_http import HttpTarget, http_server
+
+        with http_server(export_dir, a.backend, a.retriever, a.max_batch, a.max_delay_ms) as server:
+            workers = min(a.threads * a.inflight, 128)    # one connection per outstanding request
+            report = run_soak(lambda: HttpTarget(server.url, workers), pool, a.threads, a.requests, a.inflight,
+                              a.max_seconds, n_windows=a.windows, seed=a.seed, probe=ProcProbe(server.proc.pid))
+            report["server_pid"] = server.proc.pid
     report.update(export=str(export_dir), backend=engine.backend_name, retriever=engine.retriever_name,
                   date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), cpus=os.cpu_count())
     bad = verdict(report, a.rss_growth_max, a.p99_ratio_max)
     report["failures"] = bad
-    if a.json:
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps(report, indent=2))
     show = {k: v for k, v in report.items() if k not in ("windows", "examples", "rss_trace_mb")}
     print(json.dumps(show, indent=2))
     for w in report["windows"]:
@@ -562,8 +617,8 @@ def main(argv: list[str] | None = None) -> int:
     print("rss (answers, MB):", " ".join(f"{n}:{mb}" for n, mb in report["rss_trace_mb"]))
     for e in report["examples"]:
         print("example:", e)
-    print("SOAK HELD" if not bad else "SOAK FAILED:\n  " + "\n  ".join(bad))
-    return 0 if not bad else 1
+    print(f"SOAK ({which}) HELD" if not bad else f"SOAK ({which}) FAILED:\n  " + "\n  ".join(bad))
+    return report
 
 
 if __name__ == "__main__":

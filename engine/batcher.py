@@ -29,6 +29,10 @@ from dpr.errors import InputError
 from .errors import ClosedError, OverloadedError
 from .request_queue import RequestQueue
 
+# A batching delay is milliseconds; beyond a minute it is a mistake, and a huge one (1e308) overflows the
+# worker's Condition.wait, which kills the worker thread and leaves every request hanging.
+MAX_DELAY_MS = 60_000.0
+
 
 class DynamicBatcher:
     def __init__(self, engine, max_batch_size: int = 512, max_delay_ms: float = 5.0, max_queue: int = 10000):
@@ -40,8 +44,8 @@ class DynamicBatcher:
             raise InputError(f"max_delay_ms must be a finite number of milliseconds, got {max_delay_ms!r}")
         if max_batch_size < 1:
             raise InputError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if max_delay_ms < 0:
-            raise InputError(f"max_delay_ms must be >= 0, got {max_delay_ms}")
+        if not 0 <= max_delay_ms <= MAX_DELAY_MS:
+            raise InputError(f"max_delay_ms must be between 0 and {MAX_DELAY_MS:g} ms, got {max_delay_ms}")
         if max_queue < 1:
             raise InputError(f"max_queue must be >= 1, got {max_queue}")
         self.engine = engine

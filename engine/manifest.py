@@ -2,7 +2,10 @@
 
 Validation: ``manifest.json`` present and parseable, format name and version supported, every file the
 manifest lists present with the recorded sha256 (a tampered or missing file is a clear
-:class:`ExportFolderError`), and the files the engine needs listed at all. Files read later (the item table,
+:class:`ExportFolderError`), and the files the engine needs listed at all. Every path the manifest names
+stays inside the folder (no ``..``, no absolute path, no symlink resolving outside it), every listed file
+carries a sha256, and every file the engine reads by a manifest key (graphs, item table, items) is one of the
+listed (hashed) files: nothing is read that the hashes do not cover. Files read later (the item table,
 ``items.json``; the engine's tokenizer) that are damaged are an :class:`ExportFolderError` naming the file
 too (:meth:`ExportFolder.damaged`): with ``verify_hashes=False`` nothing else catches a truncated file.
 """
@@ -12,8 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
@@ -21,8 +25,31 @@ from .errors import ExportFolderError
 
 FORMAT_NAME = "dpr-onnx-export"
 SUPPORTED_VERSIONS = (1,)
-REQUIRED_FILES = ("prompt_encoder.onnx", "user_encoder_portable.onnx", "item_embeddings.npy", "items.json",
-                  "tokenizer.json")
+REQUIRED_FILES = ("prompt_encoder.onnx", "item_embeddings.npy", "items.json", "tokenizer.json")
+# and at least one user encoder: an export written with portable_graph=False has only the fused graph, whose
+# dpr::FusedMoEGate local function is the portable gating (runtimes without the kernel inline it)
+USER_ENCODER_FILES = ("user_encoder_portable.onnx", "user_encoder.onnx")
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _inside(folder: Path, name, what: str) -> Path:
+    """``folder / name`` for a path the manifest names; :class:`ExportFolderError` naming it when it leaves
+    the folder: absolute, a drive, ``..`` among its parts, or (after symlinks are resolved) outside it. A
+    hostile manifest could otherwise have the engine read, and hash, any file the process can read."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ExportFolderError(f"the manifest of {folder} names {what} {name!r}: not a file name")
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or PureWindowsPath(name).drive or ".." in pure.parts or "\\" in name:
+        raise ExportFolderError(f"the manifest of {folder} names {what} {name!r}, a path outside the export "
+                                f"folder (absolute or through '..'): refused")
+    full = folder / name
+    real, root = full.resolve(), folder.resolve()
+    if real != root and root not in real.parents:
+        raise ExportFolderError(f"{what} {name} of {folder} is a symlink to {real}, outside the export folder: "
+                                f"refused (copy the file into the folder)")
+    return full
 
 
 def _sha256(path: Path) -> str:
@@ -127,6 +154,20 @@ class ExportFolder:
         return data
 
 
+def _named_files(manifest: dict):
+    """``(what, name)`` of each file the engine reads by a manifest key rather than from ``files``."""
+    graphs = manifest["graphs"]
+    for g in sorted(graphs):
+        if not isinstance(graphs[g], dict):
+            raise ExportFolderError(f"manifest.json is damaged: graph {g!r} is not an object")
+        if graphs[g].get("file") is not None:
+            yield f"the file of graph {g}", graphs[g]["file"]
+    for key, sub in (("item_embeddings", "file"), ("item_embeddings", "fp16_file"), ("items", "file")):
+        meta = manifest.get(key)
+        if isinstance(meta, dict) and meta.get(sub) is not None:
+            yield f"{key}.{sub}", meta[sub]
+
+
 def load_export(path, verify_hashes: bool = True) -> ExportFolder:
     """Open and validate an export folder; raises :class:`ExportFolderError` naming the problem."""
     folder = Path(path)
@@ -157,24 +198,36 @@ def load_export(path, verify_hashes: bool = True) -> ExportFolder:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ExportFolderError(f"{mpath} is damaged: model_config.{key} is {v!r}, not a positive integer")
     files = manifest["files"]
-    bad = [name for name, meta in files.items() if meta is not None and not isinstance(meta, dict)]
-    if bad:
-        raise ExportFolderError(f"{mpath} is damaged: the entry of {bad[0]} under 'files' is not an object")
+    for name, meta in sorted(files.items()):
+        _inside(folder, name, "file")
+        if not isinstance(meta, dict):
+            raise ExportFolderError(f"{mpath} is damaged: the entry of {name} under 'files' is not an object")
+        if not isinstance(meta.get("sha256"), str) or not _SHA256.fullmatch(meta["sha256"]):
+            raise ExportFolderError(f"{mpath} lists {name} without a valid sha256 ({meta.get('sha256')!r}): the "
+                                    f"file cannot be verified; re-export the model")
     for name in REQUIRED_FILES:
         if name not in files:
             raise ExportFolderError(f"the manifest of {folder} does not list {name}, which the engine needs")
+    if not any(name in files for name in USER_ENCODER_FILES):
+        raise ExportFolderError(f"the manifest of {folder} lists no user encoder graph "
+                                f"({' or '.join(USER_ENCODER_FILES)}), which the engine needs")
+    for what, name in _named_files(manifest):
+        _inside(folder, name, what)
+        if name not in files:
+            raise ExportFolderError(f"the manifest of {folder} names {what} {name}, which its 'files' does not "
+                                    f"list (so no sha256 covers it): refused")
     for name, meta in sorted(files.items()):
         p = folder / name
         if not p.is_file():
             raise ExportFolderError(f"export file missing: {p} (listed in manifest.json; re-export the model)")
         if verify_hashes:
-            want = (meta or {}).get("sha256")
+            want = meta["sha256"]
             got = _sha256(p)
-            if want and got != want:
+            if got != want:
                 raise ExportFolderError(f"export file {p} was modified: its sha256 {got[:12]}... does not match "
                                         f"the manifest's {want[:12]}... (tampered or corrupted; re-export the model)")
     h = hashlib.sha256()
     for name in sorted(files):
         h.update(name.encode())
-        h.update(str((files[name] or {}).get("sha256", "")).encode())
+        h.update(files[name]["sha256"].encode())
     return ExportFolder(path=folder, manifest=manifest, model_hash=h.hexdigest(), verified=verify_hashes)

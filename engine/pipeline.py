@@ -47,6 +47,52 @@ def exclusions(cols: Columns, num_items: int) -> Exclusions | None:
     return Exclusions(offsets, cols.flat[keep], checked=True)
 
 
+def _first_bad(bad: np.ndarray) -> tuple[int, ...]:
+    """Position (row first) of the first true entry of ``bad``."""
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), bad.shape))
+
+
+def _check_range(a: np.ndarray, lo: int, hi: int, name: str, what: str) -> None:
+    if a.size and (a.min() < lo or a.max() > hi):
+        pos = _first_bad((a < lo) | (a > hi))
+        raise InputError(f"{name} row {pos[0]} holds {a[pos]} at column {pos[1]}: not a valid {what}; "
+                         f"values run {lo}..{hi}")
+
+
+def _prompt_vector_array(p, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """A (B, d) float32 prompt vector column, zeros when None; InputError for the wrong shape, type or a
+    NaN / Inf entry (the model would turn it into a NaN user vector)."""
+    if p is None:
+        return np.zeros(shape, np.float32)
+    try:
+        a = np.asarray(p, np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name} must be a float array of shape {shape}: {exc}") from None
+    if a.shape != shape:
+        raise InputError(f"{name} must have shape {shape}, got {a.shape}")
+    if not np.isfinite(a).all():
+        pos = _first_bad(~np.isfinite(a))
+        raise InputError(f"{name} row {pos[0]} holds {a[pos]} at column {pos[1]}: prompt vectors must be finite")
+    return a
+
+
+def _presence_array(presence, b: int) -> np.ndarray:
+    """The (B, 2) int64 presence flags (positive, negative prompt), zeros when None; each must be 0 or 1 (the
+    model multiplies by them: 5 would scale the prompt's effect)."""
+    if presence is None:
+        return np.zeros((b, 2), np.int64)
+    a = np.asarray(presence)
+    if a.shape != (b, 2):
+        raise InputError(f"presence must have shape {(b, 2)}, got {a.shape}")
+    if a.dtype.kind not in "biuf":
+        raise InputError(f"presence must hold 0 / 1 flags, got dtype {a.dtype}")
+    bad = (a != 0) & (a != 1)
+    if bad.any():
+        pos = _first_bad(bad)
+        raise InputError(f"presence row {pos[0]} holds {a[pos]} at column {pos[1]}: flags must be 0 or 1")
+    return a.astype(np.int64)
+
+
 class StagePipeline:
     """The model and kernel stages (mixed into :class:`~dpr.engine.Engine`, which sets the attributes)."""
 
@@ -163,21 +209,26 @@ class StagePipeline:
 
     def encode_users(self, histories, p_pos=None, p_neg=None, presence=None, timings: dict | None = None) -> np.ndarray:
         """(B, retrieval_dim) steered user vectors. ``histories``: lists of original item ids, or an int64
-        (B, max_len) array of internal indices (left-padded). Missing p_pos/p_neg/presence mean no prompt."""
+        (B, max_len) array of internal indices (left-padded, 0..N). Missing p_pos/p_neg/presence mean no
+        prompt. Every input is checked (this is a public entry point: an index < 0 would be read from the end
+        of the embedding table, a NaN would come back as a NaN user vector); errors name the field and row."""
         if isinstance(histories, np.ndarray) and histories.dtype.kind in "iu" and histories.ndim == 2:
             if histories.shape[1] != self.max_len:
                 raise InputError(f"item_seq must have {self.max_len} columns, got {histories.shape[1]}")
             seq = histories.astype(np.int64, copy=False)
+            _check_range(seq, 0, self.num_items, "item_seq", "item index (0 is padding, items are 1..N)")
         else:
             seq = self.pad_histories([self.checker.history_indices(h, f"history {i}") for i, h in enumerate(histories)])
         b = seq.shape[0]
-        p_pos = np.zeros((b, self.dim), np.float32) if p_pos is None else np.asarray(p_pos, np.float32)
-        p_neg = np.zeros((b, self.dim), np.float32) if p_neg is None else np.asarray(p_neg, np.float32)
-        presence = np.zeros((b, 2), np.int64) if presence is None else np.asarray(presence, np.int64)
-        for name, a, shape in (("p_pos", p_pos, (b, self.dim)), ("p_neg", p_neg, (b, self.dim)),
-                               ("presence", presence, (b, 2))):
-            if a.shape != shape:
-                raise InputError(f"{name} must have shape {shape}, got {a.shape}")
+        p_pos = _prompt_vector_array(p_pos, "p_pos", (b, self.dim))
+        p_neg = _prompt_vector_array(p_neg, "p_neg", (b, self.dim))
+        presence = _presence_array(presence, b)
+        return self._encode_users(seq, p_pos, p_neg, presence, timings)
+
+    def _encode_users(self, seq: np.ndarray, p_pos: np.ndarray, p_neg: np.ndarray, presence: np.ndarray,
+                      timings: dict | None) -> np.ndarray:
+        """``encode_users`` of checked arrays (the batch path's own, built from a validated batch)."""
+        b = seq.shape[0]
         t0 = time.perf_counter()
         out = np.empty((b, self.retrieval_dim), np.float32)
 
@@ -201,7 +252,9 @@ class StagePipeline:
     # ---- retrieval --------------------------------------------------------------------------------------
     def retrieve(self, vectors: np.ndarray, k: int, exclude=None, allowed_mask=None,
                  timings: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k over the item table: (indices (B, k) internal, -1 padded; scores)."""
+        """Exact top-k over the item table: (indices (B, k) internal, -1 padded; scores). ``k`` is checked as a
+        request's k is: an integer in 1..N (an enormous k is an InputError, not a k-column allocation)."""
+        k = self.checker.check_k(k)
         t0 = time.perf_counter()
         out = self.retriever.search(vectors, k, exclude=exclude, allowed_mask=allowed_mask)
         _add(timings, "retrieval", time.perf_counter() - t0)
@@ -212,7 +265,7 @@ class StagePipeline:
         """A checked batch up to retrieval: ``(indices (B, max k) -1 padded, scores, allowed mask or None)``."""
         p_pos, p_neg, presence = self._prompt_vectors(cols, timings)
         seq = self._pad_flat(cols.flat, cols.offsets)
-        users = self.encode_users(seq, p_pos, p_neg, presence, timings=timings)
+        users = self._encode_users(seq, p_pos, p_neg, presence, timings)
         mask = self.catalogue.allowed_mask(cols.filter_keys)
         idx, sc = self.retrieve(users, cols.kmax, exclude=exclusions(cols, self.num_items), allowed_mask=mask,
                                 timings=timings)

@@ -16,8 +16,8 @@ so that the message names the row. Options are type-checked, never coerced: ``ex
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from itertools import chain, repeat
+from collections.abc import Mapping, Set as AbstractSet, ValuesView
+from itertools import chain
 from typing import Sequence
 
 import numpy as np
@@ -32,6 +32,17 @@ from .columns import Columns, Request, Row, flatten, offsets_of
 def _is_column(x) -> bool:
     """A per-row column (list, tuple or 1-D array), as opposed to one value for the whole batch."""
     return isinstance(x, (list, tuple)) or (isinstance(x, np.ndarray) and x.ndim >= 1)
+
+
+# History containers the batch fast path maps as they are; any other container takes the checked path.
+_FAST_ROW_TYPES = frozenset((list, tuple, np.ndarray))
+
+
+def _unordered(x) -> bool:
+    """A container with no order (a set, a dict or one of its views): refused as a history, since the model reads
+    the most recent items and a set's iteration order is its hash order. Other sized iterables are read in their
+    own order, as before."""
+    return isinstance(x, (AbstractSet, Mapping, ValuesView))
 
 
 class RequestChecker:
@@ -158,6 +169,9 @@ class RequestChecker:
         """One history of item ids -> int64 catalogue indices (chronological), checked."""
         if history is None or isinstance(history, (str, bytes)) or not hasattr(history, "__len__"):
             raise InputError(f"{what} must be a list of item ids, got {type(history).__name__}")
+        if _unordered(history):
+            raise InputError(f"{what} must be an ordered list of item ids (oldest first), got a "
+                             f"{type(history).__name__}, which has no order")
         if len(history) == 0:
             raise InputError(f"{what} is empty (at least one item id is needed)")
         cat = self.catalogue
@@ -191,7 +205,7 @@ class RequestChecker:
         ``(flat indices, row lengths)``, the fast path when every id of every row is known. None sends the
         batch to the per-row checks, which name the problem."""
         try:
-            if any(map(isinstance, histories, repeat((str, bytes)))):
+            if not _FAST_ROW_TYPES.issuperset(map(type, histories)):    # str, set...: the checked path
                 return None
             lens = list(map(len, histories))
             if 0 in lens:
@@ -348,6 +362,9 @@ class RequestChecker:
         if flat is None or isinstance(flat, (str, bytes)) or not hasattr(flat, "__len__"):
             raise InputError(f"the flat history array must be an array or list of {rb.form}, "
                              f"got {type(flat).__name__}")
+        if _unordered(flat):
+            raise InputError(f"the flat history array must be an ordered array or list of {rb.form} (oldest "
+                             f"first in each row), got a {type(flat).__name__}, which has no order")
         if isinstance(flat, np.ndarray) and flat.ndim != 1:
             raise InputError(f"the flat history array must be 1-D, got shape {flat.shape}")
         offsets = self.check_offsets(rb.offsets, len(flat))

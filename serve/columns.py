@@ -10,6 +10,7 @@ into one Part per value by :func:`split_rows`).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -81,6 +82,24 @@ def slice_result(res: ResultBatch, start: int, stop: int) -> ResultBatch:
                                counts=res.counts[start:stop], short_reasons=res.short_reasons[start:stop], **extra)
 
 
+_ROW = re.compile(r"\brow (\d+)(?=:)")
+
+
+def relabel_rows(message: str, rows: Sequence[int], label=None) -> str:
+    """An engine error about "row j" of a Part's batch, said of the call's own row ``rows[j]`` (worded by
+    ``label(row)``, default "row N"): a Part holds some of a call's rows, so the engine's row number is not the
+    caller's. A message that names no row is about a value all the Part's rows share: said of its first row."""
+    name = label if label is not None else (lambda r: f"row {r}")
+
+    def sub(m):
+        j = int(m[1])
+        return name(rows[j]) if j < len(rows) else m[0]
+    out, n = _ROW.subn(sub, message, count=1)
+    if n == 0 and rows:          # a value every row of the Part shares (the engine then names no row): the first
+        out = f"{name(rows[0])}: {message}"
+    return out
+
+
 def split_rows(rows_k: Sequence[int], rows_excl: Sequence[bool]) -> list[tuple[tuple, list[int]]]:
     """Row positions grouped by (k, exclude_history), in first-seen order (usually one group)."""
     groups: dict = {}
@@ -119,8 +138,8 @@ def check_limits(lens: list[int], prompts, negatives, k: int, cfg, label) -> Non
             raise LimitError(f"{label(row)}: history has {n} item ids; the limit is {cfg.max_history} (--max-history)")
         if n == 0:
             raise InputError(f"{label(row)}: history is empty (at least one item id is needed)")
-    if k > cfg.max_k:
-        raise LimitError(f"k={k} is over the limit of {cfg.max_k} (--max-k)")
+    if k > cfg.max_k:       # one k for all the rows given: said of the first (a list names its request)
+        raise LimitError(f"{label(0)}: k={k} is over the limit of {cfg.max_k} (--max-k)")
     for col, what in ((prompts, "prompt"), (negatives, "negative prompt")):
         for row, p in enumerate(col or ()):
             if p is None:

@@ -20,7 +20,9 @@ from contextlib import asynccontextmanager
 from typing import Optional, Union
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -34,15 +36,17 @@ from .tensors import INPUTS, OUTPUTS, parts_from_tensors, tensors_from_results
 from .v2 import decode_infer_request, encode_infer_response
 
 # ---- the /recommend schema (OpenAPI documents it) ----------------------------------------------------
+# strict: every field type-checked, never coerced, as the engine checks its options (lax pydantic would take
+# k="5", k=5.0 and k=true as 5, 5 and 1, and exclude_history="yes" or 1 as true)
 class HardFilter(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_tags: list[str] = Field(default_factory=list, description="only items with one of these tags")
     exclude_tags: list[str] = Field(default_factory=list, description="no item with any of these tags")
     exclude_items: list[str] = Field(default_factory=list, description="item ids never returned")
 
 
 class RecommendRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
         "examples": [{"history": ["i12", "i7", "i93"], "prompt": "something funny", "k": 10}]})
     history: list[str] = Field(description="item ids, oldest first")
     prompt: Optional[str] = Field(None, description="what the user wants now")
@@ -163,6 +167,16 @@ def create_app(service: Service, load_in_background: bool = True) -> FastAPI:
     async def validation_error(request: Request, exc: RequestValidationError):
         return _error(422, _validation_message(exc), detail=_jsonable_errors(exc))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI answers a body json.loads cannot take for another reason than bad syntax (not UTF-8, an
+        # integer of over 4,300 digits, nesting too deep) with a bare 400 "error parsing the body"; say why
+        cause = exc.__cause__
+        if exc.status_code == 400 and cause is not None:
+            why = f"{type(cause).__name__}: {cause}"
+            return _error(400, f"the request body cannot be parsed as JSON text: {why[:300]}")
+        return await http_exception_handler(request, exc)
+
     def _check_model(model: str):
         if model != name:
             return _error(404, f"unknown model {model!r}; this server serves {name!r}")
@@ -171,9 +185,9 @@ def create_app(service: Service, load_in_background: bool = True) -> FastAPI:
     def _not_ready(why: str) -> JSONResponse:
         return _error(503, f"model {name!r} is not ready: {why}", {"Retry-After": str(svc.cfg.retry_after_s)})
 
-    async def _run(parts):
+    async def _run(parts, label=None):
         try:
-            return await svc.run_parts(parts), None
+            return await svc.run_parts(parts, label), None
         except NotReady as exc:
             return None, _not_ready(str(exc))
         except OverloadedError as exc:
@@ -276,7 +290,7 @@ def create_app(service: Service, load_in_background: bool = True) -> FastAPI:
             return _error(exc.status, str(exc))
         except InputError as exc:
             return _error(422, str(exc))
-        results, err = await _run(parts)
+        results, err = await _run(parts, label)
         if err is not None:
             return err
         engine, results = results
@@ -359,7 +373,11 @@ def _validation_message(exc: RequestValidationError) -> str:
     errs = _relevant(exc)
     parts = []
     for e in errs[:5]:
-        loc = [str(x) for x in e.get("loc", ()) if x != "body" and "[" not in str(x) and x != "RecommendRequest"]
+        loc = [str(x) for x in e.get("loc", ())]
+        if loc[:1] == ["body"]:                  # then the union branch's tag, never a field of the request
+            loc = loc[1:]
+            if loc and (loc[0] == "RecommendRequest" or loc[0].startswith("list[")):
+                loc = loc[1:]
         where = ".".join(loc) or "body"
         parts.append(f"{where}: {e.get('msg')}")
     more = f" (and {len(errs) - 5} more)" if len(errs) > 5 else ""

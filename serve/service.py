@@ -15,9 +15,10 @@ import threading
 import time
 
 from dpr.engine import Engine, RequestBatch
+from dpr.errors import InputError
 
 from .batcher import Batcher
-from .columns import IdCheck
+from .columns import IdCheck, relabel_rows
 from .metrics import Metrics
 
 log = logging.getLogger("dpr.serve")
@@ -117,18 +118,24 @@ class Service:
         return await asyncio.to_thread(self.reload, export_dir)
 
     # ---- serving --------------------------------------------------------------------------------
-    async def run_parts(self, parts) -> tuple:
+    async def run_parts(self, parts, label=None) -> tuple:
         """Await every Part of one call (usually one): ``(engine, [ResultBatch per Part])``. Parts queued
         together run on one engine (a swap happens between batches; a call whose Parts straddle a swap is
-        rare and is run again on the new engine so that one catalogue renders it)."""
+        rare and is run again on the new engine so that one catalogue renders it). An engine InputError about
+        a Part's row j names the call's own row (``label(row)``, default "row N")."""
         if not self.ready:
             raise NotReady(self.load_error or "the engine is loading")
         b = self.batcher
         futs = [b.submit(p) for p, _ in parts]      # all queued at once: they may share a batch
-        got = [await asyncio.wrap_future(f) for f in futs]
+        got = []
+        for f, (_, rows) in zip(futs, parts):
+            try:
+                got.append(await asyncio.wrap_future(f))
+            except InputError as exc:
+                raise InputError(relabel_rows(str(exc), rows, label)) from None
         engines = {id(e) for e, _ in got}
         if len(engines) > 1:
-            return await self.run_parts(parts)
+            return await self.run_parts(parts, label)
         return got[0][0], [r for _, r in got]
 
     def close(self) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -30,6 +31,17 @@ def _shape(inp: dict, name: str) -> list[int]:
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise InputError(f"input '{name}': shape must be a list of non-negative integers, got {shape!r}")
     return shape
+
+
+def _params(obj: dict, where: str) -> dict:
+    """An object's optional ``parameters``: a JSON object or absent (a list or a string there is a 422, not a
+    500 from ``.get`` on it)."""
+    p = obj.get("parameters")
+    if p is None:
+        return {}
+    if not isinstance(p, dict):
+        raise InputError(f"{where}: 'parameters' must be a JSON object, got {type(p).__name__}")
+    return p
 
 
 def _flatten(data):
@@ -73,8 +85,8 @@ def decode_infer_request(body: bytes, header_len: str | None = None) -> InferReq
         head, rest = body, memoryview(b"")
     try:
         req = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InputError(f"the request body is not valid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:     # RecursionError: nesting deeper than json can read
+        raise InputError(f"the request body is not valid JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise InputError('the request must be a JSON object with an "inputs" list (KServe v2 inference request)')
     inputs, pos = {}, 0
@@ -86,12 +98,12 @@ def decode_infer_request(body: bytes, header_len: str | None = None) -> InferReq
             raise InputError(f"input '{name}' is given twice")
         shape = _shape(inp, name)
         dt = inp.get("datatype")
-        if dt != "BYTES" and dt not in NUMPY:
+        if not isinstance(dt, str) or (dt != "BYTES" and dt not in NUMPY):     # a list would be unhashable
             raise InputError(f"input '{name}': unknown datatype {dt!r}")
-        count = int(np.prod(shape)) if shape else 1
-        size = (inp.get("parameters") or {}).get("binary_data_size")
+        count = math.prod(shape)                   # exact: np.prod wraps around past 2**63
+        size = _params(inp, f"input '{name}'").get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or pos + size > len(rest):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0 or pos + size > len(rest):
                 raise InputError(f"input '{name}': binary_data_size {size!r} runs past the body")
             chunk = rest[pos:pos + size]
             pos += size
@@ -131,9 +143,9 @@ def decode_infer_request(body: bytes, header_len: str | None = None) -> InferReq
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
                 raise InputError("each requested output must be an object with a 'name'")
             outputs.append(o["name"])
-            if (o.get("parameters") or {}).get("binary_data"):
+            if _params(o, f"output '{o['name']}'").get("binary_data"):
                 binary.add(o["name"])
-    if (req.get("parameters") or {}).get("binary_data_output"):
+    if _params(req, "the request").get("binary_data_output"):
         binary = {"*"}
     rid = req.get("id")
     return InferRequest(rid if isinstance(rid, str) else None, inputs, outputs, binary)

@@ -132,10 +132,6 @@ def test_a_pickle_in_the_item_table_never_runs(copy, tmp_path):
 
 # ---- paths that leave the export folder ---------------------------------------------------------------------
 
-ESCAPE_REASON = ("engine/manifest.py bug: load_export joins manifest paths to the folder without checking that "
-                 "they stay inside it ('..', absolute paths and symlinks are read and hashed)")
-
-
 def _outside(tmp_path: Path) -> Path:
     p = tmp_path / "outside" / "secret.bin"
     p.parent.mkdir(exist_ok=True)
@@ -151,8 +147,6 @@ def _refused_as_escape(d: Path, what: str) -> None:
     assert what in str(info.value) and "outside" in str(info.value), str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason=ESCAPE_REASON)
 def test_a_dotdot_path_in_the_manifest_is_refused(copy, tmp_path):
     out = _outside(tmp_path)
     m = _manifest(copy)
@@ -162,8 +156,6 @@ def test_a_dotdot_path_in_the_manifest_is_refused(copy, tmp_path):
     _refused_as_escape(copy, name)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason=ESCAPE_REASON)
 def test_an_absolute_path_in_the_manifest_is_refused(copy, tmp_path):
     out = _outside(tmp_path)
     m = _manifest(copy)
@@ -172,8 +164,6 @@ def test_an_absolute_path_in_the_manifest_is_refused(copy, tmp_path):
     _refused_as_escape(copy, str(out))
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason=ESCAPE_REASON)
 def test_a_symlink_out_of_the_folder_is_refused(copy, tmp_path):
     """The item table moved out and linked back: same bytes, same sha256, but read from outside the folder."""
     elsewhere = tmp_path / "outside" / "item_embeddings.npy"
@@ -183,9 +173,6 @@ def test_a_symlink_out_of_the_folder_is_refused(copy, tmp_path):
     _refused_as_escape(copy, "item_embeddings.npy")
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="engine/manifest.py bug: a graph's file is taken from manifest['graphs'] "
-                          "without being listed (and hashed) under 'files' or kept inside the folder")
 def test_a_graph_file_outside_the_folder_is_refused(copy, tmp_path):
     out = tmp_path / "outside" / "prompt_encoder.onnx"
     out.parent.mkdir(exist_ok=True)
@@ -196,9 +183,30 @@ def test_a_graph_file_outside_the_folder_is_refused(copy, tmp_path):
     _refused_as_escape(copy, str(out))
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="engine/manifest.py bug: a manifest entry without a sha256 is accepted "
-                          "unverified (reload must take only an export whose manifest verifies)")
+def test_a_graph_file_the_manifest_does_not_hash_is_refused(copy):
+    """Inside the folder, but not under 'files': no sha256 covers it, so it could be swapped unseen."""
+    from dpr.engine import ExportFolderError, load_export
+
+    shutil.copyfile(copy / "prompt_encoder.onnx", copy / "other_encoder.onnx")
+    m = _manifest(copy)
+    m["graphs"]["prompt_encoder"]["file"] = "other_encoder.onnx"
+    _write_manifest(copy, m)
+    with pytest.raises(ExportFolderError, match=r"prompt_encoder.*other_encoder\.onnx.*does not list"):
+        load_export(copy)
+
+
+def test_a_symlink_inside_the_folder_is_taken(copy):
+    """A link that stays inside the folder is no escape (same bytes, same sha256): it loads."""
+    from dpr.engine import load_export
+
+    shutil.move(copy / "item_embeddings.npy", copy / "table.npy")
+    os.symlink("table.npy", copy / "item_embeddings.npy")
+    m = _manifest(copy)
+    m["files"]["table.npy"] = dict(m["files"]["item_embeddings.npy"])
+    _write_manifest(copy, m)
+    assert load_export(copy).item_embeddings().shape[0] > 1
+
+
 def test_a_listed_file_without_a_hash_is_refused(copy):
     from dpr.engine import ExportFolderError, load_export
 
@@ -237,9 +245,6 @@ def test_an_unknown_operator_domain_is_refused(copy, name):
     assert name in str(info.value) and "com.example.evil" in str(info.value), str(info.value)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="engine bug: graphs are not checked for their operator domains; a node "
-                          "moved to ONNX Runtime's contrib domain com.microsoft loads and runs")
 def test_an_operator_of_the_runtime_contrib_domain_is_refused(copy):
     import onnx
 

@@ -709,10 +709,28 @@ def test_tensorrt_backend_agrees(export_dir, reference):
     from dpr.engine import Engine
 
     eng = Engine.load(export_dir, backend="tensorrt", device="cuda")
+    if eng.export.graph_file("user_encoder") is not None:
+        # the real fused graph, with the plugin in the built network, is what answered
+        assert eng.backend.fused, eng.choice_reason
+        assert "fused dpr::FusedMoEGate plugin" in eng.choice_reason
     for b in (1, 7, 512):
         (h, p, n), ref = _ref(reference, b)
         overlap, err = _agree(eng.recommend(h, p, n, k=10), ref)
         assert overlap >= 0.99 and err <= 1e-4
+
+
+@pytest.mark.tensorrt
+@pytest.mark.gpu
+def test_tensorrt_backend_fp16_agrees(export_dir, reference):
+    from dpr.engine import Engine
+
+    eng = Engine.load(export_dir, backend="tensorrt", device="cuda", backend_options={"fp16": True})
+    if eng.export.graph_file("user_encoder") is not None:
+        assert eng.backend.fused, eng.choice_reason
+    for b in (1, 7, 512):
+        (h, p, n), ref = _ref(reference, b)
+        overlap, err = _agree(eng.recommend(h, p, n, k=10), ref)
+        assert overlap >= 0.9 and err <= 5e-2          # fp16 engine: recorded tolerance, not fp32's
 
 
 @pytest.mark.gpu

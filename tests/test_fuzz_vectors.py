@@ -2,8 +2,9 @@
 prompt vectors, presence flags and padded item indices). NaN, Inf, wrong shapes, wrong dtypes and impossible
 values must be an InputError naming the input, never a silently wrong answer or another exception type.
 
-The xfail(strict) tests document engine bugs found here: they fail (XPASS) once the engine is fixed, and the
-mark is then removed.
+The tests at the end were strict xfails documenting engine bugs found here (encode_users took NaN prompt
+vectors, presence flags other than 0/1 and indices outside 0..N; an enormous k was a MemoryError); fixed in
+engine/pipeline.py and engine/retrieval/base.py, they now assert the InputError.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def test_retrieve_refuses_non_finite_or_misshapen_queries(engine):
     run()
 
 
-# ---- engine bugs, documented ---------------------------------------------------------------------------------
+# ---- engine bugs, fixed and asserted ---------------------------------------------------------------------------------
 
 def _prompt_inputs(engine, value):
     b = 2
@@ -67,9 +68,6 @@ def _prompt_inputs(engine, value):
     return [[engine.item_ids[0]], [engine.item_ids[1], engine.item_ids[2]]], p, np.array([[0, 0], [1, 0]])
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="engine bug: encode_users takes NaN/Inf prompt vectors and returns NaN user vectors "
-                          "without a word")
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_encode_users_refuses_non_finite_prompt_vectors(engine, value):
     hist, p, presence = _prompt_inputs(engine, value)
@@ -77,19 +75,12 @@ def test_encode_users_refuses_non_finite_prompt_vectors(engine, value):
         engine.encode_users(hist, p, None, presence)
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="engine bug: encode_users takes presence flags other than 0/1 (5, -1) and changes the "
-                          "answer with them")
 def test_encode_users_refuses_presence_flags_other_than_0_or_1(engine):
     hist, p, _ = _prompt_inputs(engine, 0.5)
     with pytest.raises(InputError, match=r"presence"):
         engine.encode_users(hist, p, None, np.array([[5, 0], [-1, 7]]))
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="engine bug: encode_users takes item_seq indices outside 0..N: negative ones are read "
-                          "from the end of the embedding table (a silently wrong answer), too large ones fail "
-                          "inside ONNX Runtime (not an InputError)")
 @pytest.mark.parametrize("index", [-5, "N+1"])
 def test_encode_users_refuses_item_indices_out_of_range(engine, index):
     seq = np.zeros((1, engine.max_len), np.int64)
@@ -103,10 +94,6 @@ def test_encode_users_refuses_item_indices_out_of_range(engine, index):
             pytest.fail(f"{type(exc).__name__} instead of an InputError: {exc}")
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception,
-                   reason="engine bug: Retriever.search pads its answer to k columns without bounding k by the "
-                          "catalogue: an enormous k allocates k columns (MemoryError here; k=10**9 would take "
-                          "16 GB)")
 def test_retrieve_refuses_an_enormous_k(engine):
     q = np.zeros((1, engine.retrieval_dim), np.float32)
     try:

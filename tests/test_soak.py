@@ -1,6 +1,7 @@
 """The soak's short form (dpr.bench.soak; ``make soak`` runs the long one): client threads send mixed valid and
-invalid requests through the DynamicBatcher and every answer is checked against its own request's. Plus the
-harness's own checks: an answer handed to the wrong request, a lost answer and a leaked thread are caught.
+invalid requests through the DynamicBatcher, and through the HTTP service (a dpr-serve subprocess), and every
+answer is checked against its own request's. Plus the harness's own checks: an answer handed to the wrong
+request, a lost answer and a leaked thread are caught, and the HTTP target's refusals are matched by field.
 
 Bounded: a few thousand requests, ``max_seconds`` per run; no latency is asserted (the 2-core machine is shared).
 """
@@ -127,3 +128,47 @@ def test_same_ranking_allows_ties_only():
     assert not same_ranking(["a", "a", "c"], sc, ids, sc)
     assert not same_ranking(ids, [3.0, 2.0, 1.5], ids, sc)
     assert Answer(True, ids, sc).ok
+
+
+# ---- the HTTP service as the soak's target --------------------------------------------------------------------
+
+def test_short_http_soak_loses_and_crosses_nothing(engine, export_dir, pool, tmp_path):
+    """The same pool through dpr-serve: every answer its own request's, every invalid request a 4xx naming the
+    engine's field, no 5xx; memory, fds and threads of the server process, not of the test."""
+    pytest.importorskip("httpx", reason='needs the [serve] extra: pip install -e ".[serve]"')
+    pytest.importorskip("fastapi", reason='needs the [serve] extra: pip install -e ".[serve]"')
+    from dpr.bench.soak import ProcProbe
+    from dpr.bench.soak_http import HttpTarget, http_server
+
+    with http_server(export_dir, "onnxruntime", "onnxruntime", max_batch=32, max_delay_ms=1,
+                     log_path=tmp_path / "server.log") as server:
+        report = run_soak(lambda: HttpTarget(server.url, workers=16), pool, threads=4, requests_per_thread=250,
+                          inflight=4, max_seconds=60, request_timeout_s=30, probe=ProcProbe(server.proc.pid))
+        assert server.proc.poll() is None, server.log()
+    assert report["not_sent"] == 0 and report["answered"] == report["requests"] == 4 * 250, report
+    assert report["valid_sent"] > 0 and report["invalid_sent"] > 0
+    codes = report["target_stats"]["http_status"]
+    assert not [c for c in codes if c.startswith("5")], codes
+    assert report["fds_before"] > 0 and report["threads_before"] > 1    # the server's /proc was read
+    assert verdict(report) == [], (verdict(report), report["examples"])
+
+
+def test_the_http_target_matches_refusals_by_field():
+    from dpr.bench.soak_http import HttpTarget, encode_body, error_field
+
+    assert error_field("request: history holds unknown item id 'x' at position 2") == "history"
+    assert error_field("invalid request: history.3: Input should be a valid string") == "history"
+    assert error_field("invalid request: negative_prompt: Input should be a valid string") == "negative prompt"
+    assert error_field("row 0: negative prompt is empty or whitespace only") == "negative prompt"
+    assert error_field("invalid request: hard_filter.include_tags: Input should be a valid list") == "hard filter"
+    assert error_field("request has unknown field(s) ['surprise']") == "surprise"
+    assert error_field("invalid request: surprise: Extra inputs are not permitted") == "surprise"
+    assert error_field("k=401 is larger than the catalogue (400 items)") == "k"
+    t = HttpTarget.__new__(HttpTarget)                  # same_error needs no connection
+    want = Answer(False, error_type="InputError", message="request: k must be an integer, got '5'")
+    http = lambda msg, status=422: Answer(False, error_type=f"HTTP {status}", message=msg)  # noqa: E731
+    assert t.same_error(want, http("invalid request: k: Input should be a valid integer"))
+    assert not t.same_error(want, http("invalid request: history: Field required"))
+    assert not t.same_error(want, http("k: Internal Server Error", 500))
+    assert not t.same_error(want, Answer(True, ["i1"], [1.0]))
+    assert encode_body({"prompt": b"\xff", "k": 1}) == b'{"prompt": "\xff", "k": 1}'

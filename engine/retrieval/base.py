@@ -16,7 +16,8 @@ Conventions shared by every retriever
 * Filtering is EXACT: exactly ``k`` results come back whenever ``k`` eligible items exist.  When
   fewer than ``k`` items are eligible (or ``k > N``), the tail of the row is padded with index
   ``-1`` and score ``-inf``.  (The engine checks ``k <= N`` before calling; the retrievers accept
-  any ``k >= 1`` and pad.)
+  ``1 <= k <= max_k``, N plus max(N, 1024) padding columns, and pad: an enormous k is an InputError, not a
+  k-column allocation.)
 
 How filters are made exact
 --------------------------
@@ -357,13 +358,20 @@ class Retriever:
             raise InputError(f"queries hold NaN or infinite values (rows {bad[:8].tolist()})")
         return q
 
-    @staticmethod
-    def _check_k(k: Any) -> int:
+    def _check_k(self, k: Any) -> int:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
             raise InputError(f"k must be an integer >= 1, got {k!r}")
         if k < 1:
             raise InputError(f"k must be >= 1, got {k}")
+        if k > self.max_k:
+            raise InputError(f"k={k} is far beyond the catalogue ({self.num_items} items): at most {self.max_k} "
+                             f"(the answer is padded to k columns, so an enormous k would allocate them)")
         return int(k)
+
+    @property
+    def max_k(self) -> int:
+        """The largest k ``search`` takes: the catalogue plus as many padding columns (at least 1,024)."""
+        return self.num_items + max(self.num_items, 1024)
 
     # ------------------------------------------------------------------ public API
     def search(self, queries: np.ndarray, k: int, exclude: Any = None,

@@ -26,7 +26,7 @@ import triton_python_backend_utils as pb_utils  # provided by Triton's Python ba
 from dpr.engine import Engine, RequestBatch
 from dpr.errors import InputError
 
-from .columns import IdCheck, run_parts
+from .columns import IdCheck, relabel_rows, run_parts
 from .config import ServeConfig
 from .tensors import INPUTS, parts_from_tensors, tensors_from_results
 
@@ -98,18 +98,19 @@ class TritonPythonModel:
                 responses[i] = _error(str(exc))
                 continue
             per_request[i] = got
-            for p in got:
-                parts.append(p[0])
-                owner.append(i)
+            for part, rows in got:
+                parts.append(part)
+                owner.append((i, rows))
         results = run_parts(self.engine, parts) if parts else []
         by_req: dict = {}
-        for i, r in zip(owner, results):
-            by_req.setdefault(i, []).append(r)
+        for (i, rows), r in zip(owner, results):
+            by_req.setdefault(i, []).append((r, rows))
         for i, got in per_request.items():
-            res = by_req[i]
-            bad = next((r for r in res if isinstance(r, BaseException)), None)
+            res = [r for r, _ in by_req[i]]
+            bad, bad_rows = next(((r, rows) for r, rows in by_req[i] if isinstance(r, BaseException)), (None, None))
             if isinstance(bad, InputError):
-                responses[i] = _error(str(bad))
+                # the engine numbers rows within its batch of Parts; say it of the request's own row
+                responses[i] = _error(relabel_rows(str(bad), bad_rows))
                 continue
             if bad is not None:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(bad).__name__}: {bad}"))

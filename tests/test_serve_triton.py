@@ -144,6 +144,14 @@ def test_repository_served_by_tritonserver(triton_repo, engine, tmp_path):
         want = engine.recommend([["i1", "i2"], ["i3"]], prompts=["something funny", None], k=6,
                                 hard_filter=[{"include_tags": ["comedy", "drama"]}, {"exclude_items": ["i47"]}])
         assert [[x.decode() for x in row] for row in r.as_numpy("item_ids")] == want.item_ids
+        # an engine error about one row names that row of the request (the engine numbers its own batch)
+        bad_tags = inputs(tg, [["i1"], ["i3"]], k=[6, 6])
+        arr = np.array([[b"comedy"], [b"no-such-tag"]], dtype=object)
+        bad_tags.append(tg.InferInput("include_tags", list(arr.shape), "BYTES"))
+        bad_tags[-1].set_data_from_numpy(arr)
+        with pytest.raises(tg.InferenceServerException) as ei:
+            gc.infer("dpr", bad_tags)
+        assert "row 1" in str(ei.value) and "no-such-tag" in str(ei.value), str(ei.value)
         hc.close()
         gc.close()
     finally:

@@ -93,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from dpr.serve.ray import build_app
+    from dpr.serve.ray import build_app, init_ray
 
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(a.export, {"backend": a.backend, "retriever": a.retriever}, num_replicas=1,

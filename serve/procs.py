@@ -72,8 +72,8 @@ class Server:
     """A server subprocess; ``with Server(cmd, port) as s:`` waits until ready and stops it on exit."""
 
     def __init__(self, cmd: list[str], port: int, env: dict | None = None, log_path=None,
-                 ready_path: str = "/v2/health/ready", ports: tuple = ()):
-        self.cmd, self.port, self.ready_path = cmd, port, ready_path
+                 ready_path: str = "/v2/health/ready", ports: tuple = (), cwd=None):
+        self.cmd, self.port, self.ready_path, self.cwd = cmd, port, ready_path, cwd
         self.ports = (port,) + tuple(ports)
         self.env = dict(os.environ if env is None else env)
         self.log_path = log_path
@@ -89,7 +89,7 @@ class Server:
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         # a new session: a signal meant for the server's group never reaches the test runner
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=self.cwd)
         if wait_ready:
             self.wait_ready(timeout)
         return self

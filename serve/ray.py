@@ -13,8 +13,8 @@ exclude_history) group, a failing call isolated).
 * Ray Serve's health check calls :meth:`DPRDeployment.check_health`: it raises until the engine has loaded
   and run its warm-up batch, so the replica is not routed to before then (and is replaced if the engine
   closes).
-* A new export: ``user_config={"export_dir": PATH}`` (a config-only update: each replica builds the new
-  engine aside and swaps it in between two batches; no replica restarts, no request fails).
+* A new export: ``user_config={"export_dir": PATH}`` (an absolute path; a config-only update: each replica
+  builds the new engine aside and swaps it in between two batches; no replica restarts, no request fails).
 
 Launch: ``dpr-serve --ray EXPORT_DIR [--num-replicas 2]`` (starts or joins a Ray cluster) or ``serve run``
 with a config file whose ``import_path`` is ``dpr.serve.ray:app_builder`` (README "Serving on Ray").
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from dataclasses import asdict, fields
 from typing import Any, Union
 
@@ -161,9 +162,11 @@ def build_app(export_dir: str, config: dict | ServeConfig | None = None, *, engi
         opts["autoscaling_config"] = autoscaling_config
     if ray_actor_options is not None:
         opts["ray_actor_options"] = ray_actor_options
-    opts.setdefault("user_config", {"export_dir": str(export_dir)})
+    # absolute here: a replica's working directory is not the caller's (init_ray gives the job its own)
+    export_dir = os.path.abspath(export_dir)
+    opts.setdefault("user_config", {"export_dir": export_dir})
     dep = serve.deployment(DPRDeployment, name="dpr", **opts)
-    return dep.bind(str(export_dir), config, engine_options)
+    return dep.bind(export_dir, config, engine_options)
 
 
 def app_builder(args: dict):
@@ -176,6 +179,23 @@ def app_builder(args: dict):
     return build_app(args.pop("export_dir"), args.pop("config", None), **args)
 
 
+def init_ray(**kwargs):
+    """``ray.init(**kwargs)`` that keeps the caller's working directory off the workers' ``sys.path``.
+
+    Ray puts the driver's current directory on every worker's ``sys.path`` unless the job has a runtime_env
+    ``working_dir`` (``ray/_private/worker.py``; measured: started in the repository root, a replica's path held
+    the root, so engine/, kernels/, ... stood ahead of installed modules). An empty ``working_dir`` (uploaded at
+    init, so the local folder can go) stops that; a ``working_dir`` the caller gives is kept."""
+    import tempfile
+
+    ray = require("ray", "a Ray cluster")
+    env = dict(kwargs.pop("runtime_env", None) or {})
+    if "working_dir" in env:
+        return ray.init(runtime_env=env, **kwargs)
+    with tempfile.TemporaryDirectory(prefix="dpr-ray-") as empty:
+        return ray.init(runtime_env={**env, "working_dir": empty}, **kwargs)
+
+
 def run(export_dir: str, cfg: ServeConfig, num_replicas: int = 1, ray_address: str | None = None) -> None:
     """``dpr-serve --ray``: start (or join, ``ray_address``) a Ray cluster and serve on cfg.host:cfg.port until
     SIGINT or SIGTERM; then the application is deleted and a cluster this call started is stopped."""
@@ -183,7 +203,7 @@ def run(export_dir: str, cfg: ServeConfig, num_replicas: int = 1, ray_address: s
     import time
 
     ray = require("ray", "dpr-serve --ray")
-    ray.init(address=ray_address, ignore_reinit_error=True)
+    init_ray(address=ray_address, ignore_reinit_error=True)
 
     def stop(*_):
         raise KeyboardInterrupt

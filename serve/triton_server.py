@@ -70,9 +70,16 @@ def server_command(repo, backends: Path, cfg, model: str | None = None) -> list[
 
 
 def start(repo, cfg, workdir, **popen) -> subprocess.Popen:
-    """Start tritonserver on ``repo`` (returns at once; poll ``/v2/health/ready``)."""
-    backends = prepare_backends(workdir)
-    return subprocess.Popen(server_command(repo, backends, cfg), env=server_env(), **popen)
+    """Start tritonserver on ``repo`` (returns at once; poll ``/v2/health/ready``).
+
+    It runs in an empty folder of ``workdir``: the backend stub's embedded Python puts its working directory on
+    ``sys.path`` first (``""``, whatever ``PYTHONSAFEPATH`` says; measured), so started from the repository root
+    the model's process would find engine/, kernels/, ... ahead of installed modules."""
+    backends = prepare_backends(workdir).resolve()
+    run_dir = Path(workdir) / "cwd"
+    run_dir.mkdir(exist_ok=True)
+    popen.setdefault("cwd", run_dir)
+    return subprocess.Popen(server_command(Path(repo).resolve(), backends, cfg), env=server_env(), **popen)
 
 
 def serve_triton(export_dir, cfg) -> int:

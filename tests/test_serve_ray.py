@@ -5,6 +5,8 @@ export rolls out to the replicas under load with no failed request at all."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
 import threading
 import time
@@ -19,6 +21,8 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install
 from ray import serve  # noqa: E402
 
 from dpr.serve.procs import free_port  # noqa: E402
+
+REPO = os.path.realpath(os.path.join(os.path.dirname(__file__), os.pardir))
 
 CONFIG = {"backend": "onnxruntime", "retriever": "onnxruntime"}   # as the `engine` fixture
 OPTIONS = dict(num_replicas=2, ray_actor_options={"num_cpus": 0.5}, health_check_period_s=1,
@@ -52,12 +56,13 @@ def assert_same(got: dict, want: dict) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(export_dir):
-    from dpr.serve.ray import build_app
+    from dpr.serve.ray import build_app, init_ray
 
     if ray.is_initialized():
         pytest.skip("a Ray cluster is already running in this process")
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    with contextlib.chdir(REPO):      # a driver started in the repository root, as `make test` starts one
+        init_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(export_dir, CONFIG, **OPTIONS), name="dpr", route_prefix="/")
@@ -185,3 +190,18 @@ def test_new_export_rolls_out_with_no_failed_request(cluster, engine, export_dir
     with httpx.Client() as c:                     # every replica now serves the new folder
         seen = {c.get(cluster + "/v2/models/dpr", timeout=10).json()["parameters"]["export"] for _ in range(12)}
     assert seen == {str(new)}
+
+
+def test_workers_never_have_the_repository_root_on_sys_path(cluster):
+    """Ray puts the driver's working directory on every worker's sys.path unless the job has a working_dir;
+    init_ray gives it an empty one, so a cluster started in the repository root never shadows installed
+    modules with engine/, kernels/, ..."""
+    @ray.remote
+    def where():
+        import os
+        import sys
+        return sys.path, os.getcwd()
+
+    paths, cwd = ray.get(where.remote(), timeout=120)
+    assert not [p for p in paths if os.path.realpath(p or cwd) == REPO], paths
+    assert os.path.realpath(cwd) != REPO

@@ -4,6 +4,7 @@ the in-process engine's on the same export."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -181,3 +182,45 @@ def test_dpr_serve_triton(export_dir, engine, tmp_path):
         gc.close()
     finally:
         stop_clean(s)
+
+
+PROBE_MODEL = """
+import json, os, sys
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        with open(os.environ["DPR_PROBE_OUT"], "w") as f:
+            json.dump({"path": sys.path, "cwd": os.getcwd()}, f)
+
+    def execute(self, requests):
+        return []
+"""
+PROBE_CONFIG = """name: "probe"
+backend: "python"
+max_batch_size: 0
+input [ { name: "x" data_type: TYPE_FP32 dims: [ 1 ] } ]
+output [ { name: "y" data_type: TYPE_FP32 dims: [ 1 ] } ]
+"""
+
+
+def test_the_model_process_never_has_the_repository_root_on_sys_path(tmp_path):
+    """The backend stub puts its working directory on sys.path (as ""), whatever PYTHONSAFEPATH says; a
+    tritonserver started from the repository root must still not give the model engine/, kernels/, ..."""
+    repo = tmp_path / "repo"
+    (repo / "probe" / "1").mkdir(parents=True)
+    (repo / "probe" / "1" / "model.py").write_text(PROBE_MODEL)
+    (repo / "probe" / "config.pbtxt").write_text(PROBE_CONFIG)
+    out = tmp_path / "probe.json"
+    http, grpc, metrics = ports()
+    cmd = [str(TRITON_PY), "-P", "-m", "dpr.serve.triton_server", str(repo), "--port", str(http),
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--model-name", "probe"]
+    s = Server(cmd, http, env=dict(triton_env(), DPR_PROBE_OUT=str(out)), log_path=tmp_path / "triton.log",
+               ports=(grpc, metrics), cwd=REPO).start(180)
+    try:
+        seen = json.loads(out.read_text())
+    finally:
+        stop_clean(s)
+    root = os.path.realpath(REPO)
+    on_path = [p for p in seen["path"] if os.path.realpath(p or seen["cwd"]) == root]
+    assert not on_path, seen

@@ -19,7 +19,7 @@ LOCK       ?= requirements.lock
 # are dpr.engine, ... and must not stand in for installed modules of those names (docs/ARCHITECTURE.md).
 export PYTHONSAFEPATH := 1
 
-.PHONY: install kernels test test-all test-latest lock demo fuzz soak ml1m ml1m-cpu clean triton-env serve serve-triton bench-serve
+.PHONY: install kernels test test-all test-latest lock demo fuzz soak audit ml1m ml1m-cpu clean triton-env serve serve-triton bench-serve
 
 # Triton (README "Serving"): the tritonserver that nvidia-pytriton ships runs model.py in a Python-backend stub
 # that embeds the venv's Python. Debian's python3.11 works there; the pyenv 3.11.7 first on PATH here fails in
@@ -77,7 +77,7 @@ lock: test-latest
 	@echo "wrote $(LOCK): $$(grep -c '==' $(LOCK)) pinned packages"
 
 demo: install kernels
-	$(PY) -m dpr.cli.demo --out $(DEMO_DIR)
+	$(PY) -m dpr.bench.demo --out $(DEMO_DIR)
 
 # Reliability campaign (docs/RELIABILITY.md). `make test` runs the short forms; these run the long ones.
 # fuzz: the hypothesis tests with FUZZ_SCALE times the CI example counts, new random examples every run (a failure
@@ -92,6 +92,40 @@ fuzz: install kernels
 
 soak: install kernels
 	$(PY) -m dpr.bench.soak --target all --threads 8 --requests 10000 --max-seconds 300 --json build/soak/report.json $(SOAK_ARGS)
+
+# Dependency audit (docs/RELIABILITY.md, "Dependency audit"): pip-audit from its own throwaway venv under build/
+# (never .venv, never a lock), against the exact pins of each lock (--no-deps --disable-pip: nothing is installed
+# or resolved). It fails on a known vulnerability, and also on a package the vulnerability service could not
+# look up: an index without vulnerability data answers "not found" for every package, and pip-audit alone then
+# prints "No known vulnerabilities found". AUDIT_SERVICE=osv asks osv.dev instead of PyPI.
+AUDIT_VENV    ?= build/audit-venv
+AUDIT_SERVICE ?= pypi
+AUDIT_LOCKS   ?= requirements.lock requirements-triton.lock
+define AUDIT_SUMMARY
+import json, sys
+deps = json.load(open(sys.argv[1]))["dependencies"]
+vulns = [(d["name"], d["version"], v["id"], ", ".join(v["fix_versions"]) or "no fix released")
+         for d in deps for v in d.get("vulns", [])]
+skipped = [d for d in deps if "skip_reason" in d]
+for v in vulns:
+    print("  VULNERABLE %s==%s: %s (fixed in: %s)" % v)
+if skipped:
+    print("  NOT AUDITED: %d of %d packages, e.g. %s" % (len(skipped), len(deps), skipped[0]["skip_reason"]))
+print("  %s: %d pinned, %d audited, %d known vulnerabilities" % (sys.argv[2], len(deps), len(deps) - len(skipped),
+                                                               len(vulns)))
+sys.exit(1 if vulns or skipped else 0)
+endef
+export AUDIT_SUMMARY
+audit:
+	@test -x $(AUDIT_VENV)/bin/pip-audit || { rm -rf $(AUDIT_VENV) && $(PYTHON) -m venv $(AUDIT_VENV) && \
+	  $(AUDIT_VENV)/bin/python -m pip install -q pip-audit; }
+	@mkdir -p build/audit; rc=0; for f in $(AUDIT_LOCKS); do \
+	  echo "pip-audit -r $$f ($(AUDIT_SERVICE))"; rm -f build/audit/$$f.json; \
+	  $(AUDIT_VENV)/bin/pip-audit -r $$f --no-deps --disable-pip -s $(AUDIT_SERVICE) --progress-spinner off \
+	    -f json -o build/audit/$$f.json 2>build/audit/$$f.log; \
+	  test -s build/audit/$$f.json || { echo "  pip-audit failed:"; tail -5 build/audit/$$f.log; rc=1; continue; }; \
+	  $(AUDIT_VENV)/bin/python -c "$$AUDIT_SUMMARY" build/audit/$$f.json $$f || rc=1; \
+	done; exit $$rc
 
 # ML-1M recipe (issue 7): both backbones, hyper-parameters from configs/ml1m-*.json, seeded; writes
 # $(ML1M_OUT)/{sasrec,gru4rec}.pt and their dpr-eval JSON, and the wall time of each in times.txt.

@@ -2,7 +2,7 @@
 the ORT custom op vs the portable standard-ops subgraph in ORT vs the torch reference.
 
     python -m pytest bench/bench_fused_gate.py --benchmark-only -p no:cacheprovider
-    python -m dpr.kernels.bench_op        # the same as a table (dict API: bench_fused_gate())
+    python -m dpr.bench.gate_timing        # the same as a table (dict API: bench_fused_gate())
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dpr.kernels import build
-from dpr.kernels.bench_op import make_inputs, make_sessions
+from dpr.bench.gate_timing import make_inputs, make_sessions
 from dpr.model.moe import moe_gate_reference
 
 BATCHES = [1, 64, 512, 4096]

@@ -64,6 +64,9 @@ class BenchConfig:
                        "model runs and retrieval kernel) through recommend_batch (indices, ids) and recommend() "
                        "(--no-host skips it)", default=True)
     gate_min_time: float = _help("seconds of timing per gating measurement", default=0.3)
+    batcher_rate: float = _help("batcher section: single requests per second offered to the DynamicBatcher "
+                                "(open loop, pipelined and not); 0 skips it", default=2000.0)
+    batcher_seconds: float = _help("batcher section: seconds of arrivals per mode", default=2.0)
     ceiling_size: int = _help("matrix size of the matmul ceiling measurement", default=4096)
     k: int = _help("items per request", default=10)
     text_encoder: str = _help("default model only: a Hugging Face encoder folder instead of the [encoder] "
@@ -87,6 +90,9 @@ class BenchConfig:
                 raise BenchError(f"--{name.replace('_', '-')} must be >= {lo}, got {v}")
         if self.gate_min_time <= 0:
             raise BenchError(f"--gate-min-time must be > 0, got {self.gate_min_time}")
+        if not (0 <= self.batcher_rate <= 1e6 and 0 < self.batcher_seconds <= 600):
+            raise BenchError(f"--batcher-rate must be in 0..1e6 and --batcher-seconds in (0, 600], got "
+                             f"{self.batcher_rate} and {self.batcher_seconds}")
         if self.device not in ("auto", "cpu", "cuda", "gpu") and not (
                 self.device.startswith("cuda:") and self.device[5:].isdigit()):
             raise BenchError(f"--device must be cpu, cuda or auto, got {self.device!r}")

@@ -1,4 +1,4 @@
-"""Fused vs portable gating: the MoE gating step alone (``dpr.kernels.bench_op.bench_fused_gate``: the ONNX
+"""Fused vs portable gating: the MoE gating step alone (``dpr.bench.gate_timing.bench_fused_gate``: the ONNX
 Runtime ``dpr::FusedMoEGate`` custom op against the same math in standard ONNX ops) at batch 1, 64,
 ``--batch`` and 4096, with the model's own d / experts / top-k, on the CPU.
 
@@ -20,7 +20,7 @@ def gating_section(export, batch: int, min_time: float) -> dict:
         return {"skipped": f"the model has moe={mc.get('moe')!r}: no gate to fuse", "ratio_at_batch": None}
     try:
         from dpr.export.exporter import quiet_export
-        from dpr.kernels.bench_op import bench_fused_gate
+        from .gate_timing import bench_fused_gate
 
         batches = tuple(sorted({1, 64, int(batch), 4096}))
         print(f"dpr-bench: gating step, fused vs portable, batches {batches}", file=sys.stderr, flush=True)

@@ -9,7 +9,8 @@ PY=${PYTHON:-python}
 export DPR_KERNEL_CACHE=${DPR_KERNEL_CACHE:-$PWD/build/kernel-cache}
 status=0
 echo "== build"; $PY -m dpr.kernels.build --quiet || status=1
-echo "== gpu tests"; $PY -m pytest tests/test_kernels.py tests/test_moe_gate_op.py -m gpu -q -p no:cacheprovider -rs || status=1
+echo "== gpu tests (kernels, the torch operator, the device path: CUDA-graph replay vs eager, fp16 prompts)"
+$PY -m pytest tests/test_kernels.py tests/test_moe_gate_op.py tests/test_device_path.py -m gpu -q -p no:cacheprovider -rs || status=1
 echo "== dpr::moe_gate (torch operator, no ctypes): eager vs inside a CUDA graph, batch 512"
 $PY - <<'PYEOF' || status=1
 import torch
@@ -86,5 +87,6 @@ echo "== dpr-bench on the GPU (default UNTRAINED model; a random-weight MiniLM-s
 echo "   [encoder] extra is absent; backends that cannot run on cuda are listed as skipped)"
 $PY -m dpr.bench.cli --device cuda --batch 512 --iters ${BENCH_ITERS:-10} --warmup 2 --no-progress \
     --json build/bench-gpu.json || status=1
+[ -f build/bench-gpu.json ] && $PY -m dpr.bench.targets build/bench-gpu.json
 echo "== summary: $([ $status -eq 0 ] && echo OK || echo FAILED)"
 exit $status

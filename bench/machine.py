@@ -6,6 +6,8 @@ import importlib.metadata as md
 import os
 import platform
 
+from dpr.util import physical_cores
+
 
 def cpu_name() -> str:
     try:
@@ -30,8 +32,6 @@ def gpu_name() -> str | None:
 
 
 def machine_info() -> dict:
-    from dpr.engine.retrieval.base import physical_cores
-
     mem = None
     try:
         mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)

@@ -98,6 +98,15 @@ def format_report(res: dict) -> str:
                                   for name, e in ep.items())
                  + f"  | targets: recommend_batch <= {h['targets_ms']['recommend_batch']:g} ms, recommend() <= "
                    f"{h['targets_ms']['recommend']:g} ms")
+    bl = res.get("batcher")
+    if bl:
+        L.append("")
+        L.append(f"batcher: single requests at {bl['rate_rps']:g}/s offered for {bl['seconds']:g} s, {bl['backend']} on "
+                 f"{bl['device']} ({bl['target']})")
+        for r in bl["runs"]:
+            L.append(f"  {'pipelined' if r['pipeline'] else 'serial   '}: sent {r['sent_rps']:g}/s, p50 "
+                     f"{_f(r['p50_ms'], '.2f')} ms, p99 {_f(r['p99_ms'], '.2f')} ms, max {_f(r['max_ms'], '.1f')} ms, "
+                     f"mean batch {r['mean_batch']}, lost {r['lost']}, failed {r['failed']}")
     if res.get("skipped_backends"):
         L.append("")
         for name, why in res["skipped_backends"].items():

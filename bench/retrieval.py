@@ -1,7 +1,7 @@
 """The retrieval section: exact top-k over 10^4..10^6 random items at the run's batch, every retriever that
 can run here, beside the machine's measured ceilings (so the distance to the limit is visible).
 
-CPU: ``dpr.engine.retrieval.benchmark`` (ceilings: best large fp32 matmul of ONNX Runtime / torch and the
+CPU: ``dpr.bench.retrieval_speed`` (ceilings: best large fp32 matmul of ONNX Runtime / torch and the
 copy bandwidth). CUDA: the retrievers on the device, the ceilings measured with torch on the device, and
 the bare scoring GEMM's time at each size (the GPU target: the retriever within 2x of it).
 
@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import time
 
+from dpr.engine.retrieval import available_retrievers
 from dpr.errors import DPRError
 
 from .config import log as _log
+from .retrieval_speed import benchmark_retrievers, measure_ceilings
 
 BUDGET_S = 10.0        # timed seconds per retriever and size before the number of searches is cut
 
@@ -90,9 +92,6 @@ def _iters_within_budget(iters: int, last: tuple[int, float] | None, n: int) -> 
 
 def retrieval_section(sizes: list[int], d: int, batch: int, k: int, device: str, iters: int,
                       ceiling_size: int) -> dict:
-    from dpr.engine.retrieval import available_retrievers
-    from dpr.engine.retrieval.benchmark import benchmark_retrievers, measure_ceilings
-
     on_gpu = device.startswith("cuda")
     _log("retrieval: measuring the machine's ceilings (matmul GFLOP/s, copy GB/s)")
     ceil = gpu_ceilings(device, max(ceiling_size, 2048)) if on_gpu else measure_ceilings(size=ceiling_size)

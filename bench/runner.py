@@ -30,6 +30,7 @@ from .measure import Runner, engine_call, overlap, pipeline_call, run_mode, time
 from .pipeline import NAME as PIPELINE
 from .pipeline import PyTorchPipeline
 from .report import check_plot_available, retrieval_summary, speedups
+from .batcher_latency import batcher_section
 from .retrieval import retrieval_section
 from .workload import Workload
 
@@ -106,6 +107,9 @@ def run(cfg: BenchConfig) -> dict:
             continue
         engines[plan.name] = engine
         res["backends"][plan.name] = engine.describe()
+        cos = _prompt_precision(engine, batches)
+        if cos is not None:
+            res["backends"][plan.name]["prompt_worst_row_cosine_to_fp32"] = cos
         runners.append(Runner(plan.name, engine_call(engine, k), engine))
     torch_engine = engines.get("torch")
     try:
@@ -143,6 +147,15 @@ def run(cfg: BenchConfig) -> dict:
         _log(f"host stage: recommend_batch (indices, ids) and recommend() on {host_engine.backend_name}, "
              f"prompts={hmode}")
         res["host"] = host_section(host_engine, batches[hmode], k, cfg.warmup, hmode)
+    # -- single requests at a fixed rate through the DynamicBatcher (torch on a GPU: the device path)
+    res["batcher"] = None
+    lat_engine = (engines.get("torch") if device.startswith("cuda") else None) or host_engine
+    if cfg.batcher_rate > 0 and lat_engine is not None:
+        bmode = next((m for m in ("templates", "none", "unique") if m in modes), modes[0])
+        _log(f"batcher: single requests at {cfg.batcher_rate:g}/s for {cfg.batcher_seconds:g} s through "
+             f"{lat_engine.backend_name}, pipelined and not, prompts={bmode}")
+        res["batcher"] = batcher_section(lat_engine, batches[bmode], k, cfg.batcher_rate, cfg.batcher_seconds,
+                                         cfg.batch)
     for engine in engines.values():
         engine.close()
     del engines, runners, pipe
@@ -158,6 +171,23 @@ def run(cfg: BenchConfig) -> dict:
     res["int8_prompt_encoder"] = model_info["int8_prompt_encoder"]
     res["elapsed_s"] = round(time.time() - t_start, 1)
     return res
+
+
+def _prompt_precision(engine, batches) -> float | None:
+    """Worst-row cosine of a half-precision torch prompt encoder to fp32 on the benchmark's own prompts (the
+    first 512 distinct ones); None for other backends and fp32."""
+    be = engine.backend
+    if not hasattr(be, "prompt_cosine_to_fp32") or getattr(be, "prompt_dtype", "float32") == "float32":
+        return None
+    texts = []
+    for mode_batches in batches.values():
+        for b in mode_batches:
+            texts += [t for t in list(b.prompts) + list(b.negative_prompts) if t]
+    uniq = list(dict.fromkeys(texts))[:512]
+    if not uniq:
+        return None
+    ids, mask = engine.tokenize(uniq)
+    return round(be.prompt_cosine_to_fp32(ids, mask), 6)
 
 
 def _user_encoder_gating(cfg, engine, export, device, batches, modes) -> dict | None:

@@ -19,6 +19,7 @@ import torch
 from dpr.config import ModelConfig, TrainConfig, from_dict, to_dict
 from dpr.data.dataset import Catalogue
 from dpr.errors import CheckpointError
+from dpr.util import file_sha256  # noqa: F401  (re-exported: callers import it from here)
 
 FORMAT_NAME = "dpr-checkpoint"
 FORMAT_VERSION = 1
@@ -131,11 +132,3 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path} is a damaged dpr checkpoint: {type(exc).__name__}: {exc}") from None
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -11,13 +11,20 @@ history buffer, k and exclude columns; no Python object per queued request besid
 thread gathers valid requests until ``max_batch_size`` are waiting or ``max_delay_ms`` has passed since the
 oldest arrived, takes them as one columnar batch, runs it through the engine's columnar core (the one
 ``recommend_batch`` runs) and resolves each future with its own row. Should a whole batch fail, its requests are
-retried one by one so that only the culprit fails. The queue is bounded: beyond ``max_queue`` waiting
+retried one by one so that only the culprit fails.
+
+Pipelined (``pipeline=True``, the default): the core runs in two halves on two threads. The intake thread
+gathers a batch and runs its first half (prompt vectors, padding, exclusions, masks: ``Engine._prepare``);
+a second thread runs the user encoder and retrieval and resolves the futures (``Engine._execute``). So the
+host work of batch N + 1 overlaps the device work of batch N; at most two batches are between intake and
+answer (a semaphore), and a lone request goes straight through both (one thread hand-off, no waiting). The queue is bounded: beyond ``max_queue`` waiting
 requests ``submit`` raises :class:`OverloadedError`. ``close()`` stops intake and drains what is queued.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 import time
 from concurrent.futures import Future
@@ -35,7 +42,8 @@ MAX_DELAY_MS = 60_000.0
 
 
 class DynamicBatcher:
-    def __init__(self, engine, max_batch_size: int = 512, max_delay_ms: float = 5.0, max_queue: int = 10000):
+    def __init__(self, engine, max_batch_size: int = 512, max_delay_ms: float = 5.0, max_queue: int = 10000,
+                 pipeline: bool = True):
         for name, v in (("max_batch_size", max_batch_size), ("max_queue", max_queue)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise InputError(f"{name} must be an integer, got {v!r}")
@@ -48,6 +56,8 @@ class DynamicBatcher:
             raise InputError(f"max_delay_ms must be between 0 and {MAX_DELAY_MS:g} ms, got {max_delay_ms}")
         if max_queue < 1:
             raise InputError(f"max_queue must be >= 1, got {max_queue}")
+        if not isinstance(pipeline, bool):
+            raise InputError(f"pipeline must be True or False, got {pipeline!r}")
         self.engine = engine
         self.max_batch_size = int(max_batch_size)
         self.max_delay = float(max_delay_ms) / 1000.0
@@ -57,6 +67,13 @@ class DynamicBatcher:
         self._closed = False
         self._stats = {"submitted": 0, "rejected_invalid": 0, "rejected_overload": 0, "batches": 0,
                        "completed": 0, "failed": 0, "max_batch_seen": 0}
+        self.pipeline = pipeline
+        self._in_flight = threading.Semaphore(2)        # batches between intake and answer (pipelined)
+        self._handoff: queue.SimpleQueue = queue.SimpleQueue()
+        self._finisher = None
+        if pipeline:
+            self._finisher = threading.Thread(target=self._finish_loop, name="dpr-dynamic-batcher-device", daemon=True)
+            self._finisher.start()
         self._worker = threading.Thread(target=self._loop, name="dpr-dynamic-batcher", daemon=True)
         self._worker.start()
 
@@ -104,30 +121,67 @@ class DynamicBatcher:
             return self._queue.take(min(self.max_batch_size, len(self._queue)))
 
     def _loop(self):
-        while True:
-            batch = self._take_batch()
-            if batch is None:
-                return
-            cols, futures = batch
-            live = [i for i, f in enumerate(futures) if f.set_running_or_notify_cancel()]
-            if len(live) < len(futures):           # cancelled while queued: not run
-                if not live:
-                    continue
-                cols, futures = cols.select(live), [futures[i] for i in live]
-            self._run(cols, futures)
-
-    def _run(self, cols, futures):
         try:
-            recs = self.engine._run_rows(cols)
-        except BaseException as exc:  # noqa: BLE001 - isolate the culprit
-            if len(futures) == 1:
-                futures[0].set_exception(exc)
-                with self._cond:
-                    self._stats["failed"] += 1
+            while True:
+                if self.pipeline:
+                    self._in_flight.acquire()          # released when a batch is answered
+                batch = self._take_batch()
+                if batch is None:
+                    return
+                cols, futures = batch
+                live = [i for i, f in enumerate(futures) if f.set_running_or_notify_cancel()]
+                if len(live) < len(futures):           # cancelled while queued: not run
+                    if not live:
+                        if self.pipeline:
+                            self._in_flight.release()
+                        continue
+                    cols, futures = cols.select(live), [futures[i] for i in live]
+                if not self.pipeline:
+                    self._run(cols, futures)
+                    continue
+                try:
+                    prep, err = self.engine._prepare(cols), None
+                except BaseException as exc:  # noqa: BLE001 - the finisher retries row by row
+                    prep, err = None, exc
+                self._handoff.put((cols, futures, prep, err))
+        finally:
+            if self.pipeline:
+                self._handoff.put(None)                # the finisher drains what was handed off, then stops
+
+    def _finish_loop(self):
+        while True:
+            item = self._handoff.get()
+            if item is None:
                 return
-            for i, fut in enumerate(futures):
-                self._run_one(cols.select(np.array([i])), fut)
+            cols, futures, prep, err = item
+            try:
+                if err is not None:
+                    self._retry(cols, futures, err)
+                else:
+                    self._run(cols, futures, lambda: self.engine._finish(prep))
+            finally:
+                self._in_flight.release()
+
+    def _run(self, cols, futures, call=None):
+        """Run one batch (``call``: the pipelined second half; default the whole core) and answer it."""
+        try:
+            recs = call() if call is not None else self.engine._run_rows(cols)
+        except BaseException as exc:  # noqa: BLE001 - isolate the culprit
+            self._retry(cols, futures, exc)
             return
+        self._answer(futures, recs)
+
+    def _retry(self, cols, futures, exc: BaseException):
+        """A batch failed with ``exc``: a lone request gets it; others run one by one, so only the culprit fails."""
+        if len(futures) == 1:
+            futures[0].set_exception(exc)
+            with self._cond:
+                self._stats["failed"] += 1
+            return
+        for i, fut in enumerate(futures):
+            self._run_one(cols.select(np.array([i])), fut)
+
+    def _answer(self, futures, recs):
         for i, fut in enumerate(futures):
             fut.set_result(recs[i])
         with self._cond:
@@ -157,8 +211,11 @@ class DynamicBatcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._worker.is_alive() and threading.current_thread() is not self._worker:
-            self._worker.join(timeout)
+        me = threading.current_thread()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in (self._worker, self._finisher):
+            if t is not None and t.is_alive() and me is not t:
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     @property
     def closed(self) -> bool:

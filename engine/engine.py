@@ -92,6 +92,10 @@ class Engine(StagePipeline):
         self.checker = RequestChecker(self.catalogue, self.max_prompt_bytes, unknown_items)
         self.item_ids, self.titles, self.item_tags = self.catalogue.item_ids, self.catalogue.titles, self.catalogue.item_tags
         self.tag_names, self.num_items = self.catalogue.tag_names, self.catalogue.num_items
+        # torch on a GPU: user encoder and retrieval replayed from CUDA graphs (engine/device_path.py)
+        make_path = getattr(backend, "device_path", None)
+        self._device_path, self.device_path_reason = (make_path(retriever, self.max_batch) if make_path else
+                                                      (None, f"off (the {backend.name} backend)"))
         self._tokenizer, self._add_special = make_tokenizer(export)
         self._tok_lock = threading.Lock()
         self._closed = False
@@ -151,7 +155,7 @@ class Engine(StagePipeline):
                 "retrieval_dim": self.retrieval_dim,
                 "max_len": self.max_len, "max_batch": self.max_batch, "prompt_chunk_tokens": self.prompt_chunk_tokens,
                 "history_chunk_rows": self.history_chunk_rows if self._trims_history else 0,
-                "chunk_workers": self.chunk_workers,
+                "chunk_workers": self.chunk_workers, "device_path": self.device_path_reason,
                 "prompt_cache": self.prompt_cache.stats()}
 
     def close(self) -> None:
@@ -239,6 +243,11 @@ class Engine(StagePipeline):
         through the core."""
         cols = rows if isinstance(rows, Columns) else Columns.from_rows(rows)
         return recommendations(self._serve(cols, timings))
+
+    def _finish(self, prep, timings: dict | None = None) -> Recommendations:
+        """The second half of :meth:`_run_rows` for a batch :meth:`_prepare` took (the pipelined batcher's)."""
+        idx, sc, mask = self._execute(prep, timings)
+        return recommendations(result_batch(idx, sc, prep.cols, self.catalogue, mask, self.retriever_name))
 
     # ---- the core --------------------------------------------------------------------------------
     def _serve(self, cols: Columns, timings: dict | None) -> ResultBatch:

@@ -21,14 +21,13 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
+# the format's name and files: the exporter writes them from the same module
+from dpr.export.export_format import FORMAT_NAME, FORMAT_VERSION, REQUIRED_FILES, USER_ENCODER_FILES
+from dpr.util import file_sha256
+
 from .errors import ExportFolderError
 
-FORMAT_NAME = "dpr-onnx-export"
-SUPPORTED_VERSIONS = (1,)
-REQUIRED_FILES = ("prompt_encoder.onnx", "item_embeddings.npy", "items.json", "tokenizer.json")
-# and at least one user encoder: an export written with portable_graph=False has only the fused graph, whose
-# dpr::FusedMoEGate local function is the portable gating (runtimes without the kernel inline it)
-USER_ENCODER_FILES = ("user_encoder_portable.onnx", "user_encoder.onnx")
+SUPPORTED_VERSIONS = (FORMAT_VERSION,)
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -50,14 +49,6 @@ def _inside(folder: Path, name, what: str) -> Path:
         raise ExportFolderError(f"{what} {name} of {folder} is a symlink to {real}, outside the export folder: "
                                 f"refused (copy the file into the folder)")
     return full
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -134,7 +125,8 @@ class ExportFolder:
     def items(self) -> dict:
         """The parsed ``items.json`` (ids, titles, tags), read on each call and not kept: its 10^5-10^6 small
         lists would otherwise stay alive for the export's lifetime, and every full garbage collection of
-        the serving process walks them (~60 ms per 10^5 items on the 2-core VM). :class:`ExportFolderError`
+        the serving process walks them (docs/ARCHITECTURE.md, "Measurements behind the defaults").
+        :class:`ExportFolderError`
         when it is damaged (not JSON, lists missing or of different lengths, not the manifest's item count)."""
         meta = self.manifest.get("items") or {}
         name = meta.get("file", "items.json")
@@ -222,7 +214,7 @@ def load_export(path, verify_hashes: bool = True) -> ExportFolder:
             raise ExportFolderError(f"export file missing: {p} (listed in manifest.json; re-export the model)")
         if verify_hashes:
             want = meta["sha256"]
-            got = _sha256(p)
+            got = file_sha256(p)
             if got != want:
                 raise ExportFolderError(f"export file {p} was modified: its sha256 {got[:12]}... does not match "
                                         f"the manifest's {want[:12]}... (tampered or corrupted; re-export the model)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from itertools import chain
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
@@ -95,6 +95,8 @@ def _presence_array(presence, b: int) -> np.ndarray:
 
 class StagePipeline:
     """The model and kernel stages (mixed into :class:`~dpr.engine.Engine`, which sets the attributes)."""
+
+    _device_path = None          # a DevicePath (torch on a GPU: CUDA graphs) when the engine has one
 
     # ---- prompts ----------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -261,12 +263,53 @@ class StagePipeline:
         return out
 
     # ---- the whole batch ----------------------------------------------------------------------------------
-    def _search(self, cols: Columns, timings: dict | None = None):
-        """A checked batch up to retrieval: ``(indices (B, max k) -1 padded, scores, allowed mask or None)``."""
+    def _prepare(self, cols: Columns, timings: dict | None = None) -> "Prepared":
+        """The first half of a checked batch: prompt vectors (the prompt encoder runs here for prompts not
+        in the cache), padded histories, the exclusion lists and the allowed mask. The pipelined batcher
+        runs it for batch N + 1 while :meth:`_execute` runs batch N."""
         p_pos, p_neg, presence = self._prompt_vectors(cols, timings)
         seq = self._pad_flat(cols.flat, cols.offsets)
-        users = self._encode_users(seq, p_pos, p_neg, presence, timings)
         mask = self.catalogue.allowed_mask(cols.filter_keys)
-        idx, sc = self.retrieve(users, cols.kmax, exclude=exclusions(cols, self.num_items), allowed_mask=mask,
-                                timings=timings)
-        return idx, sc, mask
+        return Prepared(cols, seq, p_pos, p_neg, presence, mask, exclusions(cols, self.num_items))
+
+    def _execute(self, prep: "Prepared", timings: dict | None = None):
+        """The second half: user encoder and retrieval -> ``(indices (B, max k) -1 padded, scores, mask)``.
+        With a device path (torch on a GPU: CUDA graphs) both run there back to back; a batch with hard
+        filters takes its user vectors from it and the retriever's exact filtered search."""
+        dp = self._device_path
+        cols = prep.cols
+        if dp is not None and prep.mask is None:
+            er, ec = exclusion_pairs(prep.exclude, len(cols.offsets) - 1)
+            idx, sc = dp.search(prep.seq, prep.p_pos, prep.p_neg, prep.presence, er, ec, cols.kmax, timings)
+            return idx, sc, None
+        if dp is not None:
+            t0 = time.perf_counter()
+            users = dp.encode_users(prep.seq, prep.p_pos, prep.p_neg, prep.presence)
+            _add(timings, "user_encoder", time.perf_counter() - t0)
+        else:
+            users = self._encode_users(prep.seq, prep.p_pos, prep.p_neg, prep.presence, timings)
+        idx, sc = self.retrieve(users, cols.kmax, exclude=prep.exclude, allowed_mask=prep.mask, timings=timings)
+        return idx, sc, prep.mask
+
+    def _search(self, cols: Columns, timings: dict | None = None):
+        """A checked batch up to retrieval: ``(indices (B, max k) -1 padded, scores, allowed mask or None)``."""
+        return self._execute(self._prepare(cols, timings), timings)
+
+
+class Prepared(NamedTuple):
+    """A batch between :meth:`StagePipeline._prepare` and :meth:`StagePipeline._execute`."""
+
+    cols: Columns
+    seq: np.ndarray
+    p_pos: np.ndarray
+    p_neg: np.ndarray
+    presence: np.ndarray
+    mask: np.ndarray | None
+    exclude: Exclusions | None
+
+
+def exclusion_pairs(ex: Exclusions | None, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The exclusion lists as (row, item) pairs, rows ascending (what the device path's graphs take)."""
+    if ex is None:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.repeat(np.arange(rows, dtype=np.int64), np.diff(ex.offsets)), np.asarray(ex.items, np.int64)

@@ -45,6 +45,9 @@ def _unordered(x) -> bool:
     return isinstance(x, (AbstractSet, Mapping, ValuesView))
 
 
+_CLEAN_PROMPTS = 65_536       # at most this many remembered clean prompts (about 5 MB of short strings)
+
+
 class RequestChecker:
     """Checks requests against a catalogue. ``unknown_items``: ``"error"`` or ``"ignore"`` (history entries
     that are not ids of the catalogue are skipped)."""
@@ -56,6 +59,9 @@ class RequestChecker:
         self.num_items = catalogue.num_items
         self.max_prompt_bytes = int(max_prompt_bytes)
         self.unknown_items = unknown_items
+        # prompts already checked and found clean (a str within the byte limit, nothing to strip): template
+        # prompts repeat across batches, and a set lookup is cheaper than encoding each again. Bounded.
+        self._clean: set[str] = set()
 
     # ---- options --------------------------------------------------------------------------------------
     def check_k(self, k, what: str = "k") -> int:
@@ -136,8 +142,9 @@ class RequestChecker:
             distinct = None
         if distinct is not None:
             changed = {}
+            clean = self._clean
             for p in distinct:
-                if p is not None:
+                if p is not None and p not in clean:
                     try:
                         v = self.check_prompt(p, what)
                     except InputError:
@@ -145,6 +152,8 @@ class RequestChecker:
                         break
                     if v is not p:
                         changed[p] = v
+                    elif len(clean) < _CLEAN_PROMPTS:
+                        clean.add(p)
             if distinct is not None:
                 return list(column) if not changed else [changed.get(p, p) if p is not None else None for p in column]
         checked: dict[str, str | None] = {}

@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = ExportConfig()
     p = argparse.ArgumentParser(prog="dpr-export", description="Export a DPR checkpoint to an ONNX folder "
-                                "(prompt encoder, user encoder fused + portable, item table, manifest).")
+                                "(prompt encoder, user encoder with the fused gate and its portable body as a "
+                                "local function, item table, manifest).")
     p.add_argument("checkpoint", help="checkpoint file written by dpr training (.pt)")
     p.add_argument("--out", default=None, help="output folder (default: <checkpoint stem>-onnx beside it)")
     p.add_argument("--opset", type=int, default=d.opset, help=f"ONNX opset (default {d.opset})")
@@ -28,9 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opt-batch", type=int, default=d.opt_batch, help="TensorRT profile opt batch (default: max)")
     p.add_argument("--no-fused", dest="fused", action="store_false",
                    help="write only the portable user encoder (no dpr::FusedMoEGate custom node)")
-    p.add_argument("--no-portable-graph", dest="portable_graph", action="store_false",
-                   help="with a fused graph, leave out user_encoder_portable.onnx: the fused graph's local "
-                        "function is the portable gating (one user graph for every runtime)")
+    p.add_argument("--portable-graph", action=argparse.BooleanOptionalAction, default=d.portable_graph,
+                   help="also write user_encoder_portable.onnx beside the fused graph (default: no; the fused "
+                        "graph's local function is the portable gating, which a runtime without the kernel "
+                        "inlines: one user graph for every runtime)")
     p.add_argument("--no-torch-weights", dest="torch_weights", action="store_false",
                    help="leave out model_state.safetensors and text_encoder/ (ONNX-only deployment; "
                         "the torch backend then needs --checkpoint)")

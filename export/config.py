@@ -19,11 +19,13 @@ class ExportConfig:
     max_batch: int = 512              # TensorRT optimisation profile max (min is 1)
     opt_batch: int = 0                # TensorRT profile opt (0: max_batch)
     fused: bool = True                # also write user_encoder.onnx with the dpr::FusedMoEGate node
-    # also write user_encoder_portable.onnx beside the fused graph. The fused graph's dpr::FusedMoEGate
-    # model-local function already is the portable gating (ONNX Runtime without the custom-op library
-    # inlines it, with results identical to the portable graph's), so False gives one user graph for every
-    # runtime. Without a fused graph (--no-fused, moe != "moe", no custom-op library) it is always written.
-    portable_graph: bool = True
+    # also write user_encoder_portable.onnx beside the fused graph (opt in: --portable-graph). The fused
+    # graph's dpr::FusedMoEGate model-local function already is the portable gating: ONNX Runtime without
+    # the custom-op library inlines it, TensorRT's fallback builds the graph with it inlined, and both give
+    # the portable graph's results (docs/ARCHITECTURE.md, "One user graph"). So by default an export has
+    # one user graph for every runtime. Without a fused graph (--no-fused, moe != "moe", no custom-op
+    # library) the portable graph is the user graph and is always written.
+    portable_graph: bool = False
     torch_weights: bool = True        # also write model_state.safetensors + text_encoder/ (torch backend)
     int8: bool = False                # also write prompt_encoder_int8.onnx (per-channel 7-bit dynamic int8; gated)
     int8_min_cosine: float = 0.98     # int8 gate: worst-row cosine to the fp32 graph on real prompts

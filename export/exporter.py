@@ -9,10 +9,11 @@ Folder contents (``manifest.json`` describes every file):
   (batch x d): frozen text encoder, mean pooling, L2 norm and the trained projection in one graph;
   the tokenizer files beside it (``tokenizer.json``, ``tokenizer_config.json``, special tokens map).
 - ``user_encoder.onnx`` (one ``dpr::FusedMoEGate`` node per gate, shipped with the op's portable body as
-  a model-local function: the kernel where it is registered, the inlined body elsewhere) and
-  ``user_encoder_portable.onnx`` (standard ONNX ops only; left out with ``portable_graph=False``):
-  ``item_seq`` (batch x max_len int64, left-padded), ``p_pos``, ``p_neg`` (batch x d float32),
-  ``presence`` (batch x 2 int64) -> ``user_vector`` (batch x retrieval_dim).
+  a model-local function: the kernel where it is registered, the inlined body elsewhere), the one user
+  graph for every runtime; ``user_encoder_portable.onnx`` (standard ONNX ops only) only with
+  ``portable_graph=True`` or when there is no fused graph (``fused=False``, a model without a gate, no
+  custom-op library): ``item_seq`` (batch x max_len int64, left-padded), ``p_pos``, ``p_neg`` (batch x d
+  float32), ``presence`` (batch x 2 int64) -> ``user_vector`` (batch x retrieval_dim).
 - ``item_embeddings.npy`` ((N+1) x d float32, row 0 padding), ``items.json``.
 - ``model_state.safetensors`` (the DPR model's full state dict) and ``text_encoder/`` (the frozen
   encoder's own files): the torch backend, the reference, rebuilds the model from these alone; the
@@ -50,9 +51,14 @@ from dpr.export.export_format import (FORMAT_NAME, FORMAT_VERSION, INLINED_SUFFI
 from dpr.export.fp16 import _export_fp16
 from dpr.export.onnx_graphs import (_add_gate_function, _check_graph, _check_or_repair,  # noqa: F401
                                     _custom_ops, _dims, _fused_available, _fused_gate, _io_spec, _onnx_export,
-                                    _ort_session, _portable_table, quiet_export)
+                                    _portable_table, quiet_export)
 from dpr.export.output_folder import _commit, _prepare_out
 from dpr.export.parity import _parity, _random_user_batch
+from dpr.export.quantize import INT8_GRAPH, build_int8_prompt_encoder
+from dpr.export.trt_constraints import check_profile, check_tensorrt_constraints
+from dpr.export.trt_ops import OPS_FILE, check_tensorrt_ops, graph_ops
+from dpr.kernels import op_spec
+from dpr.util import file_sha256
 
 log = logging.getLogger("dpr.export")
 
@@ -79,12 +85,6 @@ def _versions() -> dict:
 
     out["dpr"] = dpr.__version__
     return out
-
-
-def _sha256(path: Path) -> str:
-    from dpr.checkpoint import file_sha256
-
-    return file_sha256(path)
 
 
 # ---- text encoder ------------------------------------------------------------------------------
@@ -340,9 +340,6 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
                                 "history_trim": history_trim}
 
     # -- checks: onnx checker, shape inference, ops, IO description
-    from dpr.export.trt_constraints import check_profile, check_tensorrt_constraints
-    from dpr.export.trt_ops import check_tensorrt_ops, graph_ops
-
     for name, g in graphs.items():
         inferred = inferred_models.pop(name)
         g["inputs"] = _io_spec(inferred.graph.input)
@@ -354,7 +351,7 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
         # the parser's per-op restrictions (TopK's K, constant axes, plugin attributes, opset) and the profile
         g["tensorrt_constraints"] = (check_tensorrt_constraints(inferred)
                                      + check_profile(g["inputs"], g["tensorrt_profile"]))
-        if name == USER_ENCODER and not any(c["name"] == "FusedMoEGate" for c in g["custom_ops"]):
+        if name == USER_ENCODER and not any(c["name"] == op_spec.OP_NAME for c in g["custom_ops"]):
             raise ExportError("the fused user encoder has no dpr::FusedMoEGate node (translation table not applied)")
         if name == USER_ENCODER_PORTABLE and g["custom_ops"]:
             raise ExportError(f"the portable user encoder contains custom ops: {g['custom_ops']}")
@@ -377,8 +374,6 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
 
     # -- int8 prompt encoder (gated on its worst-row cosine; see dpr.export.quantize)
     if cfg.int8:
-        from dpr.export.quantize import INT8_GRAPH, build_int8_prompt_encoder
-
         graphs[INT8_GRAPH] = build_int8_prompt_encoder(folder, graphs[PROMPT_ENCODER], te.tokenizer, max_tokens,
                                                        ck.catalogue, np.ascontiguousarray(table[:, :mcfg.d]),
                                                        cfg.int8_min_cosine)
@@ -391,13 +386,10 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
                                  batch, seq, dyn_user, dyn_axes_user, dyn_axes_pe)
 
     # -- manifest
-    from dpr.export.trt_ops import OPS_FILE
-    from dpr.kernels.op_spec import MIN_TENSORRT, TRT_NODE_ATTRS
-
     files = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name != "manifest.json":
-            files[p.relative_to(folder).as_posix()] = {"sha256": _sha256(p), "bytes": p.stat().st_size}
+            files[p.relative_to(folder).as_posix()] = {"sha256": file_sha256(p), "bytes": p.stat().st_size}
     import dataclasses
 
     manifest = {
@@ -407,7 +399,7 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
         "export_seconds": round(time.time() - t_start, 2),
         "export_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
         "model_config": dataclasses.asdict(mcfg),
-        "checkpoint": {"file": ckpt_path.name, "sha256": _sha256(ckpt_path), "meta": _jsonable(ck.meta)},
+        "checkpoint": {"file": ckpt_path.name, "sha256": file_sha256(ckpt_path), "meta": _jsonable(ck.meta)},
         "text_encoder": te_ident,
         "tokenizer": tok_info,
         "opset": cfg.opset,
@@ -415,15 +407,14 @@ def _export_into(ck, ckpt_path: Path, folder: Path, cfg: ExportConfig) -> None:
         "tensorrt": {"profile": {"min": 1, "opt": opt, "max": cfg.max_batch},
                      "supported_ops_list": OPS_FILE.name,
                      "constraints_checked": "dpr.export.trt_constraints (per graph: tensorrt_constraints)",
-                     "min_version": ".".join(map(str, MIN_TENSORRT)),
-                     "custom_op_plugins": ["dpr::FusedMoEGate"]},
-        "custom_op": {"domain": "dpr", "name": "FusedMoEGate", "version": 1,
-                      "inputs": ["z", "w_router", "b_router", "expert_out", "polarity", "residual"],
-                      "outputs": ["out"],
+                     "min_version": ".".join(map(str, op_spec.MIN_TENSORRT)),
+                     "custom_op_plugins": [op_spec.TRT_PLUGIN_ID]},
+        "custom_op": {"domain": op_spec.OP_DOMAIN, "name": op_spec.OP_NAME, "version": op_spec.OP_DOMAIN_VERSION,
+                      "inputs": list(op_spec.INPUTS), "outputs": list(op_spec.OUTPUTS),
                       "attributes": {"experts_per_polarity": mcfg.experts_per_polarity, "top_k": mcfg.top_k},
                       "ort_library": "libdpr_ort_ops.so (dpr.kernels.build.ort_library_path())",
-                      "tensorrt_node_attributes": dict(TRT_NODE_ATTRS),
-                      "local_function": "dpr::FusedMoEGate (portable body; dpr.kernels.onnx_function)",
+                      "tensorrt_node_attributes": dict(op_spec.TRT_NODE_ATTRS),
+                      "local_function": f"{op_spec.TRT_PLUGIN_ID} (portable body; dpr.kernels.onnx_function)",
                       "used_by": [USER_ENCODER] if USER_ENCODER in graphs else []},
         "graphs": graphs,
         "skipped": skipped,

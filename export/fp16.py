@@ -11,6 +11,8 @@ from dpr.export.export_format import PROMPT_ENCODER, PROMPT_INPUTS, USER_ENCODER
 from dpr.export.onnx_graphs import (_add_gate_function, _fused_gate, _io_spec, _onnx_export, _ort_session,
                                     _portable_table)
 from dpr.export.parity import _random_user_batch, _real_prompts, compare, merge
+from dpr.export.trt_constraints import check_tensorrt_constraints
+from dpr.export.trt_ops import check_tensorrt_ops, graph_ops
 
 
 def _export_fp16(ck, te, folder: Path, graphs: dict, custom_lib, cfg: ExportConfig, rng, table, ex_args, ex_user_t,
@@ -19,8 +21,6 @@ def _export_fp16(ck, te, folder: Path, graphs: dict, custom_lib, cfg: ExportConf
     outputs in float16). Recorded with their parity against the fp32 PyTorch model; never gated."""
     import torch
 
-    from dpr.export.trt_constraints import check_tensorrt_constraints
-    from dpr.export.trt_ops import check_tensorrt_ops, graph_ops
     from dpr.model import PromptEncoder
     from dpr.model.moe import moe_gate_reference
 

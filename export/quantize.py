@@ -2,32 +2,30 @@
 
 Dynamic quantisation (``onnxruntime.quantization.quantize_dynamic``): int8 weights with one scale per
 output channel (``per_channel=True``), activations quantised to uint8 per tensor at run time. Per-tensor
-weight scales are not acceptable on all-MiniLM-L6-v2 (worst-row cosine 0.92); per-channel ones are.
+weight scales are not acceptable on all-MiniLM-L6-v2 (far under the gate below); per-channel ones are.
 
 Saturation-free by construction, so the result does not depend on the processor. ONNX Runtime's MLAS
 runs the u8 x s8 products on x86 without VNNI (AVX2) with ``VPMADDUBSW``, which adds each pair of
 adjacent products into an int16 that saturates at 32767; VNNI's ``VPDPBUSD`` (AVX512-VNNI, AVX-VNNI)
 adds into int32 and does not. With full-range int8 weights (|w| <= 127) a pair reaches
-2 * 255 * 127 = 64770, so the same graph was reported at a worst-row cosine of 0.978 (under the gate)
-on an AVX2-only Zen 3 against 0.984 on VNNI machines (a numpy emulation of ``VPMADDUBSW`` agrees: 0.972
-against 0.983 on all-MiniLM-L6-v2). The weights are therefore quantised with ``reduce_range=True``
-(7 bits: |w| <= 64, so a pair is at most 2 * 255 * 64 = 32640 < 32767, checked on the written graph by
-``int8_weight_absmax``) and every x86 kernel computes the same exact int32 sums. U8U8 (uint8 weights,
-widened to int16 by MLAS) would also be saturation-free but runs at about 1.4x fp32 against 2.4x
-(all-MiniLM-L6-v2, 512 prompts, one thread, AMD EPYC Zen 4).
+2 * 255 * 127 = 64770, so the same graph scored a lower worst-row cosine on an AVX2-only CPU than on VNNI
+machines, under the gate (a numpy emulation of ``VPMADDUBSW`` reproduces the gap). The weights are therefore
+quantised with ``reduce_range=True`` (7 bits: |w| <= 64, so a pair is at most 2 * 255 * 64 = 32640 < 32767,
+checked on the written graph by ``int8_weight_absmax``) and every x86 kernel computes the same exact int32
+sums. U8U8 (uint8 weights, widened to int16 by MLAS) would also be saturation-free but is much slower
+(the numbers of these choices: docs/ARCHITECTURE.md, "Measurements behind the defaults").
 
 Only ``MatMul`` nodes are quantised (and a ``Gemm`` with a constant weight, such as the prompt
 projection, which the quantiser rewrites to a MatMul named ``<gemm>_MatMul``): quantising the
 word-embedding ``Gather`` too (the quantiser's default) costs accuracy and no time. The 7-bit weights
-cost some accuracy (all-MiniLM-L6-v2 under the bench's default model: worst-row cosine 0.9765 with
-every MatMul quantised), so when the worst row misses the gate the most sensitive MatMuls are left in
+cost some accuracy (all-MiniLM-L6-v2 under the bench's default model misses the gate with every MatMul
+quantised), so when the worst row misses the gate the most sensitive MatMuls are left in
 fp32, greedily: each MatMul's sensitivity is measured end to end (``matmul_sensitivity``: the mean
 ``1 - cosine`` to fp32 with only that MatMul quantised, simulated in one fp32 graph, over the first
 attempt's ``SENSITIVITY_ROWS`` worst prompts), then the MatMuls are left out one at a time, most
 sensitive first, and the real int8 graph is measured again after each, until the gate is met or a
 quarter of the MatMuls are in fp32 (then the export fails). On that model one MatMul (layer 0's
-feed-forward output) suffices: worst-row cosine 0.983 at about 2.3x fp32 (the previous full-range
-settings: 0.984 on VNNI, 2.5x).
+feed-forward output) suffices, at nearly the speed of the full-range settings.
 
 The gate: the worst row's cosine between the int8 and the fp32 graph's prompt vectors over real
 prompts (every template of the prompt bank x every tag, and each again with a catalogue title
@@ -45,6 +43,9 @@ from pathlib import Path
 import numpy as np
 
 from dpr.errors import require
+from dpr.export.config import ExportError
+from dpr.export.onnx_graphs import _ort_session
+from dpr.export.parity import compare
 
 INT8_GRAPH = "prompt_encoder_int8"
 INT8_FILE = f"{INT8_GRAPH}.onnx"
@@ -98,8 +99,6 @@ def quantize_prompt_encoder(src: Path, dst: Path, exclude: list[str] | tuple = (
 
     ort = require("onnxruntime", "the int8 prompt encoder (dpr-export --int8)")
     from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    from dpr.export.exporter import ExportError
 
     root = logging.getLogger()
     level = root.level
@@ -220,9 +219,6 @@ def build_int8_prompt_encoder(folder: Path, fp32_entry: dict, tokenizer, max_tok
     manifest entry (same inputs and outputs); raises ExportError below ``min_cosine``. Misses leave the
     most sensitive MatMuls in fp32, one more per attempt (module docstring)."""
     import onnx
-
-    from dpr.export.exporter import ExportError, _ort_session
-    from dpr.export.parity import compare
 
     folder = Path(folder)
     fp32_file = fp32_entry["file"]

@@ -6,8 +6,8 @@
 // per call (E x d), so each router logit is a d-long dot product over vector registers (zmm or ymm), and
 // the combine out = res + sum_r gate_r * y[sel_r] runs 16 (8) lanes at a time. Selection and softmax are
 // the header's; only the order of the router's d additions differs (float rounding). The header's loop,
-// built for baseline x86-64, vectorises over the n experts of a group (4 SSE lanes at n = 4). 2-core Xeon,
-// batch 512, d 64, 4+4 experts, top-2: 26 -> 16 us per call (through ONNX Runtime 32 -> 24 us).
+// built for baseline x86-64, vectorises over the n experts of a group (4 SSE lanes at n = 4), so the wide
+// loops are faster at the default sizes (timings: docs/ARCHITECTURE.md, "Measurements behind the defaults").
 // DPR_GATE_ISA=generic forces the header's loop, DPR_GATE_ISA=avx2 caps at AVX2 (the tests run all three).
 #include <stdint.h>
 

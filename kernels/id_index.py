@@ -2,7 +2,7 @@
 
 The engine maps every history id of a batch through it in one call (the ids joined by NUL bytes into one
 UTF-8 buffer): the same answers as ``{id: i + 1}.get`` (its reference, see ``tests/test_id_index.py``), with
-the cache misses of ~21,000 lookups overlapped instead of queued. Ids are compared as exact UTF-8 bytes.
+the cache misses of a batch's lookups overlapped instead of queued. Ids are compared as exact UTF-8 bytes.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 // C ABI of the item-id index (CPU): exact byte-string -> item index lookup for the engine's histories.
 //
-// A serving batch of 512 histories holds ~21,000 item ids; a Python dict maps them at ~190 ns each on a
-// cold cache (the retrieval pass before streams the item table through the caches), ~4 ms per batch.
-// This index takes the ids of a whole batch as one separator-joined UTF-8 buffer, hashes them all, and
+// A serving batch of 512 histories holds tens of thousands of item ids; a Python dict maps them one cache
+// miss after another on a cold cache (the retrieval pass before streams the item table through the caches;
+// timings: docs/ARCHITECTURE.md, "Measurements behind the defaults"). This index takes the ids of a whole batch as one separator-joined UTF-8 buffer, hashes them all, and
 // prefetches their slots a group at a time, so the cache misses overlap instead of queueing.
 //
 // Keys are byte strings (UTF-8 of the catalogue's ids), compared exactly: a hit is a byte-equal key.

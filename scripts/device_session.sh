@@ -21,6 +21,7 @@ echo "== bench/gpu_check.sh"
 timeout ${CHECK_TIMEOUT:-300} bash bench/gpu_check.sh > "$OUT/gpu_check.log" 2>&1; echo "gpu_check rc=$?"
 grep -E "^(==|device|float|torch\.|  )|passed|failed|error|FAIL" "$OUT/gpu_check.log" | tail -40
 [ -f build/bench-gpu.json ] && cp build/bench-gpu.json "$OUT/"
-echo "== engine + retrieval GPU tests"
-timeout ${TEST_TIMEOUT:-240} $PYTHON -m pytest -q -m gpu tests/test_engine.py tests/test_retrieval.py -p no:cacheprovider -rs \
+echo "== every other GPU test (engine, retrieval, serving; gpu_check ran the kernel and device-path ones)"
+timeout ${TEST_TIMEOUT:-240} $PYTHON -m pytest -q -m gpu tests/ -p no:cacheprovider -rs \
+  --deselect tests/test_kernels.py --deselect tests/test_moe_gate_op.py --deselect tests/test_device_path.py \
   > "$OUT/gpu_tests.log" 2>&1; echo "gpu tests rc=$?"; tail -8 "$OUT/gpu_tests.log"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from dpr.errors import InputError
@@ -33,6 +34,9 @@ class ServeConfig:
     # lifecycle
     warmup: bool = True                   # one small batch before /v2/health/ready says yes
     drain_timeout_s: float = 30.0         # SIGTERM: how long in-flight requests may take to finish
+    # faults: a batch the engine has not answered in this time fails (504) and its worker thread is replaced,
+    # so a hung backend or retriever cannot stall the service (generous: a big batch on a loaded CPU takes ~1 s)
+    batch_timeout_s: float = 30.0
     retry_after_s: int = 1                # the Retry-After header on 503
 
     def check(self) -> "ServeConfig":
@@ -44,6 +48,9 @@ class ServeConfig:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue_delay_us < 0:
             raise InputError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        t = self.batch_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise InputError(f"batch_timeout_s must be a finite number of seconds > 0, got {t!r}")
         if self.preferred_batch_size > self.max_batch_size:
             raise InputError(f"preferred_batch_size ({self.preferred_batch_size}) exceeds max_batch_size "
                              f"({self.max_batch_size})")

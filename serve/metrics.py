@@ -26,6 +26,12 @@ class Metrics:
                                     registry=r)
         self.cache_hits = Gauge("dpr_prompt_cache_hits", "prompt cache hits since load", registry=r)
         self.ready = Gauge("dpr_ready", "1 when the engine is loaded and warmed up", registry=r)
+        # faults: requests failed inside the engine (not by their input), by kind ("exception": the backend or
+        # retriever raised; "timeout": the batch ran past batch_timeout_s), and worker threads replaced after a hang
+        self.engine_errors = Counter("dpr_engine_errors", "requests failed by an engine fault, by kind "
+                                     "(exception, timeout)", ["kind"], registry=r)
+        self.workers_replaced = Counter("dpr_batcher_workers_replaced", "batcher worker threads replaced after a "
+                                        "batch hung past batch_timeout_s", registry=r)
         self.reloads = Counter("dpr_reloads", "hot reloads by outcome", ["outcome"], registry=r)
         self.backend = Info("dpr_backend", "the engine in use: backend, retriever, device, model hash", registry=r)
 
@@ -33,6 +39,11 @@ class Metrics:
         self.batch_rows.observe(rows)
         self.batch_seconds.observe(seconds)
         self.rows.inc(rows)
+
+    def on_error(self, kind: str, requests: int) -> None:
+        self.engine_errors.labels(kind).inc(requests)
+        if kind == "timeout":
+            self.workers_replaced.inc()
 
     def set_engine(self, engine) -> None:
         d = engine.describe()

@@ -34,7 +34,8 @@ from dpr.errors import InputError, require
 
 from .columns import LimitError, run_parts
 from .config import ServeConfig
-from .http_app import RecommendRequest, _parts_from_models
+from .http_app import RecommendRequest, _parts_from_requests
+from .lean import Req
 from .render import recommend_json
 from .service import Service
 
@@ -121,7 +122,7 @@ class DPRDeployment:
             return _error(422, "the list of requests is empty")
         label = (lambda r: "request") if single else (lambda r: f"request {r}")
         try:
-            parts = _parts_from_models(reqs, self.svc, label)
+            parts = _parts_from_requests([Req.from_model(m) for m in reqs], self.svc, label)
         except LimitError as exc:
             return _error(exc.status, str(exc))
         except InputError as exc:

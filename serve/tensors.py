@@ -61,14 +61,30 @@ def _text(x, what: str) -> str:
     raise InputError(f"{what} must be BYTES (strings), got {type(x).__name__}")
 
 
-def _rows_of_text(arr: np.ndarray, name: str) -> tuple[list, list[int]]:
-    """A [B, L] BYTES tensor as (flat non-empty strings in row order, count per row)."""
+def _hole(keep: np.ndarray) -> tuple[int, int] | None:
+    """(row, position) of the first empty string between two ids of a row, or None."""
+    if keep.shape[1] < 3:                      # a hole needs an id on each side
+        return None
+    hole = np.logical_or.accumulate(keep, axis=1) & np.logical_or.accumulate(keep[:, ::-1], axis=1)[:, ::-1] & ~keep
+    if not hole.any():
+        return None
+    r, c = np.argwhere(hole)[0]
+    return int(r), int(c)
+
+
+def _rows_of_text(arr: np.ndarray, name: str, label=None) -> tuple[list, list[int]]:
+    """A [B, L] BYTES tensor as (flat non-empty strings in row order, count per row). With ``label`` (an ordered
+    input: the history), an empty string between two ids is refused: padding goes before or after a row's ids,
+    and a hole in the middle is a missing id (dropping it would answer another history than the one meant)."""
     if arr.ndim == 1:
         arr = arr.reshape(-1, 1)
     if arr.ndim != 2:
         raise InputError(f"input '{name}' must have shape [batch, n], got {list(arr.shape)}")
     empty = b"" if arr.size and isinstance(arr.flat[0], (bytes, np.bytes_)) else ""
     keep = arr != empty
+    if label is not None and (at := _hole(keep)) is not None:
+        raise InputError(f"{label(at[0])}: input '{name}' has an empty string at position {at[1]} between item ids "
+                         f"(pad a row with empty strings after its ids, never between them)")
     flat = arr[keep].tolist()
     if flat and not isinstance(flat[0], str):
         try:                       # Triton's BYTES: one C-level decode per id; the checked loop names a bad one
@@ -114,7 +130,7 @@ def parts_from_tensors(t: dict, cfg, ids: IdCheck, label=lambda r: f"row {r}") -
     if t.get("history") is None:
         raise InputError("input 'history' is required (BYTES [batch, n]: item ids, rows padded with empty strings)")
     hist = np.asarray(t["history"], dtype=object)
-    flat, lens = _rows_of_text(hist, "history")
+    flat, lens = _rows_of_text(hist, "history", label)
     b = len(lens)
     if b == 0:
         raise InputError("input 'history' has no rows")

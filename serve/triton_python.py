@@ -56,9 +56,10 @@ if os.environ.get("DPR_TRITON_FAST_BYTES", "1") == "1" and hasattr(pb_utils, "de
     pb_utils.deserialize_bytes_tensor = _deserialize_bytes_tensor
 
 
-def _error(message: str):
-    """An error response with Triton's INVALID_ARG code (HTTP 400, gRPC INVALID_ARGUMENT) for a bad request."""
-    code = getattr(pb_utils.TritonError, "INVALID_ARG", None)
+def _error(message: str, code: str = "INVALID_ARG"):
+    """An error response with Triton's INVALID_ARG code (HTTP 400, gRPC INVALID_ARGUMENT) for a bad request, or
+    ``code="INTERNAL"`` (HTTP 500) for a failure of ours."""
+    code = getattr(pb_utils.TritonError, code, None)
     err = pb_utils.TritonError(message, code) if code is not None else pb_utils.TritonError(message)
     return pb_utils.InferenceResponse(error=err)
 
@@ -97,6 +98,9 @@ class TritonPythonModel:
             except InputError as exc:
                 responses[i] = _error(str(exc))
                 continue
+            except Exception as exc:  # noqa: BLE001 - raised out of execute, it would fail every request of the batch
+                responses[i] = _error(f"reading the request failed: {type(exc).__name__}: {exc}", "INTERNAL")
+                continue
             per_request[i] = got
             for part, rows in got:
                 parts.append(part)
@@ -113,11 +117,14 @@ class TritonPythonModel:
                 responses[i] = _error(relabel_rows(str(bad), bad_rows))
                 continue
             if bad is not None:
-                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"{type(bad).__name__}: {bad}"))
+                responses[i] = _error(f"{type(bad).__name__}: {bad}", "INTERNAL")
                 continue
-            out = tensors_from_results(self.engine, sum(len(rows) for _, rows in got), got, res, as_bytes=True)
-            responses[i] = pb_utils.InferenceResponse(
-                output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in out.items()])
+            try:
+                out = tensors_from_results(self.engine, sum(len(rows) for _, rows in got), got, res, as_bytes=True)
+                responses[i] = pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in out.items()])
+            except Exception as exc:  # noqa: BLE001 - this request's failure only, as above
+                responses[i] = _error(f"writing the answer failed: {type(exc).__name__}: {exc}", "INTERNAL")
         return responses
 
     def finalize(self):

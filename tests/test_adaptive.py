@@ -110,6 +110,49 @@ def test_negative_scale_respects_the_violation_cap():
     assert _pick_negative(rows, 0.0) == 3.0                  # none under the cap: the lowest violation
 
 
+def test_shift_of_h_must_earn_its_place():
+    """The shift-alone pass keeps the smallest scale within SHIFT_MIN_GAIN of the best: a flat grid (noise)
+    turns the shift off, a clear gain keeps it; negative rows over the violation cap never win."""
+    from dpr.train.calibrate import SHIFT_MIN_GAIN, _pick_smallest_shift
+
+    def pos(n):
+        return {"ndcg@10": n, "tag_precision@10": 1.0}
+    flat = [(0.0, pos(0.2988)), (0.5, pos(0.2993)), (1.0, pos(0.2988))]
+    assert _pick_smallest_shift("positive", flat, 0.05) == 0.0
+    gain = 1 + 3 * SHIFT_MIN_GAIN
+    clear = [(0.0, pos(0.30)), (0.5, pos(0.30 * gain + 0.1 * gain)), (1.0, pos(0.30))]
+    assert _pick_smallest_shift("positive", clear, 0.05) == 0.5
+    neg = [(0.0, {"ndcg@10": 0.0786, "violation@10": 0.0}), (0.5, {"ndcg@10": 0.0793, "violation@10": 0.0}),
+           (1.0, {"ndcg@10": 0.0804, "violation@10": 0.0})]
+    assert _pick_smallest_shift("negative", neg, 0.05) == 1.0          # 2.3% over the off position
+    capped = [(0.0, {"ndcg@10": 0.07, "violation@10": 0.08}), (0.5, {"ndcg@10": 0.06, "violation@10": 0.04}),
+              (1.0, {"ndcg@10": 0.09, "violation@10": 0.09})]
+    assert _pick_smallest_shift("negative", capped, 0.05) == 0.5
+    none_ok = [(0.0, {"ndcg@10": 0.07, "violation@10": 0.08}), (1.0, {"ndcg@10": 0.09, "violation@10": 0.07})]
+    assert _pick_smallest_shift("negative", none_ok, 0.05) == 1.0      # the lowest violation
+
+
+def test_shift_is_judged_on_every_task_its_polarity_serves():
+    """The negative shift serves "no <tag>" and compound: Amazon Office's validation grids (all users), where
+    shift 1.0 helped "no <tag>" by 1.7% and cost compound 1.2%: the average picks 0.5 (+1.0%, better than
+    off by more than SHIFT_MIN_GAIN); a flat pair of grids turns the shift off; without a usable reference
+    (the shift off breaks the violation cap) the own task decides alone."""
+    from dpr.train.calibrate import _pick_shift_for_tasks
+
+    def neg(n, v=0.0):
+        return {"ndcg@10": n, "violation@10": v}
+    own = [(0.0, neg(0.0787)), (0.5, neg(0.0803)), (1.0, neg(0.0800))]
+    comp = [(0.0, neg(0.3004)), (0.5, neg(0.3005)), (1.0, neg(0.2967))]
+    assert _pick_shift_for_tasks([("negative", own)], 0.05) == 0.5
+    assert _pick_shift_for_tasks([("negative", own), ("compound", comp)], 0.05) == 0.5
+    hurt = [(0.0, neg(0.3004)), (0.5, neg(0.2950)), (1.0, neg(0.2900))]
+    assert _pick_shift_for_tasks([("negative", own), ("compound", hurt)], 0.05) == 0.0
+    flat = [(0.0, neg(0.30)), (0.5, neg(0.301)), (1.0, neg(0.30))]
+    assert _pick_shift_for_tasks([("negative", flat), ("compound", flat)], 0.05) == 0.0
+    broken = [(0.0, neg(0.08, 0.2)), (0.5, neg(0.07, 0.03)), (1.0, neg(0.06, 0.01))]
+    assert _pick_shift_for_tasks([("negative", broken), ("compound", comp)], 0.05) == 0.5
+
+
 def test_steering_holds_on_one_tag_items_with_short_histories(text_encoder):
     """The shape that failed with fixed settings: every item has one tag, histories of 4-9 items. With the
     adaptive defaults, positive steering must lift tag precision far above the unprompted backbone, and the

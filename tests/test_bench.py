@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 
-FAST = ["--iters", "2", "--warmup", "1", "--gate-min-time", "0.02", "--ceiling-size", "256", "--no-progress"]
+FAST = ["--iters", "2", "--warmup", "1", "--gate-min-time", "0.02", "--ceiling-size", "256", "--no-progress",
+        "--batcher-rate", "400", "--batcher-seconds", "0.25"]
 
 
 @pytest.fixture(scope="session")
@@ -98,6 +99,17 @@ def test_default_run_json_has_every_field(default_run):
         uniq, tmpl = runs[(be, "unique")]["prompt_cache"], runs[(be, "templates")]["prompt_cache"]
         assert uniq["hits"] == 0 and uniq["hit_rate"] == 0.0
         assert tmpl["hit_rate"] > uniq["hit_rate"]
+
+
+def test_default_run_batcher_section(default_run):
+    """Single requests at a fixed rate through the DynamicBatcher, pipelined, serial, pipelined: every one
+    answered (none lost or failed), latencies ordered, the batcher formed batches."""
+    bl = default_run[0]["batcher"]
+    assert bl["rate_rps"] == 400 and [r["pipeline"] for r in bl["runs"]] == [True, False, True]
+    for r in bl["runs"]:
+        assert r["requests"] == 100 and r["lost"] == 0 and r["failed"] == 0, r
+        assert 0 < r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
+        assert r["batches"] >= 1 and 1 <= r["max_batch_seen"] <= 16
 
 
 def test_default_run_retrieval_gating_and_int8(default_run):
@@ -393,3 +405,28 @@ def test_default_model_int8_fallback_and_gpu(monkeypatch, tmp_path, tiny_encoder
         assert calls == [True, False] and "ShapeInferenceError" in model.info["int8_skipped"]
     else:
         assert calls == [False] and "int8_skipped" not in model.info
+
+
+def test_targets_table(default_run, capsys, tmp_path):
+    """``python -m dpr.bench.targets``: a CPU run's rows come from its own numbers; a GPU run's from the torch
+    backend, the batcher's worst pipelined p99 and the retrieval at 10^6 items; a missing number says so."""
+    from dpr.bench.targets import main, targets
+
+    res = default_run[0]
+    rows = {r[0]: r for r in targets(res)}
+    ratio = res["speedup_vs_torch"]["onnxruntime/templates"]
+    assert rows["onnxruntime/templates (x pipeline)"][1] == f"{ratio:.2f}x"
+    assert rows["onnxruntime/templates (x pipeline)"][3] == ("met" if ratio >= 25 else "MISSED")
+    gpu = {"device": "cuda", "speedup_vs_torch": {"torch/templates": 12.0, "torch/none": 3.0},
+           "batcher": {"rate_rps": 2000, "runs": [{"pipeline": True, "p99_ms": 4.0}, {"pipeline": False, "p99_ms": 50.0},
+                                                  {"pipeline": True, "p99_ms": 12.0}]},
+           "retrieval": [{"items": 1_000_000, "retriever": "torch", "pct_of_ceiling": 80.0}]}
+    g = {r[0]: r[1:] for r in targets(gpu)}
+    assert g["torch/templates (x pipeline)"][2] == "met" and g["torch/none (x pipeline)"][2] == "MISSED"
+    assert g["torch/unique (x pipeline)"][0] == "not measured"
+    assert g["batcher p99 at 2000/s (pipelined, worst run)"][:3] == ("12.00 ms", "<= 10 ms", "MISSED")
+    assert g["torch retrieval at 10^6 items (x bare GEMM)"][0] == "1.25x"
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(gpu))
+    assert main([str(path)]) == 0 and "MISSED" in capsys.readouterr().out
+    assert main([str(tmp_path / "missing.json")]) == 2

@@ -3,7 +3,7 @@ manifest lists missing, cut short or bit-flipped; files read without hash checks
 manifests whose paths leave the folder; ONNX graphs using another operator domain. Each must be refused with an
 error naming the file and the problem, and nothing from the files may execute.
 
-tests/test_engine.py already covers: the item table flipped, user_encoder_portable.onnx missing, format version
+tests/test_engine.py already covers: the item table flipped, the user encoder graph missing, format version
 99, unknown backend/retriever, and with verify_hashes=False the item table, items.json, tokenizer.json and
 manifest.json cut short; a wrong-shape item table and inconsistent items.json.
 """
@@ -48,6 +48,12 @@ def _rehash(d: Path, name: str) -> None:
     _write_manifest(d, m)
 
 
+def _user_graph(d: Path) -> str:
+    """The export's user encoder file: the fused graph (the default export's only user graph), or the portable
+    one where the custom-op library was not built."""
+    return "user_encoder.onnx" if (d / "user_encoder.onnx").is_file() else "user_encoder_portable.onnx"
+
+
 DAMAGES = ["missing", "empty", "half", "flip-first", "flip-middle", "flip-last"]
 
 
@@ -57,7 +63,7 @@ def test_every_listed_file_missing_cut_or_flipped_is_named(export_dir, copy):
     from dpr.engine import ExportFolderError, load_export
 
     files = sorted(_manifest(copy)["files"])
-    assert {"prompt_encoder.onnx", "user_encoder_portable.onnx", "item_embeddings.npy", "items.json",
+    assert {"prompt_encoder.onnx", _user_graph(copy), "item_embeddings.npy", "items.json",
             "tokenizer.json"} <= set(files)
     tried = 0
     for name in files:
@@ -86,25 +92,21 @@ def test_every_listed_file_missing_cut_or_flipped_is_named(export_dir, copy):
 
 
 @pytest.mark.parametrize("name,backend", [
-    ("prompt_encoder.onnx", "onnxruntime"), ("user_encoder_portable.onnx", "onnxruntime"),
-    ("user_encoder.onnx", "onnxruntime"), ("model_state.safetensors", "torch"),
+    ("prompt_encoder.onnx", "onnxruntime"), ("user encoder", "onnxruntime"), ("model_state.safetensors", "torch"),
 ])
 def test_cut_graphs_and_weights_without_hash_checks_are_named(copy, name, backend):
     """verify_hashes=False: nothing compares sha256s, the reader must still name the file it cannot read."""
     from dpr.engine import Engine
 
+    name = _user_graph(copy) if name == "user encoder" else name
     p = copy / name
     if not p.is_file():
         pytest.skip(f"this export has no {name}")
     raw = p.read_bytes()
     p.write_bytes(raw[: len(raw) // 2])
-    opts = {"fused": name == "user_encoder.onnx"} if backend == "onnxruntime" else {}
-    if opts.get("fused"):
-        from dpr.kernels.build import ort_library_path
-        if ort_library_path(cuda=False) is None:
-            pytest.skip("the custom-op library is not built: the fused graph is not loaded")
+    # the user graph is read with the kernel or, without the custom-op library, inlined: either way it is read
     with pytest.raises(DPRError) as info:
-        Engine.load(copy, backend=backend, retriever="torch", verify_hashes=False, backend_options=opts)
+        Engine.load(copy, backend=backend, retriever="torch", verify_hashes=False)
     assert name in str(info.value), str(info.value)
 
 
@@ -235,10 +237,11 @@ def _redomain(d: Path, name: str, domain: str, op_type: str | None = None, only:
     _rehash(d, name)
 
 
-@pytest.mark.parametrize("name", ["prompt_encoder.onnx", "user_encoder_portable.onnx"])
+@pytest.mark.parametrize("name", ["prompt_encoder.onnx", "user encoder"])
 def test_an_unknown_operator_domain_is_refused(copy, name):
     from dpr.engine import BackendError, Engine
 
+    name = _user_graph(copy) if name == "user encoder" else name
     _redomain(copy, name, "com.example.evil")
     with pytest.raises(BackendError) as info:
         Engine.load(copy, backend="onnxruntime", retriever="torch", backend_options={"fused": False})
@@ -250,7 +253,7 @@ def test_an_operator_of_the_runtime_contrib_domain_is_refused(copy):
 
     from dpr.engine import BackendError, Engine
 
-    name = "user_encoder_portable.onnx"
+    name = _user_graph(copy)
     if not any(n.op_type == "MatMul" for n in onnx.load(str(copy / name), load_external_data=False).graph.node):
         pytest.skip("no MatMul in this graph to move to com.microsoft's FusedMatMul")
     _redomain(copy, name, "com.microsoft", op_type="FusedMatMul", only="MatMul")

@@ -81,7 +81,7 @@ def test_the_project_keeps_the_root_off_sys_path_in_what_it_starts(pytestconfig)
     makefile = (REPO / "Makefile").read_text()
     assert re.search(r"^export PYTHONSAFEPATH\s*:?=\s*1", makefile, re.M)
     assert pytestconfig.getoption("importmode") == "importlib"
-    demo = (REPO / "dpr" / "cli" / "demo.py").read_text()
+    demo = (REPO / "bench" / "demo.py").read_text()
     assert '"-P"' in demo
 
 

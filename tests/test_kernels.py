@@ -81,7 +81,7 @@ DTYPES = [np.float32, np.float16]
 
 def ort_session(lib, dtype, n, k):
     ort = pytest.importorskip("onnxruntime")
-    from dpr.kernels.bench_op import fused_model_bytes
+    from dpr.bench.gate_timing import fused_model_bytes
 
     so = ort.SessionOptions()
     so.register_custom_ops_library(lib)

@@ -274,7 +274,7 @@ def test_cuda_unavailable_is_clear_error():
 
 
 def test_benchmark_function_runs():
-    from dpr.engine.retrieval.benchmark import benchmark_retrievers
+    from dpr.bench.retrieval_speed import benchmark_retrievers
 
     rows = benchmark_retrievers(2000, d=16, batch=8, k=5, iters=1, warmup=0)
     assert {r["retriever"] for r in rows} == set(available_retrievers())

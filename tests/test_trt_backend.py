@@ -101,10 +101,18 @@ def _fused_model_bytes() -> bytes:
         return make_trt_onnx(Path(td) / "g.onnx").read_bytes()
 
 
-def _export(tmp_path: Path, portable: bool, fused: bool = True):
+def _without_function(onnx_bytes: bytes) -> bytes:
+    """The fused graph as exports made before the dpr::FusedMoEGate local function wrote it."""
+    m = onnx.load_from_string(onnx_bytes)
+    del m.functions[:]
+    return m.SerializeToString()
+
+
+def _export(tmp_path: Path, portable: bool, fused: bool = True, function: bool = True):
     graphs = {}
     if fused:
-        (tmp_path / "user_encoder.onnx").write_bytes(_fused_model_bytes())
+        data = _fused_model_bytes()
+        (tmp_path / "user_encoder.onnx").write_bytes(data if function else _without_function(data))
         graphs["user_encoder"] = {"file": "user_encoder.onnx", "tensorrt_profile": {}}
     if portable:
         (tmp_path / "user_encoder_portable.onnx").write_bytes(b"portable graph bytes")
@@ -141,23 +149,35 @@ def test_fused_graph_used_when_it_builds_with_the_plugin(tmp_path):
 
 
 @pytest.mark.parametrize("portable", [True, False], ids=["two-graph export", "single-graph export"])
-def test_parse_failure_falls_back_to_the_portable_gating(tmp_path, portable, caplog):
+def test_parse_failure_falls_back_to_the_fused_graph_inlined(tmp_path, portable, caplog):
     b = FakeBuilder(fail_fused=True)
     with caplog.at_level(logging.WARNING, logger="dpr.engine.tensorrt"):
         graph, fused, reason = tb.choose_user_graph(_export(tmp_path, portable=portable), b, None, None)
     assert fused is False
     assert [s.plugin for s in b.sources] == [True, False]          # tried the fused graph, then the portable
-    assert "Plugin not found" in reason and "portable" in reason
+    assert "Plugin not found" in reason and "portable" in reason and "inlined" in reason
     assert any("Plugin not found" in r.getMessage() for r in caplog.records)
-    if portable:
-        assert graph.source.data == b"portable graph bytes"
-    else:
-        # the fused graph without the plugin attributes: TensorRT's parser imports the local function body
-        m = onnx.load_from_string(graph.source.data)
-        node = next(n for n in m.graph.node if n.op_type == "FusedMoEGate")
-        assert not {a.name for a in node.attribute} & set(TRT_NODE_ATTRS)
-        assert [(f.domain, f.name) for f in m.functions] == [("dpr", "FusedMoEGate")]
-        onnx.checker.check_model(m, full_check=True)
+    # the same fused graph with the local function's body inlined, the portable file (if any) unused: standard
+    # ops only, no function left, so any TensorRT parser imports it
+    assert graph.name == "user_encoder" and graph.source.data != b"portable graph bytes"
+    m = onnx.load_from_string(graph.source.data)
+    assert not [n for n in m.graph.node if n.op_type == "FusedMoEGate" or n.domain not in ("", "ai.onnx")]
+    assert not m.functions and {"TopK", "Softmax"} <= {n.op_type for n in m.graph.node}
+    onnx.checker.check_model(m, full_check=True)
+    assert not [a for n in m.graph.node for a in n.attribute if set(TRT_NODE_ATTRS) & {a.name}]
+
+
+def test_export_without_the_local_function_falls_back_to_its_portable_graph(tmp_path):
+    """An export made before the fused graph carried its local function: the fallback is its portable graph,
+    and without one the error says what is missing."""
+    b = FakeBuilder(fail_fused=True)
+    graph, fused, reason = tb.choose_user_graph(_export(tmp_path, portable=True, function=False), b, None, None)
+    assert fused is False and graph.name == "user_encoder_portable"
+    assert graph.source.data == b"portable graph bytes" and "user_encoder_portable.onnx" in reason
+    (tmp_path / "user_encoder_portable.onnx").unlink()
+    with pytest.raises(BackendError, match="no portable user encoder.*re-export"):
+        tb.choose_user_graph(_export(tmp_path, portable=False, function=False), FakeBuilder(fail_fused=True),
+                             None, None)
 
 
 def test_parse_failure_with_fused_required_is_an_error(tmp_path):

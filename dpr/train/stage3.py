@@ -205,10 +205,15 @@ def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
     log(f"stage 3: best valid steering score {best:.4f} in {time.time() - t0:.0f}s")
     out = {"best_valid_score": best, "epochs": len(history), "seconds": time.time() - t0, "history": history}
     if cfg.stage3_calibrate and val_cases:
-        from dpr.train.calibrate import calibrate_shift_scales
+        from dpr.train.calibrate import CALIBRATION_USERS, calibrate_shift_scales
 
+        shift_cases = None
+        if model.cfg.tag_channel:              # the shift-alone pass: all validation users, compound too
+            shift_cases = {task: build_eval_cases(dataset, "valid", task, seed=cfg.seed, max_users=CALIBRATION_USERS,
+                                                  window=cfg.recent_window) for task in (*val_cases, "compound")}
         out["calibration"] = cal = calibrate_shift_scales(model, dataset.catalogue, val_cases, ctx, seed=cfg.seed,
-                                                          max_violation=cfg.neg_max_violation)
+                                                          max_violation=cfg.neg_max_violation, shift_cases=shift_cases)
+        out["calibration_users"] = {t: len(c) for t, c in (shift_cases or val_cases).items()}
         chosen = {t: c["final"] for t, c in cal.items() if isinstance(c, dict) and "final" in c}
         if chosen:
             out["calibrated_score"] = steering_score(chosen)

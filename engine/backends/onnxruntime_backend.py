@@ -6,7 +6,9 @@ provider with IO binding (inputs copied once, output bound on the device then fe
 
 The user encoder is the fused graph (``user_encoder.onnx``, one ``dpr::FusedMoEGate`` node per gate)
 when the export has it and the kernels' custom-op library is present (``fused=None``: auto,
-``True``: required, ``False``: never); otherwise the portable graph.
+``True``: required, ``False``: never); otherwise the export's portable graph where it wrote one, else the
+same fused graph without the library: ONNX Runtime inlines its ``dpr::FusedMoEGate`` model-local function,
+the portable gating (the default export has no other user graph).
 
 The prompt encoder is ``prompt_encoder.onnx`` (``prompt_encoder="fp32"``, the default) or, with
 ``prompt_encoder="int8"``, the per-channel dynamically quantised ``prompt_encoder_int8.onnx`` that
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from dpr.util import physical_cores
 from dpr.errors import require
 
 from ..errors import BackendError
@@ -65,16 +68,13 @@ class OnnxRuntimeBackend(Backend):
         self.on_gpu = device.startswith("cuda")
         if self.on_gpu and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendError("onnxruntime has no CUDAExecutionProvider (install onnxruntime-gpu) for device=cuda")
-        from dpr.engine.retrieval.base import physical_cores
-
         self.threads = int(intra_op_threads or physical_cores())
         self.spin = bool(spin)        # True: ORT's default busy-wait between runs (lowest latency when alone)
         # parallel_chunks (CPU): each session runs on one thread and the engine runs `threads` chunks of a batch
         # at once. The graphs are many small operators on (rows, L, 64) activations; splitting each of them over
         # 2 threads pays a sync per operator and streams activations too big for L2, while one chunk per core
-        # keeps them in cache. 2-core Xeon, batch 512, SASRec user encoder: 24.5 ms (2 threads per operator,
-        # chunks of 256) -> 13.3 ms (chunks of 64, two at once); MiniLM, 640 unique prompts: fp32 822 -> 721
-        # ms, int8 352 -> 239 ms. A lone single-row request then uses one core. Never on a GPU.
+        # keeps them in cache (timings: docs/ARCHITECTURE.md, "Measurements behind the defaults"). A lone
+        # single-row request then uses one core. Never on a GPU.
         if parallel_chunks is not None and not isinstance(parallel_chunks, bool):
             raise BackendError(f"parallel_chunks must be True, False or None (auto), got {parallel_chunks!r}")
         if parallel_chunks and self.on_gpu:
@@ -82,8 +82,9 @@ class OnnxRuntimeBackend(Backend):
         self.parallel_chunks = (not self.on_gpu and self.threads > 1) if parallel_chunks is None else parallel_chunks
         self.concurrent_runs = self.threads if self.parallel_chunks else 1
         # ORT's CPU SkipLayerNormalization kernel (the fusion of Add + LayerNormalization) was the slow part of
-        # the MiniLM prompt encoder on the 2-core Xeon: without the fusion int8 went 507 -> 409 ms and fp32
-        # 1054 -> 1003 ms on 640 prompts; the user encoder is unchanged. Kept on CUDA (not measured there).
+        # the MiniLM prompt encoder on the CPU: without the fusion both int8 and fp32 ran faster, the user
+        # encoder unchanged (docs/ARCHITECTURE.md, "Measurements behind the defaults"). Kept on CUDA (not
+        # measured there).
         if disabled_optimizers is None:
             disabled_optimizers = () if self.on_gpu else ("SkipLayerNormFusion",)
         if isinstance(disabled_optimizers, str) or not all(isinstance(o, str) for o in disabled_optimizers):
@@ -132,7 +133,8 @@ class OnnxRuntimeBackend(Backend):
         so.log_severity_level = 3
         if not self.spin:
             # ORT's idle workers spin after every run; the next stage (the retriever's threads) then shares
-            # its cores with them: 39 vs 23 ms for the fused retrieval that follows the user encoder here
+            # its cores with them, and the fused retrieval that follows the user encoder slows down (measured:
+            # docs/ARCHITECTURE.md, "Measurements behind the defaults")
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if lib:
             so.register_custom_ops_library(str(lib))

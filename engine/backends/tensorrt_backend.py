@@ -9,9 +9,9 @@ Builds one engine per graph from the export's ONNX files with an optimisation pr
 execution context per thread (``threading.local``). Buffers are torch CUDA tensors.
 
 The user encoder: the fused graph with the plugin registered when the export has one. When TensorRT cannot
-parse or build it, the backend retries with the portable gating (the export's portable graph, or, for a
-single-graph export, the fused graph with the plugin attributes removed so the parser imports the
-``dpr::FusedMoEGate`` model-local function's body) and says why in ``fused_reason`` (which the engine
+parse or build it, the backend retries with the portable gating: the same fused graph with its
+``dpr::FusedMoEGate`` model-local function inlined (standard ops only; exports made before the function
+existed: their ``user_encoder_portable.onnx``), and says why in ``fused_reason`` (which the engine
 appends to ``choice_reason``) and in the log. ``fused`` is True only when the built network really holds
 the plugin layer: a parser that imports the local function instead leaves ``fused`` False.
 
@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 
 from dpr.errors import require
-from dpr.kernels.op_spec import OP_DOMAIN, OP_NAME, TRT_NODE_ATTRS
+from dpr.kernels.op_spec import OP_DOMAIN, OP_NAME
 from dpr.kernels.trt_version import tensorrt_too_old
 
 from ..errors import BackendError
@@ -100,32 +100,40 @@ class GraphSource:
         self.sha256 = hashlib.sha256(data).hexdigest()
 
 
-def without_plugin_attributes(onnx_bytes: bytes) -> bytes:
-    """The fused graph with ``plugin_namespace``/``plugin_version`` removed from its dpr::FusedMoEGate nodes:
-    TensorRT's parser then imports the model-local function's portable body instead of the plugin."""
+def has_gate_function(model) -> bool:
+    """Whether the ONNX ``model`` carries the dpr::FusedMoEGate model-local function (exports made before it
+    was added do not; their portable gating is only in ``user_encoder_portable.onnx``)."""
+    return any(f.domain == OP_DOMAIN and f.name == OP_NAME for f in model.functions)
+
+
+def inlined_gate(onnx_bytes: bytes) -> bytes:
+    """The fused graph with its dpr::FusedMoEGate calls replaced by the model-local function's body
+    (``onnx.inliner.inline_local_functions``): standard ONNX ops only, the portable gating, so any TensorRT
+    parser imports it whatever it does with plugin attributes or local functions."""
     import onnx
+    from onnx.inliner import inline_local_functions
 
     model = onnx.load_from_string(onnx_bytes)
-    if not any(f.domain == OP_DOMAIN and f.name == OP_NAME for f in model.functions):
+    if not has_gate_function(model):
         raise BackendError("the fused graph has no dpr::FusedMoEGate local function to fall back to")
-    for node in model.graph.node:
-        if node.domain == OP_DOMAIN and node.op_type == OP_NAME:
-            keep = [a for a in node.attribute if a.name not in TRT_NODE_ATTRS]
-            del node.attribute[:]
-            node.attribute.extend(keep)
-    return model.SerializeToString()
+    return inline_local_functions(model).SerializeToString()
 
 
 def portable_source(export) -> GraphSource:
-    """The portable gating: the export's portable graph (older exports) or the fused graph's local function."""
+    """The portable gating: the fused graph with its local function inlined (every export since the function
+    was added; the default export has no other user graph), else the export's portable graph."""
+    import onnx
+
+    fused = export.graph_file("user_encoder")
+    if fused is not None:
+        data = fused.read_bytes()
+        if has_gate_function(onnx.load_from_string(data)):
+            return GraphSource("user_encoder", inlined_gate(data), False, f"{fused.name}, dpr::FusedMoEGate inlined")
     portable = export.graph_file("user_encoder_portable")
     if portable is not None and portable.is_file():
         return GraphSource("user_encoder_portable", portable.read_bytes(), False, portable.name)
-    fused = export.graph_file("user_encoder")
-    if fused is None:
-        raise BackendError(f"the export {export.path} has no user encoder graph")
-    return GraphSource("user_encoder", without_plugin_attributes(fused.read_bytes()), False,
-                       f"{fused.name} (local function body)")
+    raise BackendError(f"the export {export.path} has no portable user encoder: no user_encoder_portable.onnx, "
+                       f"and no user_encoder.onnx with the dpr::FusedMoEGate local function (re-export the model)")
 
 
 def choose_user_graph(export, build: Callable[[GraphSource], object], fused: bool | None,

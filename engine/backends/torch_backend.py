@@ -21,6 +21,7 @@ the manifest's.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from pathlib import Path
 
@@ -28,6 +29,12 @@ import numpy as np
 
 from ..errors import BackendError
 from .base import Backend, cuda_available
+
+
+_DTYPES = {}          # filled on first use (torch imported lazily)
+# Prompts are padded up to a multiple of this many tokens on a GPU: a handful of shapes (the kernels and
+# cuBLAS plans of each are reused) instead of one per longest prompt; fp16 tensor cores want multiples of 8.
+GPU_TOKEN_BUCKET = 16
 
 
 def _find_checkpoint(export, explicit) -> Path | None:
@@ -48,7 +55,8 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, export, device: str = "cpu", checkpoint: str | None = None, text_encoder: str | None = None,
-                 threads: int | None = None, compile: bool = False, fused_gate: bool | None = None, **options):
+                 threads: int | None = None, compile: bool = False, fused_gate: bool | None = None,
+                 graphs: bool | None = None, prompt_dtype: str | None = None, **options):
         super().__init__(export, device)
         if options:
             raise BackendError(f"torch backend got unknown option(s): {', '.join(sorted(options))}")
@@ -59,8 +67,15 @@ class TorchBackend(Backend):
 
         if device.startswith("cuda") and not cuda_available():
             raise BackendError("device=cuda asked for the torch backend but torch sees no CUDA device")
+        if graphs is not None and not isinstance(graphs, bool):
+            raise BackendError(f"torch backend: graphs must be True, False or None, got {graphs!r}")
         self._torch = torch
         self.tdevice = torch.device(device)
+        # None: CUDA graphs on a GPU, the ordinary path on the CPU; True on the CPU: the same bucketed
+        # device path run eagerly (what the CPU tests check the graphs' inputs and outputs with)
+        self.graphs = graphs
+        self.prompt_dtype = self._prompt_dtype(prompt_dtype)
+        self.prompt_variant = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[self.prompt_dtype]
         if threads:
             torch.set_num_threads(int(threads))
         cfg = from_dict(ModelConfig, export.model_config)
@@ -77,12 +92,62 @@ class TorchBackend(Backend):
         self.gate = self._install_fused_gate(fused_gate)
         self.trims_history = bool(getattr(self.model.backbone, "padding_invariant", False))
         te = self._load_text_encoder(export, text_encoder)
-        self.prompt_encoder = PromptEncoder(te, self.model.projection).eval().to(self.tdevice)
+        # its own copy of the projection: casting the prompt encoder to half must not cast the user encoder's
+        proj = copy.deepcopy(self.model.projection)
+        self.prompt_encoder = PromptEncoder(te, proj).eval().to(self.tdevice, dtype=_DTYPES[self.prompt_dtype])
+        self._fp32_prompt_encoder = None
         self.compiled = bool(compile)
         self._user_fn = self.model
         self._user_lock = contextlib.nullcontext()     # a real lock once compiled
         if self.compiled:
             self._compile_user_encoder()
+
+    def _prompt_dtype(self, want) -> str:
+        """``prompt_dtype``: None (float16 on a GPU, float32 on the CPU) or a name; fills ``_DTYPES``."""
+        torch = self._torch
+        _DTYPES.update(float32=torch.float32, float16=torch.float16, bfloat16=torch.bfloat16)
+        if want is None:
+            return "float16" if self.tdevice.type == "cuda" else "float32"
+        if want not in _DTYPES:
+            raise BackendError(f"torch backend: prompt_dtype must be one of {sorted(_DTYPES)} or None, got {want!r}")
+        return want
+
+    def prompt_cosine_to_fp32(self, input_ids, attention_mask) -> float:
+        """Worst-row cosine between this backend's prompt vectors and an fp32 copy's on the same tokens
+        (1.0 when the prompt encoder is fp32): what ``dpr-bench`` records for a half-precision encoder."""
+        if self.prompt_dtype == "float32":
+            return 1.0
+        torch = self._torch
+        if self._fp32_prompt_encoder is None:
+            self._fp32_prompt_encoder = copy.deepcopy(self.prompt_encoder).float()
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids)).to(self.tdevice)
+        mask = torch.from_numpy(np.ascontiguousarray(attention_mask)).to(self.tdevice)
+        with torch.inference_mode():
+            ref = self._fp32_prompt_encoder(ids, mask).double()
+            got = torch.from_numpy(self.encode_prompts(input_ids, attention_mask)).to(self.tdevice).double()
+            cos = torch.nn.functional.cosine_similarity(got, ref, dim=1)
+        return float(cos.min())
+
+    def device_path(self, retriever, max_batch: int):
+        """``(DevicePath or None, reason)``: the user encoder and the torch retriever on one device, from CUDA
+        graphs on a GPU (see :mod:`dpr.engine.device_path`)."""
+        if self.graphs is False:
+            return None, "off (graphs=False)"
+        if self.compiled:
+            return None, "off (compile=True runs the user encoder through torch.compile instead)"
+        table = getattr(retriever, "_table_t", None)
+        if getattr(retriever, "name", None) != "torch" or table is None:
+            return None, f"off (the {getattr(retriever, 'name', '?')!r} retriever runs its own search)"
+        if table.device != self.tdevice:
+            return None, f"off (the retriever's table is on {table.device}, the model on {self.tdevice})"
+        if self.tdevice.type != "cuda" and self.graphs is None:
+            return None, "off on the CPU (CUDA graphs need a GPU; graphs=True runs the bucketed path eagerly)"
+        from ..device_path import DevicePath
+
+        dp = DevicePath(self.model, table, int(self.export.max_len), int(self.model.cfg.d), max_batch,
+                        self.trims_history, graphs=self.tdevice.type == "cuda")
+        how = "CUDA graphs per bucket" if dp.graphs else "bucketed, eager (no CUDA)"
+        return dp, f"user encoder + retrieval on {self.tdevice}: {how}"
 
     def _install_fused_gate(self, want: bool | None) -> str:
         """The MoE gate as ``torch.ops.dpr.moe_gate`` (the C++ twin on the CPU, the CUDA kernel on a GPU; no
@@ -177,9 +242,15 @@ class TorchBackend(Backend):
 
     def encode_prompts(self, input_ids, attention_mask):
         torch = self._torch
+        input_ids, attention_mask = np.ascontiguousarray(input_ids), np.ascontiguousarray(attention_mask)
+        if self.tdevice.type == "cuda" and input_ids.shape[1] % GPU_TOKEN_BUCKET:
+            # pad to the token bucket: padding tokens are masked out of attention and pooling
+            pad = GPU_TOKEN_BUCKET - input_ids.shape[1] % GPU_TOKEN_BUCKET
+            input_ids = np.pad(input_ids, ((0, 0), (0, pad)))
+            attention_mask = np.pad(attention_mask, ((0, 0), (0, pad)))
         with torch.inference_mode():
-            out = self.prompt_encoder(torch.from_numpy(np.ascontiguousarray(input_ids)).to(self.tdevice),
-                                      torch.from_numpy(np.ascontiguousarray(attention_mask)).to(self.tdevice))
+            out = self.prompt_encoder(torch.from_numpy(input_ids).to(self.tdevice, non_blocking=True),
+                                      torch.from_numpy(attention_mask).to(self.tdevice, non_blocking=True))
         return out.float().cpu().numpy()
 
     def encode_users(self, item_seq, p_pos, p_neg, presence):
@@ -192,7 +263,7 @@ class TorchBackend(Backend):
     def describe(self) -> dict:
         return {"backend": self.name, "device": self.device, "torch": self._torch.__version__,
                 "weights": self.weights_source, "text_encoder": self.text_encoder_source, "compiled": self.compiled,
-                "gate": self.gate}
+                "gate": self.gate, "prompt_dtype": self.prompt_dtype, "graphs": self.graphs}
 
     @classmethod
     def availability(cls, device: str) -> tuple[bool, str]:

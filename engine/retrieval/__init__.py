@@ -20,8 +20,6 @@ Built-in names (imported lazily, so a missing optional package only matters when
 
 from __future__ import annotations
 
-from dpr.registry import resolve_factory
-
 import importlib
 import importlib.util
 from typing import Any, Callable, Union
@@ -29,8 +27,10 @@ from typing import Any, Callable, Union
 import numpy as np
 
 from dpr.errors import InputError
+from dpr.registry import resolve_factory
 
-from .base import DeviceError, Filters, Retriever
+from .base import DeviceError, Retriever
+from .filters import Filters
 
 __all__ = [
     "RETRIEVERS", "Retriever", "DeviceError", "Filters", "get_retriever", "available_retrievers",

@@ -17,9 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from dpr.util import physical_cores
 from dpr.errors import InputError
 
-from .base import DeviceError, Exclusions, Filters, Retriever, pad_results, physical_cores
+from .base import DeviceError, Retriever
+from .filters import Exclusions, Filters, pad_results
 
 __all__ = ["FusedRetriever"]
 

@@ -39,7 +39,8 @@ import numpy as np
 
 from dpr.errors import InputError, require
 
-from .base import Filters, Retriever
+from .base import Retriever
+from .filters import Filters, pad_results
 
 __all__ = ["MilvusRetriever", "MAX_TOPK", "INDEXES"]
 
@@ -292,8 +293,6 @@ class MilvusRetriever(Retriever):
 
     @staticmethod
     def _pad(idx: np.ndarray, sc: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        from .base import pad_results
-
         return pad_results(idx, sc, k)
 
     @staticmethod

@@ -13,10 +13,10 @@ Graph (built once per table; ``K`` and the batch size are runtime inputs)::
         else:       TopK(S_t, min(K, tile))
     Concat the per-tile candidates -> TopK(K, sorted) -> GatherElements(ids)
 
-Tiling keeps the score block in cache instead of writing/reading the full (B, N) matrix (on the
-development machine: 718 ms untiled vs ~290 ms tiled at 512 x 10^6 x 64, k=10); the block-max
-path cuts the TopK work ~4x at small K.  Exclusion/allowed masks are made exact by the base
-class (over-fetch + numpy filter + refill, or exact subset scoring for restrictive masks).
+Tiling keeps the score block in cache instead of writing/reading the full (B, N) matrix; the block-max
+path cuts the TopK work at small K (timings: docs/ARCHITECTURE.md, "Measurements behind the defaults").
+Exclusion/allowed masks are made exact by the base class (over-fetch + numpy filter + refill, or exact
+subset scoring for restrictive masks).
 
 Session: intra-op threads = physical cores, graph optimisation level ALL.  ``device="cuda"`` uses
 the CUDA execution provider (``onnxruntime-gpu``) and raises :class:`DeviceError` if the session
@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from dpr.util import physical_cores
 from dpr.errors import InputError, require
 
-from .base import DeviceError, Retriever, physical_cores
+from .base import DeviceError, Retriever
 
 __all__ = ["OnnxRuntimeRetriever", "build_topk_graph"]
 

@@ -1,17 +1,15 @@
 """Timing of the fused MoE gate on the CPU: ORT custom op vs the portable standard-ops ONNX subgraph
 (moe_gate_reference exported by torch.onnx dynamo, opset 20) in ORT vs the torch reference.
 
-``bench_fused_gate()`` returns a dict (reused by ``dpr-bench``); ``python -m dpr.kernels.bench_op``
-prints it.
+``bench_fused_gate()`` returns a dict (the gating section of ``dpr-bench``: :mod:`dpr.bench.gating`);
+``python -m dpr.bench.gate_timing`` prints it.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
 import numpy as np

@@ -4,7 +4,7 @@
 GB/s = bytes of the fp32 item table read per search / time.  ``measure_ceilings`` gives the best
 large fp32 matmul GFLOP/s of ONNX Runtime (MLAS) and torch, and the copy bandwidth.
 
-Run ``python -m dpr.engine.retrieval.benchmark [N ...]`` for a table (default 1e4 1e5 1e6).
+Run ``python -m dpr.bench.retrieval_speed [N ...]`` for a table (default 1e4 1e5 1e6).
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ import time
 from typing import Any, Callable, Sequence
 
 import numpy as np
+
+from dpr.engine.retrieval import available_retrievers, get_retriever
+from dpr.util import physical_cores
 
 __all__ = ["benchmark_retrievers", "measure_ceilings", "main"]
 
@@ -40,8 +43,6 @@ def benchmark_retrievers(num_items: int, d: int = 64, batch: int = 512, k: int =
     Returns one dict per retriever: ``retriever, items, ms_median, gflops, gbps`` plus ``d, batch,
     k, build_s, ms_min`` and ``pct_of_ceiling`` when ``ceiling_gflops`` is given.
     """
-    from . import available_retrievers, get_retriever
-
     rng = np.random.default_rng(seed)
     table = rng.standard_normal((num_items + 1, d), dtype=np.float32)
     queries = rng.standard_normal((batch, d), dtype=np.float32)
@@ -105,8 +106,6 @@ def measure_ceilings(size: int = 4096, iters: int = 3, copy_mb: int = 256) -> di
     ``copy_gbps`` counts bytes read plus bytes written when copying ``copy_mb`` MiB into an
     existing buffer (best of ``iters`` + 2 runs).
     """
-    from .base import physical_cores
-
     out: dict[str, float] = {}
     try:
         out["matmul_gflops_onnxruntime"] = _ort_matmul_gflops(size, iters, physical_cores())
@@ -122,7 +121,8 @@ def measure_ceilings(size: int = 4096, iters: int = 3, copy_mb: int = 256) -> di
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Benchmark the exact top-k retrievers")
+    p = argparse.ArgumentParser(prog="python -m dpr.bench.retrieval_speed",
+                                description="Benchmark the exact top-k retrievers")
     p.add_argument("items", nargs="*", type=float, default=[1e4, 1e5, 1e6])
     p.add_argument("--d", type=int, default=64)
     p.add_argument("--batch", type=int, default=512)

@@ -1,6 +1,9 @@
-"""`make demo`: train a small DPR model on the embedded synthetic dataset, evaluate it, export it,
-benchmark the export at the demo's size and show prompted recommendations -- the whole path on a fresh
-machine in a few minutes. The full benchmark stays one command away (printed at the end)."""
+"""`make demo` (``python -m dpr.bench.demo``): train a small DPR model on the embedded synthetic dataset,
+evaluate it, export it, benchmark the export at the demo's size and show prompted recommendations -- the whole
+path on a fresh machine in a few minutes. The full benchmark stays one command away (printed at the end).
+
+It lives with the benchmark, the top of the stack: it drives the core (``dpr``: training, evaluation), the
+exporter, the benchmark and the engine, so the core package never imports the applications built on it."""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import time
 from pathlib import Path
 
 from dpr.cli.args import run_cli
+from dpr.cli.common import quiet_transformers
+from dpr.engine import Engine, load_export
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,8 +64,6 @@ def _run(args) -> int:
           times)
     if not args.skip_bench:
         # sized to the demo: its own catalogue, a short timing loop; `dpr-bench --batch 512` is the full run
-        from dpr.engine import load_export
-
         n_items = int(load_export(export_dir).item_embeddings().shape[0])
         _step("benchmark the export (sized to the demo)",
               [*py, "-m", "dpr.bench.cli", "--model", str(export_dir), "--batch", "256", "--iters", "3",
@@ -79,12 +82,9 @@ def _run(args) -> int:
 def _show(ckpt_path: Path, export_dir: Path) -> None:
     """Recommendations for one user with no prompt, a positive, a negative and a compound prompt, with the
     ids a reader needs for the next command and the tags to judge the steering by."""
-    from dpr.cli.common import quiet_transformers
-
     quiet_transformers()
     from dpr.checkpoint import load_checkpoint
     from dpr.data import load_dataset
-    from dpr.engine import Engine
 
     cat = load_checkpoint(ckpt_path).catalogue
     hist_idx = load_dataset("synthetic").sequences[0][-8:]

@@ -1,0 +1,184 @@
+"""The load test's pieces (``dpr.serve.load``) and the lean inference path it measures (``dpr.serve.lean``).
+
+``lean.parse`` may only ever accept what the FastAPI route's strict pydantic model accepts, with the same
+values (checked on generated near-valid bodies); on a live ``dpr-serve`` the lean path (``application/json``)
+and the FastAPI route (any other JSON content type) give the same answers and the same refusals, and
+``/metrics`` counts both under ``/recommend``. The hand-written keep-alive client of the load test reads
+uvicorn's answers on one connection, and the warm-up covers every distinct prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+httpx = pytest.importorskip("httpx", reason='needs the [serve] extra: pip install -e ".[serve]"')
+pytest.importorskip("fastapi", reason='needs the [serve] extra: pip install -e ".[serve]"')
+
+from pydantic import TypeAdapter  # noqa: E402
+
+from dpr.serve import lean  # noqa: E402
+from dpr.serve.http_app import RecommendRequest  # noqa: E402
+from dpr.serve.load import RawHTTP, post_head, warm_calls  # noqa: E402
+from dpr.serve.procs import Server, free_port  # noqa: E402
+
+
+def _load_shared(name: str):
+    """A helper module beside this file (pytest's importlib mode puts no test folder on sys.path)."""
+    spec = importlib.util.spec_from_file_location(f"dpr_tests_{name}", Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+fz = _load_shared("fuzz_strategies")
+ROUTE = TypeAdapter(Union[RecommendRequest, list[RecommendRequest]])
+FASTAPI_JSON = "application/json; charset=utf-8"       # a JSON type lean.parse leaves to the FastAPI route
+VALID = [
+    {"history": ["i1", "i2", "i3"], "prompt": "something funny", "k": 5},
+    {"history": ["i10"], "negative_prompt": "no horror", "k": 3, "prompt": None},
+    {"history": ["i5", "i6"], "hard_filter": {"include_tags": ["comedy"], "exclude_items": ["i47"]}, "k": 4},
+    {"history": ["i8", "i20", "i21"], "k": 7, "exclude_history": False, "hard_filter": None},
+    {"history": ["i2"], "prompt": "comédie légère"},
+]
+
+
+def fields(r) -> tuple:
+    return (r.history, r.prompt, r.negative_prompt, r.k, r.exclude_history, r.hard_filter)
+
+
+# ---- lean.parse against the route's pydantic model ---------------------------------------------------------
+def near_valid():
+    """Requests whose every field is valid (mostly) or one of the values the strict model must refuse."""
+    ok_text = st.one_of(st.sampled_from(["i1", "i2", "a b"]), st.text(max_size=6))
+    text = st.one_of(ok_text, ok_text, fz.WEIRD_TEXT, fz.LONE_SURROGATE)
+
+    def mostly(good, bad):                       # valid 3 times in 4
+        return st.one_of(good, good, good, bad)
+    ok_filter = st.dictionaries(st.sampled_from(["include_tags", "exclude_tags", "exclude_items"]),
+                                st.lists(ok_text, max_size=2), max_size=3)
+    value = {
+        "prompt": mostly(st.one_of(st.none(), ok_text), st.one_of(text, fz.NOT_A_STRING)),
+        "negative_prompt": mostly(st.one_of(st.none(), ok_text), st.one_of(text, fz.NOT_A_STRING)),
+        "k": mostly(st.integers(-3, 30), st.one_of(st.integers(-2 ** 70, 2 ** 70), fz.NOT_A_STRING)),
+        "exclude_history": mostly(st.booleans(), fz.NOT_A_BOOL),
+        "hard_filter": mostly(st.one_of(st.none(), ok_filter), st.one_of(fz.JSON_VALUES, st.dictionaries(
+            st.sampled_from(["include_tags", "exclude_items", "tags"]),
+            st.one_of(st.lists(text, max_size=2), fz.JSON_VALUES), max_size=3))),
+    }
+    history = mostly(st.lists(ok_text, max_size=3), st.one_of(st.lists(text, max_size=3), fz.JSON_VALUES))
+    one = st.fixed_dictionaries({"history": history}, optional=value)
+    one = st.one_of(one, one, one, st.fixed_dictionaries({"surprise": fz.JSON_VALUES}, optional={
+        "history": history, **value}))
+    return st.one_of(one, one, st.lists(one, max_size=3), fz.JSON_VALUES)
+
+
+@fz.fuzz_settings(300)
+@given(obj=near_valid())
+def test_lean_parse_accepts_only_what_the_route_accepts(obj):
+    body = json.dumps(obj).encode()
+    got = lean.parse(body, b"application/json")
+    if got is None:
+        return                                   # left to the FastAPI route: nothing to compare
+    reqs, single = got
+    models = ROUTE.validate_python(json.loads(body))   # must not raise: the route would accept it
+    models = [models] if single else models
+    assert single == (not isinstance(obj, list))
+    assert [fields(r) for r in reqs] == [fields(lean.Req.from_model(m)) for m in models]
+
+
+def test_lean_parse_takes_the_plain_valid_bodies_and_leaves_the_rest():
+    for obj in VALID + [VALID]:
+        assert lean.parse(json.dumps(obj).encode(), b"application/json") is not None, obj
+    base = VALID[0]
+    refused = [dict(base, k=True), dict(base, k="5"), dict(base, k=5.0), dict(base, history=["i1", 2]),
+               dict(base, history=[]) | {"history": None}, dict(base, prompt="\ud800"), dict(base, surprise=1),
+               dict(base, hard_filter={"tags": []}), dict(base, exclude_history=1), {"prompt": "x"}, [], 3]
+    for obj in refused:
+        assert lean.parse(json.dumps(obj).encode(), b"application/json") is None, obj
+    assert lean.parse(json.dumps(base).encode(), FASTAPI_JSON.encode()) is None
+    assert lean.parse(json.dumps(base).encode(), None) is None
+    assert lean.parse(b"{bad json", b"application/json") is None
+
+
+# ---- live: the lean path and the FastAPI route side by side -------------------------------------------------
+@pytest.fixture(scope="module")
+def server(export_dir, tmp_path_factory):
+    port = free_port()
+    cmd = [sys.executable, "-P", "-m", "dpr.serve.cli", str(export_dir), "--port", str(port), "--log-level",
+           "warning", "--backend", "onnxruntime", "--retriever", "onnxruntime", "--max-k", "20"]
+    s = Server(cmd, port, log_path=tmp_path_factory.mktemp("serve-lean") / "server.log").start()
+    yield s
+    assert s.stop() == 0, s.log()
+
+
+def same_answer(a: dict, b: dict) -> None:
+    assert {k: a[k] for k in ("k", "count", "short_reason")} == {k: b[k] for k in ("k", "count", "short_reason")}
+    assert [(i["rank"], i["id"], i["title"], i["tags"]) for i in a["items"]] == \
+           [(i["rank"], i["id"], i["title"], i["tags"]) for i in b["items"]]
+    np.testing.assert_allclose([i["score"] for i in a["items"]], [i["score"] for i in b["items"]], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_lean_path_answers_as_the_fastapi_route(server):
+    base = VALID[0]
+    bad = [dict(base, history=["nope"]), dict(base, k=21), dict(base, k=0), dict(base, prompt="  "),
+           [base, dict(base, history=["i1", "nope"])]]
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        def both(obj):
+            body = json.dumps(obj).encode()
+            return [c.post("/recommend", content=body, headers={"content-type": t})
+                    for t in ("application/json", FASTAPI_JSON)]
+        for obj in VALID + [VALID]:
+            a, b = both(obj)
+            assert a.status_code == b.status_code == 200, (a.text, b.text)
+            for x, y in zip(*(([r.json()] if isinstance(obj, dict) else r.json()) for r in (a, b))):
+                same_answer(x, y)
+        for obj in bad:
+            a, b = both(obj)
+            assert a.status_code == 422 and (a.status_code, a.json()) == (b.status_code, b.json()), obj
+        text = c.get("/metrics").text
+    # both paths are counted under the route's template
+    counts = {ln.split("status=")[1].split('"')[1]: float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+              if ln.startswith('dpr_http_requests_total{route="/recommend"')}
+    assert counts.get("200", 0) >= 2 * (len(VALID) + 1) and counts.get("422", 0) >= 2 * len(bad), counts
+
+
+def test_raw_load_client_keeps_its_connection(server):
+    host, port = server.url.split("://")[1].split(":")
+    ok = json.dumps(VALID[0]).encode()
+    refused = json.dumps(dict(VALID[0], k=True)).encode()
+
+    async def go():
+        conn = RawHTTP(host, int(port), timeout_s=60)
+        try:
+            out, writers = [], set()
+            for body in (ok, refused, ok):
+                out.append(await conn.post(post_head(server.url, "/recommend", len(body)), body))
+                writers.add(id(conn.writer))
+            return out, len(writers) == 1
+        finally:
+            conn.close()
+    (a, b, c), kept = asyncio.run(go())
+    assert kept, "the connection was not kept alive across calls"
+    assert a[0] == c[0] == 200 and json.loads(a[1]) == json.loads(c[1])
+    assert json.loads(a[1])["count"] == 5
+    assert b[0] == 422 and "k" in json.loads(b[1])["error"]
+
+
+def test_warm_up_covers_every_distinct_prompt():
+    chunks = [[(["i1"], p, n)] for p, n in [("a", None), ("a", None), (None, "b"), ("a", "b"), ("c", None),
+                                             (None, None), ("c", "b")]]
+    got = warm_calls(chunks, first=1)
+    assert got == [0, 2, 4]
+    seen = {t for i in got for _, p, n in chunks[i] for t in (p, n)} - {None}
+    assert seen == {"a", "b", "c"}

@@ -12,6 +12,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _register_shared(name: str) -> None:
+    """Make ``tests/<name>.py`` importable as ``dpr_tests_<name>``: pytest runs in importlib mode, which puts no
+    test folder on sys.path (nor should it: the repository root would come with it), and conftest.py is
+    imported before any test module, so the test files simply ``import dpr_tests_<name>``."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(f"dpr_tests_{name}", Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+
+
+_register_shared("fuzz_strategies")
+_register_shared("serve_answers")
 ML1M_DIR = Path(os.environ.get("DPR_ML1M_DIR", REPO.parent / "shared" / "data" / "ml-1m"))
 
 

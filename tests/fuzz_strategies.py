@@ -1,6 +1,6 @@
-"""Fuzz values shared by the fuzz test files (the engine's and the HTTP service's). Not a test module: pytest runs
-with ``--import-mode=importlib``, which puts no test folder on ``sys.path``, so a test file loads it by path (its
-``_load_shared("fuzz_strategies")``) rather than importing it by name.
+"""Fuzz values shared by the fuzz test files (the engine's, the HTTP service's, Triton's). Not a test module: pytest
+runs with ``--import-mode=importlib``, which puts no test folder on ``sys.path``, so conftest.py registers this
+file as the module ``dpr_tests_fuzz_strategies`` and the test files import it under that name.
 """
 
 from __future__ import annotations

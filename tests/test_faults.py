@@ -23,7 +23,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
-import numpy as np
 import pytest
 
 httpx = pytest.importorskip("httpx", reason='needs the [serve] extra: pip install -e ".[serve]"')
@@ -51,15 +50,7 @@ def req(j: int, k: int = 5) -> dict:
     return r
 
 
-def expected(engine, r: dict) -> dict:
-    return engine.recommend([r["history"]], prompts=[r.get("prompt")], negative_prompts=[r.get("negative_prompt")],
-                            k=r["k"], hard_filter=r.get("hard_filter"))[0].to_dict()
-
-
-def assert_same(got: dict, want: dict) -> None:
-    assert [(i["rank"], i["id"]) for i in got["items"]] == [(i["rank"], i["id"]) for i in want["items"]]
-    np.testing.assert_allclose([i["score"] for i in got["items"]], [i["score"] for i in want["items"]],
-                               rtol=1e-5, atol=1e-5)
+from dpr_tests_serve_answers import assert_same, expected  # noqa: E402 - tests/serve_answers.py (conftest.py)
 
 
 def metric(client, name: str) -> float:

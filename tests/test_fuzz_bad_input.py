@@ -14,12 +14,10 @@ fuzz``) multiplies the counts (``DPR_FUZZ_SCALE``, default 25) and draws new ran
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import signal
 from collections import Counter
 from contextlib import contextmanager
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,15 +27,9 @@ from hypothesis import strategies as st
 from dpr.errors import InputError
 
 
-def _load_shared(name: str):
-    """A helper module beside this file (pytest's importlib mode puts no test folder on sys.path)."""
-    spec = importlib.util.spec_from_file_location(f"dpr_tests_{name}", Path(__file__).with_name(f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-fz = _load_shared("fuzz_strategies")      # values shared with the HTTP fuzz (tests/test_fuzz_http.py)
+import dpr_tests_fuzz_strategies as fz  # noqa: E402 - tests/fuzz_strategies.py (conftest.py)      # values shared with the HTTP fuzz (tests/test_fuzz_http.py)
 LONG, SCALE, fuzz_settings = fz.LONG, fz.SCALE, fz.fuzz_settings
 ANY_CODEPOINTS, WEIRD_TEXT, BLANK, LONE_SURROGATE, BAD_UTF8 = (fz.ANY_CODEPOINTS, fz.WEIRD_TEXT, fz.BLANK,
                                                                fz.LONE_SURROGATE, fz.BAD_UTF8)

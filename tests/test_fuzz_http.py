@@ -13,11 +13,9 @@ CI: derandomized, bounded example counts (about 1,000 bad requests, each followe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -29,15 +27,9 @@ pytest.importorskip("fastapi", reason='needs the [serve] extra: pip install -e "
 from dpr.serve.procs import Server, free_port  # noqa: E402
 
 
-def _load_shared(name: str):
-    """A helper module beside this file (pytest's importlib mode puts no test folder on sys.path)."""
-    spec = importlib.util.spec_from_file_location(f"dpr_tests_{name}", Path(__file__).with_name(f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-fz = _load_shared("fuzz_strategies")
+import dpr_tests_fuzz_strategies as fz  # noqa: E402 - tests/fuzz_strategies.py (conftest.py)
 
 # small limits, so that generated values cross them cheaply
 MAX_K, MAX_HISTORY, MAX_PROMPT, MAX_BODY, MAX_CALL = 50, 100, 512, 65536, 8

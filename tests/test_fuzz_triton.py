@@ -12,7 +12,6 @@ CI: derandomized, about 350 bad requests; ``DPR_FUZZ=long`` multiplies the count
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -35,15 +34,9 @@ httpx = pytest.importorskip("httpx", reason='needs the [serve] extra: pip instal
 th = pytest.importorskip("tritonclient.http", reason='needs the [serve] extra (tritonclient)')
 
 
-def _load_shared(name: str):
-    """A helper module beside this file (pytest's importlib mode puts no test folder on sys.path)."""
-    spec = importlib.util.spec_from_file_location(f"dpr_tests_{name}", Path(__file__).with_name(f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-fz = _load_shared("fuzz_strategies")
+import dpr_tests_fuzz_strategies as fz  # noqa: E402 - tests/fuzz_strategies.py (conftest.py)
 
 # small limits, so that generated values cross them cheaply; Triton's max_batch_size above the model's row limit,
 # so that both refusals are reached

@@ -57,20 +57,7 @@ def limited(export_dir, tmp_path_factory):
     stop_clean(s)
 
 
-def expected(engine, req: dict) -> dict:
-    """What Engine.recommend answers for one /recommend request."""
-    return engine.recommend([req["history"]], prompts=[req.get("prompt")],
-                            negative_prompts=[req.get("negative_prompt")], k=req.get("k", 10),
-                            exclude_history=req.get("exclude_history", True),
-                            hard_filter=req.get("hard_filter"))[0].to_dict()
-
-
-def assert_same(got: dict, want: dict) -> None:
-    assert {k: got[k] for k in ("k", "count", "short_reason")} == {k: want[k] for k in ("k", "count", "short_reason")}
-    assert [(i["rank"], i["id"], i["title"], i["tags"]) for i in got["items"]] == \
-           [(i["rank"], i["id"], i["title"], i["tags"]) for i in want["items"]]
-    np.testing.assert_allclose([i["score"] for i in got["items"]], [i["score"] for i in want["items"]],
-                               rtol=1e-5, atol=1e-5)
+from dpr_tests_serve_answers import assert_same, expected  # noqa: E402 - tests/serve_answers.py (conftest.py)
 
 
 REQUESTS = [

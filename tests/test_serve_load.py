@@ -10,10 +10,8 @@ uvicorn's answers on one connection, and the warm-up covers every distinct promp
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import sys
-from pathlib import Path
 from typing import Union
 
 import numpy as np
@@ -32,15 +30,9 @@ from dpr.serve.load import RawHTTP, post_head, warm_calls  # noqa: E402
 from dpr.serve.procs import Server, free_port  # noqa: E402
 
 
-def _load_shared(name: str):
-    """A helper module beside this file (pytest's importlib mode puts no test folder on sys.path)."""
-    spec = importlib.util.spec_from_file_location(f"dpr_tests_{name}", Path(__file__).with_name(f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
-fz = _load_shared("fuzz_strategies")
+import dpr_tests_fuzz_strategies as fz  # noqa: E402 - tests/fuzz_strategies.py (conftest.py)
 ROUTE = TypeAdapter(Union[RecommendRequest, list[RecommendRequest]])
 FASTAPI_JSON = "application/json; charset=utf-8"       # a JSON type lean.parse leaves to the FastAPI route
 VALID = [

@@ -39,19 +39,7 @@ REQUESTS = [
 ]
 
 
-def expected(engine, req: dict) -> dict:
-    return engine.recommend([req["history"]], prompts=[req.get("prompt")],
-                            negative_prompts=[req.get("negative_prompt")], k=req.get("k", 10),
-                            exclude_history=req.get("exclude_history", True),
-                            hard_filter=req.get("hard_filter"))[0].to_dict()
-
-
-def assert_same(got: dict, want: dict) -> None:
-    assert {k: got[k] for k in ("k", "count", "short_reason")} == {k: want[k] for k in ("k", "count", "short_reason")}
-    assert [(i["rank"], i["id"], i["title"], i["tags"]) for i in got["items"]] == \
-           [(i["rank"], i["id"], i["title"], i["tags"]) for i in want["items"]]
-    for a, b in zip(got["items"], want["items"]):
-        assert abs(a["score"] - b["score"]) <= 1e-5 + 1e-5 * abs(b["score"])
+from dpr_tests_serve_answers import assert_same, expected  # noqa: E402 - tests/serve_answers.py (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,15 @@ oldest arrived, takes them as one columnar batch, runs it through the engine's c
 ``recommend_batch`` runs) and resolves each future with its own row. Should a whole batch fail, its requests are
 retried one by one so that only the culprit fails.
 
-Pipelined (``pipeline=True``, the default): the core runs in two halves on two threads. The intake thread
+Pipelined (``pipeline=True``; the default on a GPU, ``None`` means: when the engine's device is CUDA): the core
+runs in two halves on two threads. The intake thread
 gathers a batch and runs its first half (prompt vectors, padding, exclusions, masks: ``Engine._prepare``);
 a second thread runs the user encoder and retrieval and resolves the futures (``Engine._execute``). So the
 host work of batch N + 1 overlaps the device work of batch N; at most two batches are between intake and
-answer (a semaphore), and a lone request goes straight through both (one thread hand-off, no waiting). The queue is bounded: beyond ``max_queue`` waiting
+answer (a semaphore), and a lone request goes straight through both (one thread hand-off, no waiting). On the
+CPU both halves compete for the same cores, so the overlap buys nothing and the queue grows: measured with
+``dpr-bench``'s batcher section (2 cores, ONNX Runtime, 2,000 single requests/s) p99 112-124 ms pipelined
+against 14 ms serial; hence off there by default. The queue is bounded: beyond ``max_queue`` waiting
 requests ``submit`` raises :class:`OverloadedError`. ``close()`` stops intake and drains what is queued.
 """
 
@@ -43,7 +47,7 @@ MAX_DELAY_MS = 60_000.0
 
 class DynamicBatcher:
     def __init__(self, engine, max_batch_size: int = 512, max_delay_ms: float = 5.0, max_queue: int = 10000,
-                 pipeline: bool = True):
+                 pipeline: bool | None = None):
         for name, v in (("max_batch_size", max_batch_size), ("max_queue", max_queue)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
                 raise InputError(f"{name} must be an integer, got {v!r}")
@@ -56,8 +60,10 @@ class DynamicBatcher:
             raise InputError(f"max_delay_ms must be between 0 and {MAX_DELAY_MS:g} ms, got {max_delay_ms}")
         if max_queue < 1:
             raise InputError(f"max_queue must be >= 1, got {max_queue}")
-        if not isinstance(pipeline, bool):
-            raise InputError(f"pipeline must be True or False, got {pipeline!r}")
+        if pipeline is not None and not isinstance(pipeline, bool):
+            raise InputError(f"pipeline must be True, False or None (on when the engine runs on CUDA), got {pipeline!r}")
+        if pipeline is None:
+            pipeline = str(getattr(engine, "device", "cpu")).startswith("cuda")
         self.engine = engine
         self.max_batch_size = int(max_batch_size)
         self.max_delay = float(max_delay_ms) / 1000.0

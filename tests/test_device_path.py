@@ -253,6 +253,8 @@ def test_batcher_pipeline_setting_is_checked(engine):
 
     with pytest.raises(InputError, match="pipeline must be"):
         DynamicBatcher(engine, pipeline="yes")
+    with DynamicBatcher(engine) as b:                 # None: pipelined only on CUDA
+        assert b.pipeline is (engine.device.startswith("cuda"))
 
 
 def test_a_failed_capture_falls_back_to_eager(engines):

@@ -4,6 +4,7 @@
 # and run dpr-bench --device cuda (JSON in build/bench-gpu.json).
 #   bash bench/gpu_check.sh            (PYTHON=... to choose the interpreter)
 set -uo pipefail
+export PYTHONSAFEPATH=1   # never the repository root on sys.path: its kernels/ would hide the installed package
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 export DPR_KERNEL_CACHE=${DPR_KERNEL_CACHE:-$PWD/build/kernel-cache}

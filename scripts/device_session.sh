@@ -5,6 +5,7 @@
 # first: it is the longest step and its checkpoints come back even if a later step runs out of time.
 #   OUT=/tmp/out bash scripts/device_session.sh
 set -uo pipefail
+export PYTHONSAFEPATH=1   # never the repository root on sys.path: its kernels/ would hide the installed package
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dpr-device-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHON=${PYTHON:-python3} DPR_KERNEL_CACHE=$PWD/build/kernel-cache

@@ -3,6 +3,7 @@
 # redoes stages 2-3 with one change and is evaluated on the same users as the default row.
 #   bash scripts/ml1m_ablations.sh [STAGE1_CKPT] [OUT_DIR] [EVAL_USERS]
 set -euo pipefail
+export PYTHONSAFEPATH=1   # never the repository root on sys.path: its kernels/ would hide the installed package
 cd "$(dirname "$0")/.."
 S1=${1:-build/ml1m-s1/sasrec_s1.pt}; OUT=${2:-build/ml1m/ablations}; USERS=${3:-2000}
 PY=${PYTHON:-.venv/bin/python}; DATA=${ML1M_DIR:-../shared/data/ml-1m}

@@ -5,6 +5,7 @@
 # Stages 2-3 and the evaluation then run on the CPU from those checkpoints (make ml1m ML1M_STAGE1=OUT_DIR).
 #   bash scripts/ml1m_stage1_sweep.sh DATA_DIR OUT_DIR [MINUTES]
 set -uo pipefail
+export PYTHONSAFEPATH=1   # never the repository root on sys.path: its kernels/ would hide the installed package
 cd "$(dirname "$0")/.."
 DATA=${1:?ml-1m folder}; OUT=${2:?output folder}; MIN=${3:-4.5}
 PY=${PYTHON:-python3}

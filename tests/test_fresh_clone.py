@@ -83,6 +83,11 @@ def test_the_project_keeps_the_root_off_sys_path_in_what_it_starts(pytestconfig)
     assert pytestconfig.getoption("importmode") == "importlib"
     demo = (REPO / "bench" / "demo.py").read_text()
     assert '"-P"' in demo
+    # every shell script that starts Python (they cd to the root first) keeps the root off sys.path too
+    scripts = [p for p in REPO.glob("*/*.sh") if re.search(r"python|\$PY", p.read_text())]
+    assert scripts
+    for p in scripts:
+        assert re.search(r"^export PYTHONSAFEPATH=1\b", p.read_text(), re.M), p
 
 
 def _readme_blocks(lang: str) -> list[str]:

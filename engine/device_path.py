@@ -50,66 +50,35 @@ def next_pow2(n: int, lo: int = 1) -> int:
 
 def device_topk(q, table, kk: int, tile: int, er, ec, block: int = 16):
     """Exact top-``kk`` of ``q @ table.T`` with column 0 (padding) and the (row ``er``, column ``ec``) pairs
-    masked, as tensors ``(values (R, kk) sorted descending, columns (R, kk))``. No host synchronisation and
-    no data-dependent shape anywhere, so CUDA graphs can capture it: each tile's scores get one spare
-    column, and pairs outside the tile are written there instead of being selected on the host.
-    Block-max pruning as :func:`~dpr.engine.retrieval.torch_retriever.tiled_topk` (same argument)."""
+    masked, as tensors ``(values (R, kk) sorted descending, columns (R, kk))``: the tile loop of
+    :func:`~dpr.engine.retrieval.exact_topk.tiled_topk` (its scoring, selection and merge) with no host
+    synchronisation and no data-dependent shape anywhere, so CUDA graphs can capture it: the exclusion pairs
+    are masked by one fixed-shape ``index_add_`` per tile instead of being split by tile on the host."""
     import torch
 
-    r, m = q.shape[0], table.shape[0]
+    from .retrieval.exact_topk import merge_topk, score_tile, select_tile_topk
+
+    m = table.shape[0]
     kk = min(kk, m)
-    neg_inf = float("-inf")
-    best_v = best_i = None
-    lanes = torch.arange(block, device=q.device).view(1, block, 1) if block > 1 else None
-    ninf = torch.full((), neg_inf, device=q.device)           # a fill kernel, not a host copy: capturable
+    use_blocks = block > 1 and 4 * kk * block <= tile
+    lanes = torch.arange(block, device=q.device).view(1, block, 1) if use_blocks else None
+    ninf = torch.full((), float("-inf"), device=q.device)     # a fill kernel, not a host copy: capturable
     zero = torch.zeros((), device=q.device)
+    best_v = best_i = None
     for s0 in range(0, m, tile):
-        s1 = min(m, s0 + tile)
-        w = s1 - s0
-        s = _scores(torch, q, table[s0:s1])
+        w = min(m, s0 + tile) - s0
+        s = score_tile(q, table[s0:s0 + w])
         if s0 == 0:
-            s[:, 0] = neg_inf
+            s[:, 0] = float("-inf")
         if er is not None:
-            # pairs of other tiles add 0 to a clamped column, this tile's add -inf: fixed shapes, exact; an
-            # index_add_ (atomic adds on a GPU) never synchronises with the host, so a graph can hold it
+            # pairs of other tiles add 0 to a clamped column, this tile's add -inf (atomic adds on a GPU)
             local = ec - s0
             inside = (local >= 0) & (local < w)
             s.view(-1).index_add_(0, er * w + local.clamp(0, w - 1), torch.where(inside, ninf, zero))
-        sw = s
-        nb = w // block if block > 1 and 4 * min(kk, w) * block <= w else 0
-        if nb > min(kk, w):
-            # the tile's top-k lie in the k blocks with the largest maxima (see tiled_topk)
-            bmax = sw.as_strided((r, block, nb), (sw.stride(0), nb, 1)).amax(dim=1)
-            bi = torch.topk(bmax, min(kk, w), dim=1, largest=True, sorted=False)[1]
-            cols = (bi.unsqueeze(1) + lanes * nb).reshape(r, -1)
-            v, j = torch.topk(torch.gather(sw, 1, cols), min(kk, w), dim=1, largest=True, sorted=False)
-            i = torch.gather(cols, 1, j)
-            if w > nb * block:
-                vt, it = torch.topk(sw[:, nb * block:], min(kk, w - nb * block), dim=1, largest=True, sorted=False)
-                v, i = torch.cat((v, vt), dim=1), torch.cat((i, it + nb * block), dim=1)
-                v, j = torch.topk(v, min(kk, v.shape[1]), dim=1, largest=True, sorted=False)
-                i = torch.gather(i, 1, j)
-        else:
-            v, i = torch.topk(sw, min(kk, w), dim=1, largest=True, sorted=False)
-        i = i + s0
-        if best_v is None:
-            best_v, best_i = v, i
-        else:
-            cv, ci = torch.cat((best_v, v), dim=1), torch.cat((best_i, i), dim=1)
-            best_v, j = torch.topk(cv, min(kk, cv.shape[1]), dim=1, largest=True, sorted=False)
-            best_i = torch.gather(ci, 1, j)
+        v, i = select_tile_topk(s, kk, lanes)
+        best_v, best_i = merge_topk(best_v, best_i, v, i + s0, kk)
     best_v, j = torch.sort(best_v, dim=1, descending=True, stable=True)
     return best_v, torch.gather(best_i, 1, j)
-
-
-def _scores(torch, q, t):
-    """fp32 scores ``q @ t.T``; half-precision tables accumulate in fp32 on CUDA."""
-    if t.dtype == torch.float32:
-        return torch.mm(q, t.T)
-    try:
-        return torch.mm(q, t.T, out_dtype=torch.float32)
-    except (TypeError, RuntimeError):
-        return torch.mm(q, t.T).float()
 
 
 class _Step:

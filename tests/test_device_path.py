@@ -24,7 +24,7 @@ def _brute(q, table, k, er, ec):
 
 @pytest.mark.parametrize("r,m,d,k,tile,block,pairs", [
     (1, 7, 3, 3, 7, 0, 0), (5, 101, 8, 10, 16, 0, 30), (13, 1000, 16, 10, 97, 4, 200),
-    (33, 2049, 5, 37, 512, 16, 1000), (7, 300, 4, 299, 64, 16, 50)])
+    (33, 2049, 5, 37, 512, 16, 1000), (7, 300, 4, 299, 64, 16, 50), (9, 5000, 8, 5, 2048, 16, 400)])
 def test_device_topk_equals_brute_force(r, m, d, k, tile, block, pairs):
     """Odd sizes, several tiles (a ragged last one), block pruning on and off, k wider than a tile, repeated
     and out-of-tile exclusion pairs: the same items and scores as a float64 brute force."""

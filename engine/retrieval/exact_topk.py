@@ -22,7 +22,7 @@ from .filters import Filters, pad_results
 __all__ = ["tiled_topk", "tiled_topk_filtered"]
 
 
-def _scores(q: torch.Tensor, t: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+def score_tile(q: torch.Tensor, t: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """fp32 scores ``q @ t.T``; half-precision operands accumulate in fp32."""
     if t.dtype == torch.float32:
         if out is not None:
@@ -34,6 +34,41 @@ def _scores(q: torch.Tensor, t: torch.Tensor, out: torch.Tensor | None) -> torch
         except (TypeError, RuntimeError):  # older torch without mm(out_dtype=): cuBLAS still accumulates fp32
             return torch.mm(q, t.T).float()
     return torch.mm(q.float(), t.float().T)  # CPU: upcast the tile, exact fp32 products of rounded values
+
+
+def select_tile_topk(s: torch.Tensor, kk: int, lanes: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``kk`` (values, columns; unsorted) of each row of the score tile ``s`` (R, w). With ``lanes``
+    (``arange(block)`` shaped (1, block, 1)) block-max pruning: the tile's scores are grouped into strided
+    blocks of ``block`` columns and only the ``kk`` blocks with the largest maxima are searched (they hold the
+    tile's top-k: each top-k score lies in a block whose max is >= the k-th score, and at most k blocks have
+    such a max). No host synchronisation and no data-dependent shape: CUDA graphs can capture it."""
+    r, w = s.shape
+    block = lanes.shape[1] if lanes is not None else 1
+    nb = w // block if lanes is not None else 0
+    if lanes is None or nb <= kk:
+        return torch.topk(s, min(kk, w), dim=1, largest=True, sorted=False)
+    # block j = columns j, j + nb, j + 2 nb, ... of the first nb * block columns, read in place (as_strided, no
+    # copy, whatever the tile width); the < block leftover columns are searched plainly
+    bmax = s.as_strided((r, block, nb), (s.stride(0), nb, 1)).amax(dim=1)
+    bi = torch.topk(bmax, kk, dim=1, largest=True, sorted=False)[1]
+    cols = (bi.unsqueeze(1) + lanes * nb).reshape(r, -1)
+    v, j = torch.topk(torch.gather(s, 1, cols), kk, dim=1, largest=True, sorted=False)
+    i = torch.gather(cols, 1, j)
+    if w > nb * block:
+        vt, it = torch.topk(s[:, nb * block:], min(kk, w - nb * block), dim=1, largest=True, sorted=False)
+        v, i = torch.cat((v, vt), dim=1), torch.cat((i, it + nb * block), dim=1)
+        v, j = torch.topk(v, kk, dim=1, largest=True, sorted=False)
+        i = torch.gather(i, 1, j)
+    return v, i
+
+
+def merge_topk(best_v, best_i, v, i, kk: int):
+    """The running top-``kk`` after one more tile's candidates (``best_v`` None: the first tile's)."""
+    if best_v is None:
+        return v, i
+    cv, ci = torch.cat((best_v, v), dim=1), torch.cat((best_i, i), dim=1)
+    best_v, j = torch.topk(cv, min(kk, cv.shape[1]), dim=1, largest=True, sorted=False)
+    return best_v, torch.gather(ci, 1, j)
 
 
 def tiled_topk(q: torch.Tensor, table: torch.Tensor, k: int, *, tile: int = 65536,
@@ -64,13 +99,12 @@ def tiled_topk(q: torch.Tensor, table: torch.Tensor, k: int, *, tile: int = 6553
         er_t = torch.from_numpy(np.ascontiguousarray(excl_rows, dtype=np.int64)).to(table.device)
         ec_t = torch.from_numpy(np.ascontiguousarray(excl_cols, dtype=np.int64)).to(table.device)
     use_blocks = block > 1 and 4 * kk * block <= tile
-    if use_blocks:
-        lanes = torch.arange(block, device=table.device).view(1, block, 1)
+    lanes = torch.arange(block, device=table.device).view(1, block, 1) if use_blocks else None
     best_v = best_i = None
     neg_inf = float("-inf")
     for n_t, s0 in enumerate(range(0, m, tile)):
         s1 = min(m, s0 + tile)
-        s = _scores(q, table[s0:s1], buf if (buf is not None and s1 - s0 == tile) else None)
+        s = score_tile(q, table[s0:s1], buf if (buf is not None and s1 - s0 == tile) else None)
         if pad_row0 and col_ids is None and s0 == 0:
             s[:, 0] = neg_inf
         if disallowed is not None:
@@ -78,31 +112,8 @@ def tiled_topk(q: torch.Tensor, table: torch.Tensor, k: int, *, tile: int = 6553
         if bounds is not None and bounds[n_t + 1] > bounds[n_t]:
             lo, hi = int(bounds[n_t]), int(bounds[n_t + 1])
             s[er_t[lo:hi], ec_t[lo:hi] - s0] = neg_inf
-        w = s1 - s0
-        nb = w // block if use_blocks else 0
-        if use_blocks and nb > kk:
-            # block j = columns j, j + nb, j + 2 nb, ... of the first nb * block columns, read in place
-            # (as_strided, no copy, whatever the tile width); the < block leftover columns are searched plainly
-            bmax = s.as_strided((r, block, nb), (s.stride(0), nb, 1)).amax(dim=1)
-            bi = torch.topk(bmax, kk, dim=1, largest=True, sorted=False)[1]
-            cols = (bi.unsqueeze(1) + lanes * nb).reshape(r, -1)
-            v, j = torch.topk(torch.gather(s, 1, cols), kk, dim=1, largest=True, sorted=False)
-            i = torch.gather(cols, 1, j)
-            if w > nb * block:
-                vt, it = torch.topk(s[:, nb * block:], min(kk, w - nb * block), dim=1, largest=True, sorted=False)
-                v, i = torch.cat((v, vt), dim=1), torch.cat((i, it + nb * block), dim=1)
-                v, j = torch.topk(v, kk, dim=1, largest=True, sorted=False)
-                i = torch.gather(i, 1, j)
-        else:
-            v, i = torch.topk(s, min(kk, w), dim=1, largest=True, sorted=False)
-        i += s0
-        if best_v is None:
-            best_v, best_i = v, i
-        else:
-            cv = torch.cat((best_v, v), dim=1)
-            ci = torch.cat((best_i, i), dim=1)
-            best_v, j = torch.topk(cv, min(kk, cv.shape[1]), dim=1, largest=True, sorted=False)
-            best_i = torch.gather(ci, 1, j)
+        v, i = select_tile_topk(s, kk, lanes if use_blocks else None)
+        best_v, best_i = merge_topk(best_v, best_i, v, i + s0, kk)
     best_v, j = torch.sort(best_v, dim=1, descending=True, stable=True)
     best_i = torch.gather(best_i, 1, j)
     vals = best_v.float().cpu().numpy()

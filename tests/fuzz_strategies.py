@@ -64,3 +64,16 @@ def bad_json_k(max_k: int):
     return st.one_of(st.integers(max_value=0), st.integers(min_value=max_k + 1, max_value=10 ** 100),
                      st.booleans(), st.floats(allow_nan=False), st.text(max_size=3), st.none(),
                      st.lists(st.integers(1, 3), max_size=2), st.sampled_from([2.0, "10", 10 ** 15, 2 ** 64]))
+
+
+# v2 tensors: a drawn bad value for one field of an input must differ from that field's valid value
+V2_DATATYPES = {"history": "BYTES", "prompt": "BYTES", "k": "INT32"}
+
+
+def never_valid(inp: dict, part: str, value):
+    """``value`` for ``inp[part]`` (a v2 input's datatype or shape), moved off the valid one when the draw hit it."""
+    if part == "datatype" and value == V2_DATATYPES[inp["name"]]:
+        return "FP64"
+    if part == "shape" and value == inp["shape"]:
+        return value + [1]
+    return value

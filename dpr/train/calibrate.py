@@ -91,7 +91,7 @@ def calibrate_shift_scales(model, catalogue, val_cases: dict, ctx, seed: int = 0
 
 def _pick(task: str, rows: list[tuple[float, dict]], max_violation: float) -> float:
     if task == "positive":
-        return max(rows, key=lambda sr: (sr[1]["ndcg@10"] + 0.1 * sr[1]["tag_precision@10"], -abs(sr[0] - 1)))[0]
+        return max(rows, key=lambda sr: (_task_score(task, sr[1], max_violation), -abs(sr[0] - 1)))[0]
     return _pick_negative(rows, max_violation)
 
 

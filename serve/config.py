@@ -24,6 +24,7 @@ class ServeConfig:
     max_batch_size: int = 512             # rows per engine call
     preferred_batch_size: int = 512       # Triton: the batch size the scheduler tries to form
     max_queue_delay_us: int = 2000        # how long the first queued request waits for company
+    instances: int = 1                    # Triton: instance_group count (Python-backend processes, each an engine)
     max_queue: int = 4096                 # rows waiting beyond this: 503 + Retry-After (back-pressure)
     # limits on one HTTP call (each refusal names the limit)
     max_body_bytes: int = 8 << 20         # 413 beyond this
@@ -43,7 +44,7 @@ class ServeConfig:
         if self.unknown_items not in ("error", "ignore"):
             raise InputError(f"unknown_items must be 'error' or 'ignore', got {self.unknown_items!r}")
         for name in ("max_batch_size", "preferred_batch_size", "max_queue", "max_body_bytes",
-                     "max_requests_per_call", "max_history", "max_k", "max_prompt_bytes"):
+                     "max_requests_per_call", "max_history", "max_k", "max_prompt_bytes", "instances"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_queue_delay_us < 0:

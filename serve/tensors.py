@@ -179,6 +179,63 @@ def parts_from_tensors(t: dict, cfg, ids: IdCheck, label=lambda r: f"row {r}") -
     return out
 
 
+STACKABLE = frozenset(("history", "prompt", "negative_prompt", "k", "exclude_history"))
+_DEFAULTS = {"prompt": lambda b: np.full((b, 1), b"", dtype=object), "negative_prompt": lambda b: np.full((b, 1), b"", dtype=object),
+             "k": lambda b: np.full((b, 1), 10, dtype=np.int64), "exclude_history": lambda b: np.ones((b, 1), dtype=np.bool_)}
+
+
+def stack_requests(tensors: list[dict]) -> tuple[dict, list[tuple[int, int]]] | None:
+    """Several requests' tensors as one batch: histories padded to the widest with ``b""`` and stacked, the
+    other inputs concatenated (an input some requests omit gets its default there), with each request's
+    ``(start, stop)`` rows. For the Triton model's common case (the dynamic batcher hands it many one-row
+    requests): one :func:`parts_from_tensors` and one :func:`tensors_from_results` for the whole list instead of
+    one each per request (~0.3 ms of Python per single-request call on the 2-core VM). None when the requests
+    are not all plain (a filter input, an unexpected shape or dtype): the caller takes them one by one, which is
+    also what it does when the stacked batch is refused, so every error still names its own request's row."""
+    if len(tensors) < 2:
+        return None
+    spans, start, width = [], 0, 0
+    for t in tensors:
+        h = t.get("history")
+        if not t.keys() <= STACKABLE or not isinstance(h, np.ndarray) or h.ndim != 2 or h.dtype != object \
+                or h.shape[0] == 0 or (h.size and not isinstance(h.flat[0], bytes)):
+            return None
+        b = h.shape[0]
+        for name in ("prompt", "negative_prompt", "k", "exclude_history"):
+            x = t.get(name)
+            if x is None:
+                continue
+            if not isinstance(x, np.ndarray) or x.shape != (b, 1):
+                return None
+            if name == "k" and not np.issubdtype(x.dtype, np.integer) or name == "exclude_history" and \
+                    x.dtype != np.bool_ or name.endswith("prompt") and (x.dtype != object or not isinstance(x[0, 0], bytes)):
+                return None
+        spans.append((start, start + b))
+        start += b
+        width = max(width, h.shape[1])
+    hist = np.full((start, width), b"", dtype=object)
+    for t, (a, z) in zip(tensors, spans):
+        h = t["history"]
+        hist[a:z, :h.shape[1]] = h       # padding after a row's ids: holes and ids stay where they were
+    out = {"history": hist}
+    for name, default in _DEFAULTS.items():
+        if any(name in t for t in tensors):
+            out[name] = np.concatenate([t[name] if name in t else default(z - a) for t, (a, z) in zip(tensors, spans)])
+    return out, spans
+
+
+def split_outputs(out: dict, spans: list[tuple[int, int]], ks) -> list[dict]:
+    """:func:`tensors_from_results` of a stacked batch cut back into each request's tensors: its rows, and as many
+    columns as its own largest k (what the request alone would have got)."""
+    ks = np.asarray(ks).reshape(-1)
+    res = []
+    for a, z in spans:
+        kw = int(ks[a:z].max())
+        res.append({"item_ids": out["item_ids"][a:z, :kw], "scores": out["scores"][a:z, :kw],
+                    "counts": out["counts"][a:z]})
+    return res
+
+
 def tensors_from_results(engine, b: int, parts: list, results: list, as_bytes: bool = True) -> dict:
     """The output tensors of one request from its Parts' ResultBatches (rows put back in request order)."""
     kmax = max(p.k for p, _ in parts)

@@ -28,7 +28,7 @@ from dpr.errors import InputError
 
 from .columns import IdCheck, relabel_rows, run_parts
 from .config import ServeConfig
-from .tensors import INPUTS, parts_from_tensors, tensors_from_results
+from .tensors import INPUTS, parts_from_tensors, split_outputs, stack_requests, tensors_from_results
 
 LIMITS = ("max_requests_per_call", "max_history", "max_k", "max_prompt_bytes")
 
@@ -85,8 +85,7 @@ class TritonPythonModel:
 
     def execute(self, requests):
         responses: list = [None] * len(requests)
-        parts, owner = [], []
-        per_request: dict = {}
+        tensors: dict = {}
         for i, req in enumerate(requests):
             try:
                 t = {}
@@ -94,6 +93,43 @@ class TritonPythonModel:
                     x = pb_utils.get_input_tensor_by_name(req, name)
                     if x is not None:
                         t[name] = x.as_numpy()
+                tensors[i] = t
+            except Exception as exc:  # noqa: BLE001 - raised out of execute, it would fail every request of the batch
+                responses[i] = _error(f"reading the request failed: {type(exc).__name__}: {exc}", "INTERNAL")
+        if len(tensors) == len(requests) and self._execute_stacked(list(tensors.values()), responses):
+            return responses
+        return self._execute_each(tensors, responses)
+
+    def _execute_stacked(self, tensors: list, responses: list) -> bool:
+        """The whole list as one batch (``tensors.stack_requests``); False, with nothing answered, when it cannot
+        be stacked or anything in it is refused or fails: then each request is taken on its own, so an error
+        names its own request's row and its batch-mates are answered."""
+        stacked = stack_requests(tensors)
+        if stacked is None:
+            return False
+        batch, spans = stacked
+        try:
+            got = parts_from_tensors(batch, self.cfg, self.ids)
+        except InputError:
+            return False
+        results = run_parts(self.engine, [part for part, _ in got])
+        if any(isinstance(r, BaseException) for r in results):
+            return False
+        try:
+            out = tensors_from_results(self.engine, len(batch["history"]), got, results, as_bytes=True)
+            for i, o in enumerate(split_outputs(out, spans, batch.get("k", np.full(len(batch["history"]), 10)))):
+                responses[i] = pb_utils.InferenceResponse(
+                    output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in o.items()])
+        except Exception:  # noqa: BLE001 - answered one by one below, where a failure is that request's only
+            responses[:] = [None] * len(responses)
+            return False
+        return True
+
+    def _execute_each(self, tensors: dict, responses: list) -> list:
+        parts, owner = [], []
+        per_request: dict = {}
+        for i, t in tensors.items():
+            try:
                 got = parts_from_tensors(t, self.cfg, self.ids)
             except InputError as exc:
                 responses[i] = _error(str(exc))

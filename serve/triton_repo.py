@@ -33,7 +33,8 @@ from dpr.serve.triton_python import TritonPythonModel  # noqa: E402,F401
 '''
 
 
-def config_pbtxt(cfg: ServeConfig, export_dir: str, instances: int = 1) -> str:
+def config_pbtxt(cfg: ServeConfig, export_dir: str, instances: int | None = None) -> str:
+    instances = cfg.instances if instances is None else instances
     lines = [f'name: "{cfg.model_name}"', 'backend: "python"', f"max_batch_size: {cfg.max_batch_size}",
              "dynamic_batching {", f"  preferred_batch_size: [ {cfg.preferred_batch_size} ]",
              f"  max_queue_delay_microseconds: {cfg.max_queue_delay_us}", "}", "input ["]

@@ -436,13 +436,15 @@ def test_triton_repository_files(export_dir, tiny_checkpoint, tmp_path, capsys):
     from dpr.serve.triton_repo import write_repository
 
     model = write_repository(tmp_path / "repo", export_dir, ServeConfig(max_batch_size=64, preferred_batch_size=32,
-                                                                         max_queue_delay_us=750))
+                                                                         max_queue_delay_us=750, instances=2))
     cfg = (model / "config.pbtxt").read_text()
-    for words in ('backend: "python"', "max_batch_size: 64", "preferred_batch_size: [ 32 ]",
+    for words in ('backend: "python"', "instance_group [ { count: 2 kind: KIND_CPU } ]", "max_batch_size: 64", "preferred_batch_size: [ 32 ]",
                   "max_queue_delay_microseconds: 750", 'name: "prompt" data_type: TYPE_STRING dims: [ 1 ] optional: true',
                   'name: "counts" data_type: TYPE_INT32 dims: [ 1 ]', 'key: "export_dir" value: { string_value: "export" }'):
         assert words in cfg, words
     assert "from dpr.serve.triton_python import TritonPythonModel" in (model / "1" / "model.py").read_text()
+    with pytest.raises(Exception, match="instances must be >= 1"):
+        ServeConfig(instances=0).check()
     assert (model / "1" / "export" / "manifest.json").read_bytes() == (export_dir / "manifest.json").read_bytes()
     t0 = time.monotonic()
     rc = export_main([str(tiny_checkpoint), "--out", str(tmp_path / "exp2"), "--triton-repo", str(tmp_path / "repo")])

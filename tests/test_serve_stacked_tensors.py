@@ -1,0 +1,101 @@
+"""The Triton model's stacked path (serve/tensors.py ``stack_requests`` + ``split_outputs``): many requests run as
+one batch must answer each exactly as it would have been answered alone, and anything unusual must be left to
+the one-by-one path (None), never answered differently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dpr.serve.columns import IdCheck, run_parts
+from dpr.serve.config import ServeConfig
+from dpr.serve.tensors import parts_from_tensors, split_outputs, stack_requests, tensors_from_results
+
+
+def request(hist_rows, prompts=None, negatives=None, k=None, excl=None, pad_before=0):
+    width = max(len(h) for h in hist_rows) + pad_before
+    h = np.array([[b""] * pad_before + [x.encode() for x in row] + [b""] * (width - pad_before - len(row))
+                  for row in hist_rows], dtype=object).reshape(len(hist_rows), width)
+    t = {"history": h}
+    if prompts is not None:
+        t["prompt"] = np.array([[(p or "").encode()] for p in prompts], dtype=object)
+    if negatives is not None:
+        t["negative_prompt"] = np.array([[(p or "").encode()] for p in negatives], dtype=object)
+    if k is not None:
+        t["k"] = np.array([[x] for x in k], dtype=np.int32)
+    if excl is not None:
+        t["exclude_history"] = np.array([[x] for x in excl], dtype=np.bool_)
+    return t
+
+
+def alone(engine, t, cfg):
+    got = parts_from_tensors(t, cfg, IdCheck(engine, cfg.unknown_items))
+    res = run_parts(engine, [p for p, _ in got])
+    return tensors_from_results(engine, len(t["history"]), got, res)
+
+
+def stacked(engine, ts, cfg):
+    batch, spans = stack_requests(ts)
+    got = parts_from_tensors(batch, cfg, IdCheck(engine, cfg.unknown_items))
+    res = run_parts(engine, [p for p, _ in got])
+    assert not any(isinstance(r, BaseException) for r in res)
+    out = tensors_from_results(engine, len(batch["history"]), got, res)
+    return split_outputs(out, spans, batch.get("k", np.full(len(batch["history"]), 10)))
+
+
+def test_stacked_requests_answer_as_each_alone(engine):
+    cfg = ServeConfig().check()
+    rng = np.random.default_rng(3)
+    ids = list(engine.item_ids)
+    ts = []
+    for j in range(23):                       # mixed widths, row counts, prompts, k, exclusion, padding side
+        rows = 1 + (j % 3 == 0) * 2
+        hist = [[ids[int(x)] for x in rng.integers(0, len(ids), int(rng.integers(1, 9)))] for _ in range(rows)]
+        ts.append(request(
+            hist,
+            prompts=None if j % 4 == 0 else [("something funny" if (j + r) % 2 else None) for r in range(rows)],
+            negatives=None if j % 5 else ["no horror"] * rows,
+            k=None if j % 3 == 1 else [1 + (j + r) % 7 for r in range(rows)],
+            excl=None if j % 6 else [bool(r % 2) for r in range(rows)],
+            pad_before=j % 2))
+    got = stacked(engine, ts, cfg)
+    assert len(got) == len(ts)
+    for t, o in zip(ts, got):
+        want = alone(engine, t, cfg)
+        assert set(o) == set(want)
+        for name in want:
+            assert o[name].shape == want[name].shape, name
+            assert o[name].dtype == want[name].dtype, name
+        assert o["item_ids"].tolist() == want["item_ids"].tolist()
+        np.testing.assert_array_equal(o["counts"], want["counts"])
+        np.testing.assert_allclose(o["scores"], want["scores"], rtol=1e-5, atol=1e-5)
+
+
+def test_unusual_requests_are_left_to_the_one_by_one_path():
+    plain = request([["i1", "i2"]], prompts=["x"], k=[3])
+    assert stack_requests([plain]) is None                                   # nothing to stack
+    assert stack_requests([plain, plain]) is not None
+    with_filter = dict(plain, include_tags=np.array([[b"comedy"]], dtype=object))
+    assert stack_requests([plain, with_filter]) is None                      # filters: one by one
+    no_history = {"prompt": plain["prompt"]}
+    assert stack_requests([plain, no_history]) is None
+    assert stack_requests([plain, dict(plain, k=np.array([[3.0]]))]) is None  # a float k: refused alone
+    assert stack_requests([plain, dict(plain, k=np.array([3, 4], dtype=np.int32))]) is None    # wrong shape
+    as_str = {"history": np.array([["i1"]], dtype=object)}
+    assert stack_requests([plain, as_str]) is None                           # not Triton's bytes
+    assert stack_requests([plain, dict(plain, history=np.zeros((0, 2), dtype=object))]) is None
+    assert stack_requests([plain, dict(plain, exclude_history=np.array([[1]], dtype=np.int32))]) is None
+
+
+def test_a_hole_or_bad_id_in_one_request_refuses_the_stacked_batch(engine):
+    """The stacked batch is refused as a whole (the model then answers request by request, each error naming its
+    own row); it never answers a request differently from how it would alone."""
+    cfg = ServeConfig().check()
+    ok = request([[engine.item_ids[0]]], k=[2])
+    hole = {"history": np.array([[engine.item_ids[0].encode(), b"", engine.item_ids[1].encode()]], dtype=object)}
+    batch, _ = stack_requests([ok, hole])
+    with pytest.raises(Exception, match="empty string at position 1"):
+        parts_from_tensors(batch, cfg, IdCheck(engine, "error"))
+    batch, _ = stack_requests([ok, request([["no-such-id"]])])
+    with pytest.raises(Exception, match="no-such-id"):
+        parts_from_tensors(batch, cfg, IdCheck(engine, "error"))

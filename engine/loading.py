@@ -75,7 +75,11 @@ def make_retriever(export, name: str, dev: str, opts: dict):
                            f"available: {', '.join(avail)}")
     else:
         why = "requested explicitly"
-    return name, get_retriever(name, export.item_embeddings(), device=dev, **opts), why
+    retriever = get_retriever(name, export.item_embeddings(), device=dev, **opts)
+    screen = getattr(retriever, "screen_reason", None)
+    if screen:                      # the fused kernel's int8 screen: on or off, and why
+        why = f"{why}; {screen}"
+    return name, retriever, why
 
 
 def make_tokenizer(export):

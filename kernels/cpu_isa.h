@@ -44,4 +44,16 @@ inline Level level(const char* force_env, bool need_dq) {
 #endif
 }
 
+// AVX-512 VNNI (with AVX-512F and BW) on this CPU: the retrieval kernel's int8 screen (vpdpbusd). Not capped
+// by any environment variable here; the kernel applies its own cap.
+inline bool has_avx512_vnni() {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 }  // namespace dpr_isa

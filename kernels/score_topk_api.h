@@ -25,6 +25,7 @@ enum {
   DPR_TOPK_NULL_POINTER = 2,
   DPR_TOPK_BAD_EXCLUSION = 3,
   DPR_TOPK_OUT_OF_MEMORY = 4,
+  DPR_TOPK_UNSUPPORTED = 5,
 };
 
 const char* dpr_score_topk_status_string(int status);
@@ -55,6 +56,38 @@ int dpr_score_topk_f32_any_order(const float* queries, int64_t batch, int64_t d,
                                  int64_t n_items, int64_t k, const int64_t* excl_offsets,
                                  const int64_t* excl_items, const uint8_t* allowed, int64_t allowed_row_stride,
                                  int64_t* out_idx, float* out_scores, int num_threads);
+
+// ---- int8 screen (exact): see score_topk.h for the method and the bound --------------------------------
+// The same top-k as dpr_score_topk_f32 (same scores, bit for bit, as the AVX-512 / AVX2 tiles), but most items
+// are ruled out by an int8 dot product (vpdpbusd on AVX-512 VNNI) plus a rigorous bound on its error; only
+// the items the bound cannot rule out get their exact fp32 score.
+enum {
+  DPR_TOPK_SCREEN_AUTO = 0,      // VNNI when the CPU has it and DPR_TOPK_ISA does not cap below avx512
+  DPR_TOPK_SCREEN_GENERIC = 1,   // the portable screen (same hits, any CPU; slower than the fp32 tiles)
+  DPR_TOPK_SCREEN_VNNI = 2,      // the VNNI tile (DPR_TOPK_UNSUPPORTED on a CPU without it)
+};
+
+// What DPR_TOPK_SCREEN_AUTO runs here: "avx512vnni", or "generic" (no AVX-512 VNNI on this CPU, or
+// DPR_TOPK_ISA caps the kernel below AVX-512: a caller should keep the fp32 path, which is faster then).
+const char* dpr_score_topk_int8_isa(void);
+// 1 when the CPU has AVX-512 F + BW + VNNI (whatever DPR_TOPK_ISA says).
+int dpr_score_topk_cpu_has_vnni(void);
+
+// table (N + 1, d) float32 as above (row 0 skipped), 1 <= d <= 16384. G = ceil(d / 4).
+// packed8: panels(N) * G * PANEL * 4 bytes: byte [p][g][j][l] = round(x[c] / s) + 128, c = 4 g + l (128 past d).
+// stats: panels(N) * 4 * PANEL floats: [p][0][j] = s = max|x| / 127, [p][1][j] = ||x - s x8||, [p][2][j] = ||x||,
+//   [p][3][0] / [p][3][1] = the panel's largest [1] / [2].
+int dpr_score_topk_pack_int8(const float* table, int64_t n_items, int64_t d, uint8_t* packed8, float* stats);
+
+// As dpr_score_topk_f32 (same arguments and results), plus: table = the (N + 1, d) float32 table itself (the
+// exact re-score reads it), packed8 / stats from dpr_score_topk_pack_int8; excl_sorted = 0: exclusion rows
+// in any order (sorted here, as dpr_score_topk_f32_any_order); isa: DPR_TOPK_SCREEN_*; out_rescored: NULL or
+// (B) int64, the number of exact fp32 re-scores each row needed (a debugging / benchmarking count).
+int dpr_score_topk_int8(const float* queries, int64_t batch, int64_t d, const float* table, const uint8_t* packed8,
+                        const float* stats, int64_t n_items, int64_t k, const int64_t* excl_offsets,
+                        const int64_t* excl_items, int excl_sorted, const uint8_t* allowed,
+                        int64_t allowed_row_stride, int64_t* out_idx, float* out_scores, int num_threads, int isa,
+                        int64_t* out_rescored);
 
 #ifdef __cplusplus
 }

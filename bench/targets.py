@@ -41,10 +41,14 @@ def targets(res: dict) -> list[tuple]:
         rows.append(_row("host, recommend_batch (indices)", (ep.get("recommend_batch_indices") or {}).get("median_ms"),
                          "<=", 1.0, " ms"))
         rows.append(_row("host, recommend()", (ep.get("recommend") or {}).get("median_ms"), "<=", 3.0, " ms"))
-        for items in (100_000, 1_000_000):
-            r = [x for x in res.get("retrieval") or [] if x.get("items") == items and x.get("retriever") == "fused"]
-            rows.append(_row(f"fused retrieval at {items:,} items (% of matmul ceiling)",
-                             r[0].get("pct_of_ceiling") if r else None, ">=", 80.0, "%"))
+        # "fused" is what auto runs (with the int8 screen on AVX-512 VNNI it goes past the fp32 ceiling);
+        # "fused-fp32" is the same kernel scoring every item in fp32, the row the ceiling target is about there
+        for name in ("fused", "fused-fp32"):
+            for items in (100_000, 1_000_000):
+                r = [x for x in res.get("retrieval") or [] if x.get("items") == items and x.get("retriever") == name]
+                if r or name == "fused":
+                    rows.append(_row(f"{name} retrieval at {items:,} items (% of matmul ceiling)",
+                                     r[0].get("pct_of_ceiling") if r else None, ">=", 80.0, "%"))
     return rows
 
 

@@ -111,6 +111,9 @@ class TrainConfig:
     title_prompt_share: float = -1.0   # stages 2-3: share of prompts replaced by the title of an item of the tag
                                        # (dpr.train.title_prompts), so meaning carries, not only the tag's name;
                                        # -1: 0.3 where the titles say what their tag is (measured), else 0
+    word_prompt_share: float = -1.0    # stages 2-3: share of prompts replaced by a word of the text encoder's
+                                       # vocabulary near the tag's meaning (dpr.train.word_prompts); -1: 0.3 where
+                                       # words are found for at least half the tags, else 0
     tag_channel: int = -1              # the model's tag channel: 1 on, 0 off, -1 chosen from the dataset (on when
                                        # it has 1..dpr.train.auto.TAG_CHANNEL_MAX_TAGS tags)
     mix_positive: float = 0.4          # share of positive / negative / compound examples in stage 3

@@ -50,7 +50,48 @@ def _rebuild_steering(resume: Checkpoint, overrides: dict):
 POSITIVE_TERM_CANDIDATES = ((0.0, 0.0), (1.0, 3.0))
 
 
-def _stage3_choosing_positive_terms(model, dataset, cfg, rng, ctx, val_users, log, titles, meta):
+def _stand_ins(ctx, text_encoder, dataset, train_cfg, stages, meta, log):
+    """The stand-in prompts of stages 2-3 (dpr.train.word_prompts.StandIns): item titles and vocabulary words
+    of each tag, each with its share (``-1``: chosen here, recorded in ``meta["auto"]`` and printed)."""
+    from dpr.train.word_prompts import StandIns
+
+    if ctx is None or not set(stages) & {2, 3}:
+        return StandIns([]), train_cfg
+    chosen = meta.setdefault("auto", {"chosen": {}}).setdefault("chosen", {})
+    titles = None
+    if train_cfg.title_prompt_share != 0 or train_cfg.word_prompt_share != 0:
+        from dpr.train.title_prompts import TitlePrompts, auto_share
+
+        t0 = time.time()
+        titles = TitlePrompts(text_encoder, dataset.catalogue)
+        if train_cfg.title_prompt_share < 0:
+            share, why = auto_share(titles, ctx, dataset.catalogue)
+            train_cfg = dataclasses.replace(train_cfg, title_prompt_share=share)
+            chosen["title_prompt_share"] = {"value": share, "reason": why}
+            log(f"auto: title_prompt_share = {share:g} ({why})")
+        log(f"title prompts: {int((titles.count > 0).sum())} of {len(titles.count)} tags have titled items "
+            f"(encoded in {time.time() - t0:.1f}s); share {train_cfg.title_prompt_share:g}")
+    words = None
+    if train_cfg.word_prompt_share != 0:
+        from dpr.train.word_prompts import AUTO_SHARE, WordPrompts
+
+        t0 = time.time()
+        words = WordPrompts(text_encoder, ctx, dataset.catalogue.num_tags, titles=titles)
+        covered = int((words.count > 0).sum())
+        if train_cfg.word_prompt_share < 0:
+            share = AUTO_SHARE if covered * 2 >= len(words.count) else 0.0
+            why = (f"words found for {covered} of {len(words.count)} tags "
+                   f"({'at least' if share else 'fewer than'} half)")
+            train_cfg = dataclasses.replace(train_cfg, word_prompt_share=share)
+            chosen["word_prompt_share"] = {"value": share, "reason": why}
+            log(f"auto: word_prompt_share = {share:g} ({why})")
+        log(f"word prompts: {words.summary(dataset.catalogue.tag_names)} in {time.time() - t0:.1f}s; "
+            f"share {train_cfg.word_prompt_share:g}")
+        meta["word_prompts"] = {dataset.catalogue.tag_names[t]: words.words[t][:20] for t in range(len(words.words))}
+    return StandIns([(titles, train_cfg.title_prompt_share), (words, train_cfg.word_prompt_share)]), train_cfg
+
+
+def _stage3_choosing_positive_terms(model, dataset, cfg, rng, ctx, val_users, log, stand_ins, meta):
     """Stage 3 once per candidate pair of positive-term weights, each from the same starting state; the
     run with the best validation steering score is kept (never the test split) and recorded."""
     import copy
@@ -64,7 +105,7 @@ def _stage3_choosing_positive_terms(model, dataset, cfg, rng, ctx, val_users, lo
         model.load_state_dict(start, strict=False)
         c = dataclasses.replace(cfg, pos_lambda=pos_lambda, pos_keep_lambda=pos_keep)
         log(f"stage 3 with pos_lambda={pos_lambda:g}, pos_keep_lambda={pos_keep:g}")
-        res = train_stage3(model, dataset, c, rng, ctx, val_users=val_users, log=log, titles=titles)
+        res = train_stage3(model, dataset, c, rng, ctx, val_users=val_users, log=log, stand_ins=stand_ins)
         score = res.get("calibrated_score", res["best_valid_score"])
         tried.append({"pos_lambda": pos_lambda, "pos_keep_lambda": pos_keep, "valid_score": score})
         if best is None or score > best[0]:
@@ -149,36 +190,21 @@ def train(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig, text
         ctx = build_context(text_encoder, dataset.catalogue, bank)
         log(f"prompt table: {len(ctx.table.texts)} prompts and {dataset.num_items} item texts encoded "
             f"in {time.time() - t0:.1f}s")
-    titles = None
-    if ctx is not None and train_cfg.title_prompt_share != 0 and set(stages) & {2, 3}:
-        from dpr.train.title_prompts import TitlePrompts, auto_share
-
-        t0 = time.time()
-        titles = TitlePrompts(text_encoder, dataset.catalogue)
-        if train_cfg.title_prompt_share < 0:
-            share, why = auto_share(titles, ctx, dataset.catalogue)
-            train_cfg = dataclasses.replace(train_cfg, title_prompt_share=share)
-            meta.setdefault("auto", {"chosen": {}}).setdefault("chosen", {})["title_prompt_share"] = {
-                "value": share, "reason": why}
-            log(f"auto: title_prompt_share = {share:g} ({why})")
-        log(f"title prompts: {int((titles.count > 0).sum())} of {len(titles.count)} tags have titled items "
-            f"(encoded in {time.time() - t0:.1f}s); share {train_cfg.title_prompt_share:g}")
-        if train_cfg.title_prompt_share == 0:
-            titles = None
+    stand_ins, train_cfg = _stand_ins(ctx, text_encoder, dataset, train_cfg, stages, meta, log)
     val = dataset.eval_users()[: val_users] if val_users else None
     results = meta.setdefault("stage_results", {})
     for stage in stages:
         if stage == 1:
             results["1"] = train_stage1(model, dataset, train_cfg, rng, val_users=None, log=log)
         elif stage == 2:
-            results["2"] = train_stage2(model, dataset, train_cfg, rng, ctx, log=log, titles=titles)
+            results["2"] = train_stage2(model, dataset, train_cfg, rng, ctx, log=log, stand_ins=stand_ins)
         elif stage == 3:
             if train_cfg.pos_lambda < 0 or train_cfg.pos_keep_lambda < 0:
                 train_cfg, results["3"] = _stage3_choosing_positive_terms(model, dataset, train_cfg, rng, ctx,
-                                                                          val_users, log, titles, meta)
+                                                                          val_users, log, stand_ins, meta)
             else:
                 results["3"] = train_stage3(model, dataset, train_cfg, rng, ctx, val_users=val_users, log=log,
-                                            titles=titles)
+                                            stand_ins=stand_ins)
         else:
             raise ValueError(f"unknown stage {stage}; stages are 1, 2, 3")
         meta["stages_done"] = sorted(set(meta.get("stages_done", [])) | {stage})

@@ -37,7 +37,7 @@ def tag_head_loss(logits: torch.Tensor, tags: torch.Tensor) -> torch.Tensor:
 
 
 def train_stage2(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Generator, ctx,
-                 log=print, titles=None) -> dict:
+                 log=print, stand_ins=None) -> dict:
     for p in model.parameters():
         p.requires_grad_(False)
     params = list(model.projection.parameters())
@@ -59,8 +59,8 @@ def train_stage2(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
             pol = POLARITY_POSITIVE if rng.random() < 0.5 else POLARITY_NEGATIVE
             words = rng.integers(ctx.train_wordings[pol], size=cfg.batch_size)
             emb = table.lookup(pol, words, tags)
-            if titles is not None:
-                emb = titles.mix(emb, tags, rng, cfg.title_prompt_share)
+            if stand_ins:
+                emb = stand_ins.mix(emb, tags, rng)
             p = model.project_prompt(emb)
             loss = alignment_loss(p, items, item_tags[:, tags].t(), cfg.align_temperature)
             if model.cfg.tag_channel:

@@ -93,7 +93,7 @@ def check_stage3_config(cfg: TrainConfig, allow_auto: bool = False) -> None:
 
 
 def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Generator, ctx,
-                 validate: bool = True, val_users: int = 1000, log=print, titles=None) -> dict:
+                 validate: bool = True, val_users: int = 1000, log=print, stand_ins=None) -> dict:
     from dpr.eval.protocol import run_task
 
     check_stage3_config(cfg)
@@ -137,9 +137,9 @@ def train_stage3(model, dataset: Dataset, cfg: TrainConfig, rng: np.random.Gener
                                  batch.pos_tag)
             t_neg = table.lookup(POLARITY_NEGATIVE, rng.integers(ctx.train_wordings[POLARITY_NEGATIVE], size=b),
                                  batch.neg_tag)
-            if titles is not None:
-                t_pos = titles.mix(t_pos, batch.pos_tag, rng, cfg.title_prompt_share)
-                t_neg = titles.mix(t_neg, batch.neg_tag, rng, cfg.title_prompt_share)
+            if stand_ins:
+                t_pos = stand_ins.mix(t_pos, batch.pos_tag, rng)
+                t_neg = stand_ins.mix(t_neg, batch.neg_tag, rng)
             presence = torch.from_numpy(np.stack([has_pos, has_neg], axis=1).astype(np.int64))
             h2 = model.retrieval_vector(h, model.project_prompt(t_pos), model.project_prompt(t_neg), presence)
             table_r = model.retrieval_table

@@ -44,8 +44,14 @@ class TitlePrompts:
         tags = np.asarray(tags, dtype=np.int64)
         if share <= 0 or not len(tags):
             return emb
+        return self.replace(emb, tags, rng.random(len(tags)) < share, rng)
+
+    def replace(self, emb: torch.Tensor, tags: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """``emb`` with each selected row (``rows``, bool) replaced by the title embedding of a random item of
+        its tag; rows without a tag, or whose tag has no titled item, keep their prompt."""
+        tags = np.asarray(tags, dtype=np.int64)
         t = np.maximum(tags, 0)
-        rows = (tags >= 0) & (rng.random(len(tags)) < share) & (self.count[t] > 0)
+        rows = (tags >= 0) & rows & (self.count[t] > 0)
         if not rows.any():
             return emb
         pick = self.start[t[rows]] + (rng.random(int(rows.sum())) * self.count[t[rows]]).astype(np.int64)

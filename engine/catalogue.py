@@ -147,7 +147,10 @@ class Catalogue:
 
     def filter_keys(self, filters: list, label: str = "request") -> list:
         """The checked filter key of every row; a filter shared by every row is checked once."""
-        if filters and all(f is filters[0] for f in filters):
+        # the same object on every row (usually None): checked once. None is counted in one C loop; a dict by
+        # identity (== on user dicts could compare numpy arrays inside them)
+        first = filters[0] if filters else None
+        if filters and (filters.count(None) == len(filters) if first is None else all(f is first for f in filters)):
             return [self.filter_key(filters[0], "hard_filter")] * len(filters)
         return [self.filter_key(f, f"{label} {i}: hard_filter") for i, f in enumerate(filters)]
 
@@ -167,7 +170,7 @@ class Catalogue:
         """What the retriever takes for a batch's filter keys: None (no filter), one shared (N + 1,) mask when
         every row has the same key, else (B, N + 1) (rows without a filter allow every item)."""
         first = keys[0] if keys else None
-        if all(k is first for k in keys) or len(set(keys)) == 1:
+        if keys.count(first) == len(keys):             # one shared key (usually None): one C loop, no genexpr
             return None if first is None else self.mask_for(first)
         masks = {key: self.mask_for(key) for key in set(keys) if key}
         return np.stack([masks[key] if key else self._full for key in keys])

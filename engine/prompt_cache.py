@@ -24,15 +24,18 @@ class PromptCache:
 
     def get_many(self, model_hash: str, texts: list[str]) -> list[np.ndarray | None]:
         out: list[np.ndarray | None] = []
+        get, touch, app = self._data.get, self._data.move_to_end, out.append
+        hits = 0
         with self._lock:
             for t in texts:
-                v = self._data.get((model_hash, t))
-                if v is None:
-                    self.misses += 1
-                else:
-                    self.hits += 1
-                    self._data.move_to_end((model_hash, t))
-                out.append(v)
+                key = (model_hash, t)
+                v = get(key)
+                if v is not None:
+                    hits += 1
+                    touch(key)
+                app(v)
+            self.hits += hits
+            self.misses += len(texts) - hits
         return out
 
     def put_many(self, model_hash: str, texts: list[str], vectors: np.ndarray) -> None:

@@ -8,7 +8,9 @@ Scenarios (each bounded by ``--requests`` and ``--duration-s``; it stops by itse
 * ``single``: one request per call from ``--clients`` concurrent clients (64).
 
 Targets: ``http`` (``POST /recommend``, JSON), ``http-v2`` (the dpr service's KServe v2 infer route, JSON
-tensors), ``triton-http`` and ``triton-grpc`` (tritonclient's asyncio clients against tritonserver), and, for an
+tensors), ``triton-http`` (the hand-written client below with tritonclient's binary-tensor bodies;
+``--triton-http-client tritonclient`` for its asyncio client) and ``triton-grpc`` (tritonclient's gRPC asyncio client)
+against tritonserver, and, for an
 A/B, ``http-fastapi`` (``/recommend`` with a JSON content type the lean path leaves to the FastAPI route). The
 HTTP targets use a hand-written keep-alive client (:class:`RawHTTP`; ``--http-client aiohttp`` for aiohttp).
 The clients share the machine with the server (on 2 cores, one loop of Python clients costs the server a

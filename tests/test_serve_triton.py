@@ -4,6 +4,7 @@ the in-process engine's on the same export."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -176,6 +177,18 @@ def test_dpr_serve_triton(export_dir, engine, tmp_path):
         check(gc.infer("dpr", inputs(tg, hist, [None, "no horror"], k=[7, 7])), engine, hist, [None, "no horror"], 7)
         hc = th.InferenceServerClient(f"127.0.0.1:{http}")
         check(hc.infer("dpr", inputs(th, hist, ["more comedy", None], k=[3, 3])), engine, hist, ["more comedy", None], 3)
+        # the load test's hand-written client: tritonclient's binary-tensor bodies on one keep-alive connection
+        # each; answered calls count as such, a refused one as an error naming Triton's answer
+        from dpr.serve.load import LoadConfig, run_triton_raw, triton_http_bodies
+
+        good = triton_http_bodies(th, [inputs(th, hist, [None, "no horror"], k=[7, 7]), inputs(th, [["i9"]], k=[2])])
+        out = asyncio.run(run_triton_raw(f"127.0.0.1:{http}", good, 2, 2, LoadConfig(requests=16, duration_s=60)))
+        assert out["errors"] == 0 and out["calls"] == 8, out
+        bad = triton_http_bodies(th, [inputs(th, [["no-such-id"]], k=[2])])
+        out = asyncio.run(run_triton_raw(f"127.0.0.1:{http}", good + bad, 1, 1, LoadConfig(requests=6, duration_s=60),
+                                         warm=[]))
+        assert out["errors"] == 2 and out["calls"] == 6 and "HTTP 400" in out["error_sample"], out
+        assert "no-such-id" in out["error_sample"], out
         text = __import__("urllib.request").request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read()
         assert b'nv_inference_request_success{model="dpr"' in text
         hc.close()

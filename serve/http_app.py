@@ -22,6 +22,7 @@ import json
 import signal
 import time
 from contextlib import asynccontextmanager
+from itertools import chain
 from typing import Optional, Union
 
 from fastapi import FastAPI, Request
@@ -403,7 +404,7 @@ def _parts_from_requests(reqs: list, svc: Service, label) -> list:
         rl = (lambda r, rows=rows: label(rows[r]))
         if k < 1:
             raise InputError(f"{rl(0)}: k must be >= 1, got {k}")
-        flat = [x for r in sub for x in r.history]
+        flat = list(chain.from_iterable(r.history for r in sub))
         lens = [len(r.history) for r in sub]
         prompts = [r.prompt for r in sub]
         negs = [r.negative_prompt for r in sub]

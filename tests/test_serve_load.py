@@ -174,3 +174,24 @@ def test_warm_up_covers_every_distinct_prompt():
     assert got == [0, 2, 4]
     seen = {t for i in got for _, p, n in chunks[i] for t in (p, n)} - {None}
     assert seen == {"a", "b", "c"}
+
+
+def test_lean_parse_of_a_list_checks_every_id_even_on_the_fast_path():
+    """A list body without a surrogate escape has its ids checked by type only; one with such an escape (or an
+    escaped backslash before "ud8") by the exact per-string check. Either way a bad id leaves the body to the
+    route."""
+    ok = [{"history": ["i1", "é"], "k": 2}, {"history": ["i3"], "prompt": "x"}]
+    got = lean.parse(json.dumps(ok, ensure_ascii=False).encode(), b"application/json")
+    assert got is not None and [r.history for r in got[0]] == [["i1", "é"], ["i3"]] and got[1] is False
+    for bad in ([{"history": ["i1", 7]}, {"history": ["i2"]}],                 # not a string
+                [{"history": ["i1"]}, {"history": ["i2", None]}],
+                [{"history": ["i1"]}, {"history": [["i2"]]}]):
+        assert lean.parse(json.dumps(bad).encode(), b"application/json") is None, bad
+    lone = b'[{"history": ["i1"]}, {"history": ["i2", "\\ud800"]}]'            # a lone surrogate after json.loads
+    assert lean.parse(lone, b"application/json") is None
+    pair = b'[{"history": ["i1"]}, {"history": ["\\ud83d\\ude00"]}]'            # a valid pair: one code point
+    got = lean.parse(pair, b"application/json")
+    assert got is not None and got[0][1].history == ["\U0001F600"]
+    slash = b'[{"history": ["a\\\\ud800"]}, {"history": ["i2"]}]'              # an escaped backslash, then text
+    got = lean.parse(slash, b"application/json")
+    assert got is not None and got[0][0].history == ["a\\ud800"]

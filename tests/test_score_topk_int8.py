@@ -289,3 +289,25 @@ def test_bench_case_runs_small():
 
     res = run_case(3000, batch=20, d=16, history=5, iters=1, threads=1)
     assert res["identical"] and res["int8"]["rescored_per_row"] >= 10
+
+
+def test_engine_reports_the_screen_and_answers_alike_with_it_off(export_dir):
+    """The engine's choice_reason ends with the fused retriever's screen choice; retriever_options turns the
+    screen off, and the answers are the same either way."""
+    if not score_topk.library_available():
+        pytest.skip("libdpr_score_topk.so is not built (python -m dpr.kernels.build)")
+    from dpr.engine import Engine
+
+    on = Engine.load(export_dir, backend="onnxruntime", retriever="fused", retriever_options={"screen": "int8"})
+    off = Engine.load(export_dir, backend="onnxruntime", retriever="fused", retriever_options={"screen": "off"})
+    try:
+        assert "int8 screen" in on.choice_reason and "screen='off' requested" in off.choice_reason
+        hist = [["i1", "i2", "i3"], ["i10"], ["i4", "i9", "i33", "i7"]]
+        prompts = ["something funny", None, "more comedy"]
+        a = on.recommend(hist, prompts=prompts, k=7)
+        b = off.recommend(hist, prompts=prompts, k=7)
+        assert a.item_ids == b.item_ids
+        np.testing.assert_array_equal(np.array(a.scores), np.array(b.scores))
+    finally:
+        on.close()
+        off.close()

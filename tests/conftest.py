@@ -13,6 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# `python -m pytest` without PYTHONSAFEPATH (make test exports it) puts the working directory, usually the
+# repository root, first on sys.path, where kernels/, engine/, ... would stand in for installed modules of those
+# names. Take it off before any test module imports anything.
+import sys  # noqa: E402
+
+sys.path[:] = [p for p in sys.path if p != "" and Path(p).resolve() != REPO]
+
 
 def _register_shared(name: str) -> None:
     """Make ``tests/<name>.py`` importable as ``dpr_tests_<name>``: pytest runs in importlib mode, which puts no

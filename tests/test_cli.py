@@ -41,7 +41,7 @@ def test_eval_rejects_other_catalogue(tiny_checkpoint, capsys):
 def test_bad_checkpoint_exit_code(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_text("not a checkpoint")
-    r = subprocess.run([sys.executable, "-m", "dpr.cli.eval", str(bad)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-P", "-m", "dpr.cli.eval", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "dpr-eval: error:" in r.stderr and "Traceback" not in r.stderr
 

@@ -118,3 +118,31 @@ def test_the_readme_command_line_examples_run_as_written(export_dir):
     # the usage line shows ids the demo's catalogue has (strings i1..i2000), not bare numbers
     usage = [ln for ln in lines if ln.startswith("dpr-recommend EXPORT_DIR")]
     assert usage and all(re.search(r"--history i\d+(,i\d+)*", u) for u in usage)
+
+
+# the Python launches that mean to start as a user would (the root on sys.path: what these tests check) or that
+# keep the root off by other means; every other launch in the project must pass -P itself, so that it holds
+# whoever starts the project (make exports PYTHONSAFEPATH, a bare `pytest` or a user's shell may not)
+_LAUNCH = re.compile(r"\[\s*(sys\.executable|str\(TRITON_PY\)|str\(triton_python\(\)\)|cfg\.triton_python)\s*,\s*([^\]\n]*)")
+_LAUNCH_EXEMPT = {
+    ("tests/test_fresh_clone.py", "_as_a_user"),              # deliberately the root on sys.path
+    ("tests/test_serve_http.py", "test_bare_name_serve_is_never_the_folder"),  # the same, for serve/
+    ("tests/test_moe_gate_op.py", "PYTHONSAFEPATH"),           # env PYTHONSAFEPATH=1 and cwd outside the repo
+    ("bench/demo.py", "sys.version_info"),                     # -P where the interpreter has it (3.11+)
+}
+
+
+def test_every_python_the_project_launches_keeps_the_root_off_sys_path():
+    files = [p for d in FOLDERS + ("dpr", "tests", "scripts") for p in (REPO / d).rglob("*.py")]
+    bad = []
+    for p in files:
+        text = p.read_text()
+        rel = str(p.relative_to(REPO))
+        for m in _LAUNCH.finditer(text):
+            if m.group(2).startswith('"-P"'):
+                continue
+            near = text[max(0, m.start() - 1500):m.end() + 300]
+            if any(rel == f and key in near for f, key in _LAUNCH_EXEMPT):
+                continue
+            bad.append(f"{rel}: {text[m.start():m.end()]}")
+    assert not bad, "Python launched without -P (the root on sys.path when the cwd is the root):\n" + "\n".join(bad)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 
 import numpy as np
 
@@ -22,17 +21,9 @@ from dpr.engine.retrieval import get_retriever
 from dpr.engine.retrieval.filters import Exclusions
 from dpr.kernels import score_topk
 
+from .retrieval_speed import _time
+
 __all__ = ["main", "run_case"]
-
-
-def _times(fn, iters: int) -> list[float]:
-    fn()    # warm-up
-    out = []
-    for _ in range(max(1, iters)):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def run_case(num_items: int, batch: int = 512, d: int = 64, k: int = 10, history: int = 0, iters: int = 5,
@@ -49,7 +40,7 @@ def run_case(num_items: int, batch: int = 512, d: int = 64, k: int = 10, history
     out = {}
     for screen in ("off", "int8"):
         r = get_retriever("fused", table, screen=screen, threads=threads)
-        ts = _times(lambda: r.search(q, k, exclude=exclude), iters)
+        ts = _time(lambda: r.search(q, k, exclude=exclude), iters, warmup=1)
         out[screen] = r.search(q, k, exclude=exclude)
         best = min(ts)
         res[screen] = {"ms_min": 1e3 * best, "ms_median": 1e3 * statistics.median(ts),

@@ -76,9 +76,9 @@ def make_retriever(export, name: str, dev: str, opts: dict):
     else:
         why = "requested explicitly"
     retriever = get_retriever(name, export.item_embeddings(), device=dev, **opts)
-    screen = getattr(retriever, "screen_reason", None)
-    if screen:                      # the fused kernel's int8 screen: on or off, and why
-        why = f"{why}; {screen}"
+    note = getattr(retriever, "setup_note", None)      # a registered factory may return any duck-typed retriever
+    if note:
+        why = f"{why}; {note}"
     return name, retriever, why
 
 

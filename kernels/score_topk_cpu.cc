@@ -326,6 +326,45 @@ static inline float round_up_float(double v) {
   return f;
 }
 
+// How many catalogue parts a call splits into: 1 (the rows split, in whole query blocks, one range per thread)
+// when there are enough query blocks for every thread; else split the catalogue (small batches, e.g. one
+// latency-bound request) and merge the per-part heaps (merge_parts).
+static int64_t catalogue_parts(int64_t batch, int64_t rows_per_block, int threads, int64_t panels) {
+  return (batch >= 2 * rows_per_block * threads || threads == 1)
+             ? 1 : std::min<int64_t>(threads, std::max<int64_t>(1, panels / 4));
+}
+
+// One running top-k per (part, row) over one block of entries; false when it cannot be allocated.
+static bool make_heaps(int64_t parts, int64_t batch, int64_t heap_k, std::vector<Entry>& storage,
+                       std::vector<RunningTopK>& tops) {
+  try {
+    storage.resize(static_cast<size_t>(parts * batch * heap_k));
+    tops.resize(static_cast<size_t>(parts * batch));
+  } catch (const std::bad_alloc&) {
+    return false;
+  }
+  for (int64_t i = 0; i < parts * batch; ++i) tops[i] = RunningTopK{storage.data() + i * heap_k, 0, heap_k};
+  return true;
+}
+
+// Each row's k best over its parts' heaps, sorted, into the outputs.
+static void merge_parts(const std::vector<RunningTopK>& tops, int64_t parts, int64_t batch, int64_t k,
+                        int64_t* out_idx, float* out_scores) {
+  std::vector<Entry> merged;
+  for (int64_t b = 0; b < batch; ++b) {
+    if (parts == 1) {
+      write_row(tops[b].heap, tops[b].size, k, out_idx + b * k, out_scores + b * k);
+      continue;
+    }
+    merged.clear();
+    for (int64_t part = 0; part < parts; ++part) {
+      const RunningTopK& t = tops[part * batch + b];
+      merged.insert(merged.end(), t.heap, t.heap + t.size);
+    }
+    write_row(merged.data(), static_cast<int64_t>(merged.size()), k, out_idx + b * k, out_scores + b * k);
+  }
+}
+
 }  // namespace dpr_topk
 
 using namespace dpr_topk;
@@ -371,20 +410,10 @@ int dpr_score_topk_f32(const float* queries, int64_t batch, int64_t d, const flo
   const int threads = num_threads > 0 ? num_threads : omp_get_max_threads();
   const dpr_isa::Level isa = topk_isa();
   const int64_t rows_per_block = block_rows(isa);
-  // Split the rows when there are enough query blocks for every thread; else split the catalogue (small
-  // batches, e.g. one latency-bound request) and merge the per-part heaps.
-  const int64_t parts = (batch >= 2 * rows_per_block * threads || threads == 1)
-                            ? 1 : std::min<int64_t>(threads, std::max<int64_t>(1, panels / 4));
-  const int64_t heap_k = std::min(k, n_items);
+  const int64_t parts = catalogue_parts(batch, rows_per_block, threads, panels);
   std::vector<Entry> storage;
   std::vector<RunningTopK> tops;
-  try {
-    storage.resize(static_cast<size_t>(parts * batch * heap_k));
-    tops.resize(static_cast<size_t>(parts * batch));
-  } catch (const std::bad_alloc&) {
-    return DPR_TOPK_OUT_OF_MEMORY;
-  }
-  for (int64_t i = 0; i < parts * batch; ++i) tops[i] = RunningTopK{storage.data() + i * heap_k, 0, heap_k};
+  if (!make_heaps(parts, batch, std::min(k, n_items), storage, tops)) return DPR_TOPK_OUT_OF_MEMORY;
 
   if (parts == 1) {
     // contiguous row ranges, in whole query blocks, one per thread
@@ -402,20 +431,7 @@ int dpr_score_topk_f32(const float* queries, int64_t batch, int64_t d, const flo
       run_any(isa, queries, d, packed, n_items, 0, batch, p0, p1, el, tops.data() + part * batch);
     }
   }
-
-  std::vector<Entry> merged;
-  for (int64_t b = 0; b < batch; ++b) {
-    if (parts == 1) {
-      write_row(tops[b].heap, tops[b].size, k, out_idx + b * k, out_scores + b * k);
-      continue;
-    }
-    merged.clear();
-    for (int64_t part = 0; part < parts; ++part) {
-      const RunningTopK& t = tops[part * batch + b];
-      merged.insert(merged.end(), t.heap, t.heap + t.size);
-    }
-    write_row(merged.data(), static_cast<int64_t>(merged.size()), k, out_idx + b * k, out_scores + b * k);
-  }
+  merge_parts(tops, parts, batch, k, out_idx, out_scores);
   return DPR_TOPK_OK;
 }
 
@@ -508,19 +524,16 @@ int dpr_score_topk_int8(const float* queries, int64_t batch, int64_t d, const fl
   }
   const int64_t G = int8_groups(d), panels = (n_items + kPanel - 1) / kPanel;
   const int64_t rows_per_block = si == kScreenGeneric ? kRowsGeneric : kRowsAvx512;
-  const int64_t parts = (batch >= 2 * rows_per_block * threads || threads == 1)
-                            ? 1 : std::min<int64_t>(threads, std::max<int64_t>(1, panels / 4));
-  const int64_t heap_k = std::min(k, n_items);
+  const int64_t parts = catalogue_parts(batch, rows_per_block, threads, panels);
   std::vector<int8_t> q8;
   std::vector<ScreenRow> rows;
   std::vector<Entry> storage;
   std::vector<RunningTopK> tops;
   std::vector<int64_t> rescored;
+  if (!make_heaps(parts, batch, std::min(k, n_items), storage, tops)) return DPR_TOPK_OUT_OF_MEMORY;
   try {
     q8.assign(static_cast<size_t>(batch * G * 4), 0);
     rows.resize(static_cast<size_t>(batch));
-    storage.resize(static_cast<size_t>(parts * batch * heap_k));
-    tops.resize(static_cast<size_t>(parts * batch));
     if (out_rescored != nullptr) rescored.assign(static_cast<size_t>(parts * batch), 0);
   } catch (const std::bad_alloc&) {
     return DPR_TOPK_OUT_OF_MEMORY;
@@ -555,7 +568,6 @@ int dpr_score_topk_int8(const float* queries, int64_t batch, int64_t d, const fl
     R.b_d = bc;
     R.acc0 = static_cast<int32_t>(-128 * sum);
   }
-  for (int64_t i = 0; i < parts * batch; ++i) tops[i] = RunningTopK{storage.data() + i * heap_k, 0, heap_k};
   const Int8Problem P{queries, q8.data(), rows.data(), table, packed8, stats, d, G, n_items};
   const Eligibility el{excl_offsets, excl_items, allowed, allowed_row_stride};
   int64_t* rc = out_rescored != nullptr ? rescored.data() : nullptr;
@@ -584,24 +596,14 @@ int dpr_score_topk_int8(const float* queries, int64_t batch, int64_t d, const fl
     }
   }
   if (oom) return DPR_TOPK_OUT_OF_MEMORY;
-  std::vector<Entry> merged;
-  for (int64_t b = 0; b < batch; ++b) {
-    if (out_rescored != nullptr) {
+  if (out_rescored != nullptr) {
+    for (int64_t b = 0; b < batch; ++b) {
       int64_t total = 0;
       for (int64_t part = 0; part < parts; ++part) total += rescored[part * batch + b];
       out_rescored[b] = total;
     }
-    if (parts == 1) {
-      write_row(tops[b].heap, tops[b].size, k, out_idx + b * k, out_scores + b * k);
-      continue;
-    }
-    merged.clear();
-    for (int64_t part = 0; part < parts; ++part) {
-      const RunningTopK& t = tops[part * batch + b];
-      merged.insert(merged.end(), t.heap, t.heap + t.size);
-    }
-    write_row(merged.data(), static_cast<int64_t>(merged.size()), k, out_idx + b * k, out_scores + b * k);
   }
+  merge_parts(tops, parts, batch, k, out_idx, out_scores);
   return DPR_TOPK_OK;
 }
 

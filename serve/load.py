@@ -292,19 +292,30 @@ async def run_http(url: str, route: str, payloads: list[bytes], rows_per_call: i
         return await run_aiohttp(url, route, payloads, rows_per_call, conc, cfg, mark, content_type, warm)
     if cfg.http_client != "raw":
         raise ValueError(f"http_client must be 'raw' or 'aiohttp', got {cfg.http_client!r}")
+    requests = [post_head(url, route, len(b), content_type) + b for b in payloads]
+    return await drive_raw(url, requests, _ok_status, rows_per_call, conc, cfg, mark, warm)
+
+
+def _ok_status(status: int, data: bytes):
+    return True if status == 200 else f"HTTP {status}: {data[:200]!r}"
+
+
+async def drive_raw(url: str, requests: list[bytes], check, rows_per_call: int, conc: int, cfg, mark=None,
+                    warm=None) -> dict:
+    """:func:`drive` over ``conc`` :class:`RawHTTP` keep-alive connections (a pool of ``conc``: no client waits
+    for one). ``requests``: each call's whole request, head and body, prepared once so a call builds no Python
+    objects; ``check(status, body)`` says whether the answer is right (True) or what is wrong."""
     host, port = url.split("://", 1)[-1].rstrip("/").rsplit(":", 1)
     pool = [RawHTTP(host, int(port)) for _ in range(conc)]
-    # prepared once: the request bytes of each payload (head + body), so a call builds no Python objects
-    heads = {len(b): post_head(url, route, len(b), content_type) for b in payloads}
     try:
-        async def call(body):
+        async def call(req):
             conn = pool.pop()
             try:
-                status, data = await conn.post(heads[len(body)], body)
+                status, data = await conn.post(b"", req)
             finally:
                 pool.append(conn)
-            return True if status == 200 else f"HTTP {status}: {data[:200]!r}"
-        return await drive(call, payloads, rows_per_call, conc, cfg, warm=warm, mark=mark)
+            return check(status, data)
+        return await drive(call, requests, rows_per_call, conc, cfg, warm=warm, mark=mark)
     finally:
         for conn in pool:
             conn.close()
@@ -316,24 +327,15 @@ async def run_triton_raw(url: str, bodies: list[tuple[bytes, int]], rows_per_cal
     from :func:`triton_http_bodies`), so that the comparison is between the servers, not their clients:
     tritonclient's asyncio HTTP client (aiohttp underneath) cost 209 us of client CPU per single-request call on
     the 2-core VM against 46 us for this one. A 200 answer must carry Triton's binary-output header."""
-    host, port = url.split("://", 1)[-1].rstrip("/").rsplit(":", 1)
-    pool = [RawHTTP(host, int(port)) for _ in range(conc)]
     calls = [post_head(url, "/v2/models/dpr/infer", len(b), "application/octet-stream",
                        f"inference-header-content-length: {js}\r\n") + b for b, js in bodies]
-    try:
-        async def call(req):
-            conn = pool.pop()
-            try:
-                status, data = await conn.post(b"", req)
-            finally:
-                pool.append(conn)
-            if status != 200:
-                return f"HTTP {status}: {data[:200]!r}"
-            return True if b'"counts"' in data[:4096] else f"no counts in the answer: {data[:200]!r}"
-        return await drive(call, calls, rows_per_call, conc, cfg, warm=warm, mark=mark)
-    finally:
-        for conn in pool:
-            conn.close()
+    return await drive_raw(url, calls, _has_counts, rows_per_call, conc, cfg, mark, warm)
+
+
+def _has_counts(status: int, data: bytes):
+    if status != 200:
+        return _ok_status(status, data)
+    return True if b'"counts"' in data[:4096] else f"no counts in the answer: {data[:200]!r}"
 
 
 async def run_aiohttp(url: str, route: str, payloads: list[bytes], rows_per_call: int, conc: int, cfg, mark=None,
@@ -457,7 +459,7 @@ def _scenario(target: str, sc: str, url: str, batches, cfg: LoadConfig, mark=Non
         bodies = triton_http_bodies(th, triton_inputs(th, chunks, cfg.k))
         out = asyncio.run(run_triton_raw(url, bodies, size, conc, cfg, mark, warm=warm))
     else:
-        if cfg.triton_http_client not in ("raw", "tritonclient"):
+        if target == "triton-http" and cfg.triton_http_client != "tritonclient":
             raise ValueError(f"triton_http_client must be 'raw' or 'tritonclient', got {cfg.triton_http_client!r}")
         mod = "tritonclient.grpc.aio" if target.endswith("grpc") else "tritonclient.http.aio"
         base = "tritonclient.grpc" if target.endswith("grpc") else "tritonclient.http"

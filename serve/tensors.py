@@ -36,6 +36,7 @@ from .columns import IdCheck, LimitError, Part, check_limits, split_rows
 from .render import id_array
 
 PAD_SCORE = float(np.finfo(np.float32).min)
+DEFAULT_K = 10                  # an absent or omitted ``k`` input
 INPUTS = {  # name: (datatype, dims without the batch dimension, optional)
     "history": ("BYTES", [-1], False),
     "prompt": ("BYTES", [1], True),
@@ -136,7 +137,7 @@ def parts_from_tensors(t: dict, cfg, ids: IdCheck, label=lambda r: f"row {r}") -
         raise InputError("input 'history' has no rows")
     prompts = _column(t.get("prompt"), "prompt", b)
     negatives = _column(t.get("negative_prompt"), "negative_prompt", b)
-    ks = _ints(t.get("k"), "k", b, 10)
+    ks = _ints(t.get("k"), "k", b, DEFAULT_K)
     excl = _ints(t.get("exclude_history"), "exclude_history", b, True)
     filters = None
     if any(t.get(f) is not None for f in FILTERS):
@@ -180,8 +181,22 @@ def parts_from_tensors(t: dict, cfg, ids: IdCheck, label=lambda r: f"row {r}") -
 
 
 STACKABLE = frozenset(("history", "prompt", "negative_prompt", "k", "exclude_history"))
-_DEFAULTS = {"prompt": lambda b: np.full((b, 1), b"", dtype=object), "negative_prompt": lambda b: np.full((b, 1), b"", dtype=object),
-             "k": lambda b: np.full((b, 1), 10, dtype=np.int64), "exclude_history": lambda b: np.ones((b, 1), dtype=np.bool_)}
+# what a stacked request that omits an optional input gets in its rows (the defaults parts_from_tensors applies)
+_DEFAULTS = {"prompt": lambda b: np.full((b, 1), b"", dtype=object),
+             "negative_prompt": lambda b: np.full((b, 1), b"", dtype=object),
+             "k": lambda b: np.full((b, 1), DEFAULT_K, dtype=np.int64),
+             "exclude_history": lambda b: np.ones((b, 1), dtype=np.bool_)}
+
+
+def _stackable_column(x, name: str, b: int) -> bool:
+    """An optional [b, 1] input of the dtype parts_from_tensors takes without refusing it."""
+    if not isinstance(x, np.ndarray) or x.shape != (b, 1):
+        return False
+    if name == "k":
+        return np.issubdtype(x.dtype, np.integer)
+    if name == "exclude_history":
+        return x.dtype == np.bool_
+    return x.dtype == object and isinstance(x[0, 0], bytes)          # prompt, negative_prompt
 
 
 def stack_requests(tensors: list[dict]) -> tuple[dict, list[tuple[int, int]]] | None:
@@ -201,15 +216,8 @@ def stack_requests(tensors: list[dict]) -> tuple[dict, list[tuple[int, int]]] | 
                 or h.shape[0] == 0 or (h.size and not isinstance(h.flat[0], bytes)):
             return None
         b = h.shape[0]
-        for name in ("prompt", "negative_prompt", "k", "exclude_history"):
-            x = t.get(name)
-            if x is None:
-                continue
-            if not isinstance(x, np.ndarray) or x.shape != (b, 1):
-                return None
-            if name == "k" and not np.issubdtype(x.dtype, np.integer) or name == "exclude_history" and \
-                    x.dtype != np.bool_ or name.endswith("prompt") and (x.dtype != object or not isinstance(x[0, 0], bytes)):
-                return None
+        if not all(_stackable_column(t[name], name, b) for name in _DEFAULTS if name in t):
+            return None
         spans.append((start, start + b))
         start += b
         width = max(width, h.shape[1])
@@ -224,15 +232,17 @@ def stack_requests(tensors: list[dict]) -> tuple[dict, list[tuple[int, int]]] | 
     return out, spans
 
 
-def split_outputs(out: dict, spans: list[tuple[int, int]], ks) -> list[dict]:
-    """:func:`tensors_from_results` of a stacked batch cut back into each request's tensors: its rows, and as many
-    columns as its own largest k (what the request alone would have got)."""
-    ks = np.asarray(ks).reshape(-1)
+def split_outputs(out: dict, spans: list[tuple[int, int]], parts: list) -> list[dict]:
+    """:func:`tensors_from_results` of a stacked batch (its ``parts``: ``(Part, rows)`` as parts_from_tensors
+    returned them) cut back into each request's tensors: its rows, and as many columns as its own largest k
+    (what the request alone would have got)."""
+    ks = np.zeros(len(out["counts"]), np.int64)
+    for part, rows in parts:
+        ks[rows] = part.k
     res = []
     for a, z in spans:
         kw = int(ks[a:z].max())
-        res.append({"item_ids": out["item_ids"][a:z, :kw], "scores": out["scores"][a:z, :kw],
-                    "counts": out["counts"][a:z]})
+        res.append({"item_ids": out["item_ids"][a:z, :kw], "scores": out["scores"][a:z, :kw], "counts": out["counts"][a:z]})
     return res
 
 

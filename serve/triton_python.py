@@ -117,7 +117,7 @@ class TritonPythonModel:
             return False
         try:
             out = tensors_from_results(self.engine, len(batch["history"]), got, results, as_bytes=True)
-            for i, o in enumerate(split_outputs(out, spans, batch.get("k", np.full(len(batch["history"]), 10)))):
+            for i, o in enumerate(split_outputs(out, spans, got)):
                 responses[i] = pb_utils.InferenceResponse(
                     output_tensors=[pb_utils.Tensor(n, np.ascontiguousarray(a)) for n, a in o.items()])
         except Exception:  # noqa: BLE001 - answered one by one below, where a failure is that request's only

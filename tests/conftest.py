@@ -36,6 +36,7 @@ def _register_shared(name: str) -> None:
 
 _register_shared("fuzz_strategies")
 _register_shared("serve_answers")
+_register_shared("child_process")
 ML1M_DIR = Path(os.environ.get("DPR_ML1M_DIR", REPO.parent / "shared" / "data" / "ml-1m"))
 
 

@@ -4,11 +4,7 @@ tile, AVX2+FMA tile, portable tile), every thread partition (row split, catalogu
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
+import dpr_tests_child_process  # tests/child_process.py (conftest.py)
 import numpy as np
 import pytest
 import torch
@@ -125,14 +121,7 @@ def test_rejects_malformed_arguments():
         score_topk.score_topk(q, packed, 10, 0)
 
 
-def _child(code: str, env_extra: dict) -> dict:
-    """Run ``code`` in a fresh interpreter (-P, cwd tests/: never the repository root on sys.path), with the
-    ISA forced through the environment (the kernel reads it once per process); its last stdout line is JSON."""
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-P", "-c", code], env=dict(os.environ, **env_extra), capture_output=True,
-                          text=True, timeout=180, cwd=tests_dir)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+_child = dpr_tests_child_process.run_child
 
 
 def test_portable_tile_matches_the_avx512_tile():

@@ -6,11 +6,7 @@ VNNI one (where the CPU has it). No test here asserts a speed."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
+import dpr_tests_child_process  # tests/child_process.py (conftest.py)
 import numpy as np
 import pytest
 
@@ -259,12 +255,7 @@ def test_retriever_screen_option():
         on.search(q, 5)
 
 
-def _child(code: str, env_extra: dict) -> dict:
-    tests_dir = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-P", "-c", code], env=dict(os.environ, **env_extra), capture_output=True,
-                          text=True, timeout=180, cwd=tests_dir)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+_child = dpr_tests_child_process.run_child
 
 
 def test_isa_cap_turns_the_auto_screen_off():

@@ -24,15 +24,42 @@ AUTO_SHARE = 0.3          # the share when titles are informative (Amazon Office
 MIN_LIFT = 3.0            # informative: the nearest-tag agreement at least this many times chance
 
 
-class TitlePrompts:
+class StandInPool:
+    """Per tag, a pool of frozen text embeddings a training row's prompt can be swapped for: tag t's members are
+    ``flat[start[t]:start[t] + count[t]]``, rows of ``embeddings``. Titles (:class:`TitlePrompts`) and vocabulary
+    words (``dpr.train.word_prompts.WordPrompts``) are such pools."""
+
+    count: np.ndarray
+    start: np.ndarray
+    flat: np.ndarray
+    embeddings: torch.Tensor
+
+    def _set_members(self, members: list) -> None:
+        """``members[t]``: the rows of ``embeddings`` that tag t may draw."""
+        self.count = np.array([len(m) for m in members], dtype=np.int64)
+        self.start = np.concatenate([[0], np.cumsum(self.count)[:-1]]).astype(np.int64)
+        self.flat = np.concatenate(members).astype(np.int64) if members else np.zeros(0, np.int64)
+
+    def replace(self, emb: torch.Tensor, tags: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        """``emb`` with each selected row (``rows``, bool) replaced by a random member of its tag's pool; rows
+        without a tag, or whose tag's pool is empty, keep their prompt."""
+        tags = np.asarray(tags, dtype=np.int64)
+        t = np.maximum(tags, 0)
+        rows = (tags >= 0) & rows & (self.count[t] > 0)
+        if not rows.any():
+            return emb
+        pick = self.start[t[rows]] + (rng.random(int(rows.sum())) * self.count[t[rows]]).astype(np.int64)
+        out = emb.clone()
+        out[torch.from_numpy(rows)] = self.embeddings[torch.from_numpy(self.flat[pick])]
+        return out
+
+
+class TitlePrompts(StandInPool):
     def __init__(self, text_encoder, catalogue):
         titles = [str(t).strip() for t in catalogue.titles]
         item_tags = np.asarray(catalogue.item_tags[1:], dtype=bool)          # (N, T), row i is item i + 1
         usable = np.array([bool(t) for t in titles], dtype=bool)
-        members = [np.flatnonzero(item_tags[:, k] & usable) for k in range(item_tags.shape[1])]
-        self.count = np.array([len(m) for m in members], dtype=np.int64)
-        self.start = np.concatenate([[0], np.cumsum(self.count)[:-1]]).astype(np.int64)
-        self.flat = np.concatenate(members).astype(np.int64) if members else np.zeros(0, np.int64)
+        self._set_members([np.flatnonzero(item_tags[:, k] & usable) for k in range(item_tags.shape[1])])
         keep = np.unique(self.flat)
         self.embeddings = torch.zeros(len(titles), text_encoder.dim)
         if keep.size:
@@ -45,19 +72,6 @@ class TitlePrompts:
         if share <= 0 or not len(tags):
             return emb
         return self.replace(emb, tags, rng.random(len(tags)) < share, rng)
-
-    def replace(self, emb: torch.Tensor, tags: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        """``emb`` with each selected row (``rows``, bool) replaced by the title embedding of a random item of
-        its tag; rows without a tag, or whose tag has no titled item, keep their prompt."""
-        tags = np.asarray(tags, dtype=np.int64)
-        t = np.maximum(tags, 0)
-        rows = (tags >= 0) & rows & (self.count[t] > 0)
-        if not rows.any():
-            return emb
-        pick = self.start[t[rows]] + (rng.random(int(rows.sum())) * self.count[t[rows]]).astype(np.int64)
-        out = emb.clone()
-        out[torch.from_numpy(rows)] = self.embeddings[torch.from_numpy(self.flat[pick])]
-        return out
 
     def tag_agreement(self, prompt_table, polarity: int, train_wordings: int, item_tags) -> tuple[float, float]:
         """(share of titled items whose nearest tag is one of theirs, the same for a random tag): how much the

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from dpr.model.moe import POLARITY_NEGATIVE, POLARITY_POSITIVE
+from dpr.train.title_prompts import StandInPool
 
 PER_TAG = 50          # words kept per tag (the gain flattens from 50 to 200 on both catalogues)
 MARGIN = 0.03         # cosine lead over the second-nearest tag a word needs (ambiguous words stay out)
@@ -57,16 +58,14 @@ def tag_prototypes(ctx, num_tags: int, titles=None) -> torch.Tensor:
     return proto
 
 
-class WordPrompts:
+class WordPrompts(StandInPool):
     """Per tag, the vocabulary words nearest to it (see the module doc), with their frozen embeddings; ``replace``
     puts one of its tag's words in chosen rows. ``words[t]``: tag t's words, nearest first."""
 
     def __init__(self, text_encoder, ctx, num_tags: int, titles=None, per_tag: int = PER_TAG,
-                 margin: float = MARGIN, batch_size: int = 512, progress=None):
+                 margin: float = MARGIN):
         vocab = vocabulary(text_encoder.tokenizer)
-        chunks = [text_encoder.encode(vocab[i:i + batch_size]) for i in
-                  (progress(range(0, len(vocab), batch_size)) if progress else range(0, len(vocab), batch_size))]
-        emb = torch.cat(chunks).float() if chunks else torch.zeros(0, text_encoder.dim)
+        emb = text_encoder.encode(vocab, batch_size=512)                       # (V, D); words are a few tokens
         proto = tag_prototypes(ctx, num_tags, titles)
         self.vocabulary_size = len(vocab)
         self.words: list[list[str]] = [[] for _ in range(num_tags)]
@@ -83,23 +82,9 @@ class WordPrompts:
                 idx = idx[sim[idx, t].argsort(descending=True)[:per_tag]]
                 picked[t] = idx.numpy().astype(np.int64)
                 self.words[t] = [vocab[i] for i in picked[t].tolist()]
-        self.count = np.array([len(p) for p in picked], dtype=np.int64)
-        self.start = np.concatenate([[0], np.cumsum(self.count)[:-1]]).astype(np.int64)
-        flat = np.concatenate(picked) if picked else np.zeros(0, np.int64)
-        self.embeddings = emb[torch.from_numpy(flat)] if flat.size else torch.zeros(0, emb.shape[1])
-        self.flat = np.arange(len(flat), dtype=np.int64)       # row of self.embeddings per (tag, word)
-
-    def replace(self, emb: torch.Tensor, tags: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
-        """``emb`` with each selected row (``rows``, bool) replaced by the embedding of a random word of its tag;
-        rows whose tag has no word keep their prompt."""
-        t = np.maximum(np.asarray(tags, dtype=np.int64), 0)
-        rows = rows & (np.asarray(tags) >= 0) & (self.count[t] > 0)
-        if not rows.any():
-            return emb
-        pick = self.start[t[rows]] + (rng.random(int(rows.sum())) * self.count[t[rows]]).astype(np.int64)
-        out = emb.clone()
-        out[torch.from_numpy(rows)] = self.embeddings[torch.from_numpy(self.flat[pick])]
-        return out
+        kept = np.concatenate(picked) if picked else np.zeros(0, np.int64)
+        self.embeddings = emb[torch.from_numpy(kept)]                           # the kept words' rows only
+        self._set_members(np.split(np.arange(len(kept), dtype=np.int64), np.cumsum([len(p) for p in picked])[:-1]))
 
     def summary(self, tag_names, shown: int = 5) -> str:
         kept = int(self.count.sum())

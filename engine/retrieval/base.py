@@ -63,6 +63,9 @@ class Retriever:
 
     name = "base"
     supported_dtypes: tuple[str, ...] = ("float32",)
+    #: what the retriever chose for itself at construction and why (e.g. the fused kernel's int8 screen), or
+    #: None; the engine appends it to its ``choice_reason``
+    setup_note: str | None = None
 
     def __init__(self, item_embeddings: np.ndarray, *, device: str = "cpu", dtype: Any = "float32",
                  subset_fraction: float = 0.25, max_fetch: int = 4096, exact_tile: int = 65536,

@@ -93,6 +93,10 @@ class FusedRetriever(Retriever):
         return "off", None, (f"auto: {why}: every item scored in fp32 ({self.isa} tile; the portable int8 "
                              "screen is slower)")
 
+    @property
+    def setup_note(self) -> str:
+        return self.screen_reason
+
     def describe(self) -> dict:
         """What this retriever runs: the fp32 tile, the screen and why."""
         return {"name": self.name, "isa": self.isa, "screen": self.screen, "screen_isa": self.screen_isa,

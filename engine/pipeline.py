@@ -18,6 +18,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from dpr.errors import InputError
+from dpr.kernels.history_pad import pad_flat
 
 from .chunking import history_chunks, prompt_chunks
 from .columns import Columns
@@ -162,26 +163,24 @@ class StagePipeline:
     def _prompt_vectors(self, cols: Columns, timings: dict | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(p_pos, p_neg, presence) of a batch: each distinct prompt encoded (or found in the cache) once."""
         b = len(cols.prompts)
-        p_pos = np.zeros((b, self.dim), np.float32)
-        p_neg = np.zeros((b, self.dim), np.float32)
-        presence = np.zeros((b, 2), np.int64)
         where = dict.fromkeys(chain(cols.prompts, cols.negatives))      # distinct prompts, first-seen order
         where.pop(None, None)
         if not where:
             _add(timings, "tokenize", 0.0)
             _add(timings, "prompt_encoder", 0.0)
-            return p_pos, p_neg, presence
-        vecs = self._encode_unique(list(where), timings)
+            return np.zeros((b, self.dim), np.float32), np.zeros((b, self.dim), np.float32), np.zeros((b, 2), np.int64)
+        n = len(where)
+        # the distinct vectors and one zero row after them: each column is one gather (no prompt -> row n)
+        vecs = np.empty((n + 1, self.dim), np.float32)
+        vecs[:n] = self._encode_unique(list(where), timings)
+        vecs[n] = 0.0
         for i, t in enumerate(where):
             where[t] = i
-        where[None] = -1
-        for col, texts, dst in ((0, cols.prompts, p_pos), (1, cols.negatives, p_neg)):
-            code = np.fromiter(map(where.__getitem__, texts), np.int64, len(texts))   # a C-level map, no row loop
-            rows = np.flatnonzero(code >= 0)
-            if rows.size:
-                dst[rows] = vecs[code[rows]]
-                presence[rows, col] = 1
-        return p_pos, p_neg, presence
+        where[None] = n
+        codes = [np.fromiter(map(where.__getitem__, texts), np.int64, len(texts))   # a C-level map, no row loop
+                 for texts in (cols.prompts, cols.negatives)]
+        presence = np.stack(codes, axis=1) != n
+        return vecs.take(codes[0], axis=0), vecs.take(codes[1], axis=0), presence.astype(np.int64)
 
     # ---- histories --------------------------------------------------------------------------------------
     def pad_histories(self, seqs: Sequence[np.ndarray]) -> np.ndarray:
@@ -195,19 +194,9 @@ class StagePipeline:
         return out
 
     def _pad_flat(self, flat: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-        """``pad_histories`` of the rows ``flat[offsets[i]:offsets[i + 1]]``, in one vectorised pass."""
-        b, L = len(offsets) - 1, self.max_len
-        out = np.zeros((b, L), dtype=np.int64)
-        take = np.minimum(np.diff(offsets), L)                  # the most recent max_len items of each row
-        total = int(take.sum())
-        if total:
-            # flat position of each kept item, and its padded column: one repeat per array, no per-row work
-            ends = offsets[1:]
-            start_in_out = np.repeat(np.arange(b) * L + (L - take), take)
-            step = np.arange(total) - np.repeat(np.cumsum(take) - take, take)     # 0..take-1 per row
-            src = np.repeat(ends - take, take) + step
-            out.reshape(-1)[start_in_out + step] = flat[src]
-        return out
+        """``pad_histories`` of the rows ``flat[offsets[i]:offsets[i + 1]]`` (checked columns): one pass in the
+        native kernel (``dpr.kernels.history_pad``), or its whole-array numpy reference when that is not built."""
+        return pad_flat(flat, offsets, self.max_len)
 
     def encode_users(self, histories, p_pos=None, p_neg=None, presence=None, timings: dict | None = None) -> np.ndarray:
         """(B, retrieval_dim) steered user vectors. ``histories``: lists of original item ids, or an int64

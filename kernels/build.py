@@ -7,7 +7,7 @@ name               file                        needs
 =================  ==========================  =====================================================
 ``cpu_lib``        ``libdpr_kernels.so``       g++ (always): the CPU twin's C ABI, loaded by ctypes
 ``topk_lib``       ``libdpr_score_topk.so``    g++ (always): fused score + top-k retrieval (CPU), ctypes
-``ids_lib``        ``libdpr_id_index.so``      g++ (always): the engine's item-id index (CPU), ctypes
+``ids_lib``        ``libdpr_id_index.so``      g++ (always): the engine's item-id index and history padding (CPU), ctypes
 ``ort_lib``        ``libdpr_ort_ops.so``       g++ + ONNX Runtime headers: custom op, CPU EP
 ``cuda_lib``       ``libdpr_kernels_cuda.so``  nvcc: the CUDA launchers (sm_80, sm_90 SASS + PTX)
 ``ort_cuda_lib``   ``libdpr_ort_ops_cuda.so``  nvcc + ORT headers: custom op, CPU and CUDA EPs
@@ -247,9 +247,11 @@ def _targets(cxx: str | None, nvcc: str | None, ort_inc: Path | None) -> dict[st
         t["topk_lib"] = _Target("topk_lib", ["score_topk_cpu.cc", "score_topk.h", "score_topk_api.h"], [cxx],
                                 lambda tmp, out: [[cxx, *CXXFLAGS, "-shared", f"-I{k}", f"{k}/score_topk_cpu.cc",
                                                    "-o", str(out)]])
-        t["ids_lib"] = _Target("ids_lib", ["id_index_cpu.cc", "id_index_api.h"], [cxx],
+        # the engine's host-side batch helpers: the item-id index and the history padding
+        t["ids_lib"] = _Target("ids_lib", ["id_index_cpu.cc", "id_index_api.h", "history_pad_cpu.cc",
+                                           "history_pad_api.h"], [cxx],
                                lambda tmp, out: [[cxx, *CXXFLAGS, "-shared", f"-I{k}", f"{k}/id_index_cpu.cc",
-                                                  "-o", str(out)]])
+                                                  f"{k}/history_pad_cpu.cc", "-o", str(out)]])
         if ort_inc:
             t["ort_lib"] = _Target("ort_lib", ["ort_custom_op.cc", "fused_moe_gate_cpu.cc"], [cxx], lambda tmp, out: [
                 [cxx, *CXXFLAGS, "-shared", "-fvisibility=hidden", f"-I{k}", f"-I{ort_inc}",

@@ -29,6 +29,9 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.dpr_id_index_lookup.argtypes = [_P, ctypes.c_char_p, _I64, _P, _I64, ctypes.POINTER(_I64)]
     lib.dpr_id_index_free.restype = None
     lib.dpr_id_index_free.argtypes = [_P]
+    if hasattr(lib, "dpr_history_pad_left"):             # the same library holds the history padding
+        from dpr.kernels import history_pad
+        history_pad._configure(lib)
 
 
 def library() -> ctypes.CDLL | None:

@@ -899,6 +899,12 @@ def test_user_encoder_inputs_are_what_recommend_feeds(engine):
             assert not p_pos[i].any()
         if n[i] is not None:
             np.testing.assert_array_equal(p_neg[i], engine.encode_prompts([n[i]])[0])
+        else:
+            assert not p_neg[i].any()
+    assert presence.dtype == np.int64 and p_pos.dtype == p_neg.dtype == np.float32
+    assert p_pos.shape == p_neg.shape == (13, engine.dim) and p_pos.flags.c_contiguous
+    _, q_pos, q_neg, none = engine.user_encoder_inputs(h[:3])          # no prompt at all: zeros, no flags
+    assert not q_pos.any() and not q_neg.any() and not none.any() and none.shape == (3, 2)
     users = engine.encode_users(seq, p_pos, p_neg, presence)
     idx, _ = engine.retrieve(users, 5, exclude=[engine.validate_request({"history": x}).seq for x in h])
     assert [[engine.item_ids[j - 1] for j in row] for row in idx] == engine.recommend(h, p, n, k=5).item_ids

@@ -9,7 +9,7 @@ import ctypes
 
 import numpy as np
 
-from dpr.kernels import capi
+from dpr.kernels import capi, id_index
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -26,8 +26,7 @@ def _configure(lib: ctypes.CDLL) -> None:
 def library() -> ctypes.CDLL | None:
     """The library holding the padding (the ``ids_lib`` build target, loaded and configured by
     :mod:`dpr.kernels.id_index`), or None when it is not built."""
-    from dpr.kernels.id_index import library as ids_library
-    lib = ids_library()
+    lib = id_index.library()
     return lib if lib is not None and hasattr(lib, "dpr_history_pad_left") else None
 
 

@@ -4,8 +4,8 @@
 // The engine pads every batch (512 histories, about 21,000 items at the benchmark's lengths). In numpy that
 // is a handful of whole-batch temporaries (repeats, cumulative sums, a scatter), about 180 us right after the
 // retrieval kernel has streamed the item table through the caches; here it is one read of the kept items and
-// one write of the output (tens of us). Same answer as the engine's numpy reference (StagePipeline._pad_flat,
-// pad_histories); tests/test_history_pad.py holds them equal.
+// one write of the output (tens of us). Same answer as its numpy reference (history_pad.py's pad_flat_reference,
+// which the engine runs when this library is not built); tests/test_history_pad.py holds them equal.
 #pragma once
 #include <stdint.h>
 

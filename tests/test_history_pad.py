@@ -53,8 +53,11 @@ def test_native_matches_reference(rows, width):
 def test_native_takes_other_integer_dtypes_and_views():
     rng = np.random.default_rng(3)
     flat, offsets = _batch(rng, 40, 9)
-    wide = np.stack([flat, -flat], axis=1)[:, 0]              # a strided view
-    np.testing.assert_array_equal(history_pad.pad_flat(wide.astype(np.int32), offsets.astype(np.int32), 9),
+    wide = np.stack([flat, -flat], axis=1)[:, 0]              # a strided view (not C-contiguous)
+    assert not wide.flags.c_contiguous
+    np.testing.assert_array_equal(history_pad.pad_flat(wide, offsets.astype(np.int32), 9),
+                                  _rows_reference(flat, offsets, 9))
+    np.testing.assert_array_equal(history_pad.pad_flat(flat.astype(np.int32), offsets, 9),
                                   _rows_reference(flat, offsets, 9))
 
 

@@ -131,6 +131,12 @@ def test_repository_served_by_tritonserver(triton_repo, engine, tmp_path):
         with pytest.raises(Exception) as ei:
             bad.result(timeout=120)
         assert "unknown item id 'no-such-id'" in str(ei.value)
+        # a request alone in its execute call: the engine's own check names the id, its position and the row
+        with pytest.raises(th.InferenceServerException) as ei:
+            hc.infer("dpr", inputs(th, [["i1"], ["i2", "i3", "no-such-id"]], k=[3, 3]))
+        msg = str(ei.value)
+        assert "unknown item id 'no-such-id'" in msg and "row 1" in msg and "position 2" in msg, msg
+        check(hc.infer("dpr", inputs(th, hist, prompts, k=[5, 5, 5])), engine, hist, prompts, 5)   # still serving
         with pytest.raises(th.InferenceServerException) as ei:
             hc.infer("dpr", inputs(th, [["i1"]], k=[0]))
         assert "k must be >= 1" in str(ei.value)

@@ -1,0 +1,90 @@
+"""The Triton model's BYTES (de)serializers against the ones Triton's Python backend ships (the file nvidia-pytriton
+installs in .venv-triton): the same bytes and objects on random tensors, odd shapes and empty elements included.
+No server needed: both modules are plain Python."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+UTILS = sorted(REPO.glob(".venv-triton/lib/python3*/site-packages/pytriton/tritonserver/backends/python/"
+                         "triton_python_backend_utils.py"))
+pytestmark = pytest.mark.skipif(not UTILS, reason="no .venv-triton with nvidia-pytriton (make triton-env)")
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, UTILS[0])
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def ours(monkeypatch_module):
+    """serve.triton_python imported with Triton's utils module standing in for the stub's (it patches that copy)."""
+    monkeypatch_module.setitem(sys.modules, "triton_python_backend_utils", _load("triton_python_backend_utils"))
+    monkeypatch_module.delitem(sys.modules, "dpr.serve.triton_python", raising=False)
+    import dpr.serve.triton_python as tp
+
+    yield tp
+    sys.modules.pop("dpr.serve.triton_python", None)      # imported against a stand-in: not for other tests
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _random_bytes(rng, n):
+    return [bytes(rng.integers(0, 256, size=int(rng.integers(0, 12)), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.mark.parametrize("shape", [(1, 10), (3, 7), (5,), (2, 1, 3), (1, 0), (0, 4)])
+def test_serialize_matches_tritons_byte_for_byte(ours, shape):
+    ref = _load("pristine_triton_utils")
+    rng = np.random.default_rng(sum(shape) + len(shape))
+    n = int(np.prod(shape))
+    obj = np.empty(n, dtype=object)
+    obj[:] = _random_bytes(rng, n)
+    obj = obj.reshape(shape)
+    assert ours._serialize_byte_tensor(obj) == ref.serialize_byte_tensor(obj)
+    # str and other objects are encoded as Triton encodes them; fixed-width bytes_ lose trailing NULs alike
+    mixed = np.empty(n, dtype=object)
+    mixed[:] = [("é" * i if i % 3 == 0 else i if i % 3 == 1 else b"x\x00") for i in range(n)]
+    mixed = mixed.reshape(shape)
+    assert ours._serialize_byte_tensor(mixed) == ref.serialize_byte_tensor(mixed)
+    fixed = np.array([b"ab\x00", b"c", b""] * (n // 3 + 1), dtype=np.bytes_)[:n].reshape(shape)
+    assert ours._serialize_byte_tensor(fixed) == ref.serialize_byte_tensor(fixed)
+    # a non-contiguous view serializes in C order of its elements
+    if obj.ndim >= 2 and obj.shape[0] > 1 and obj.shape[1] > 1:
+        view = obj.T
+        assert ours._serialize_byte_tensor(view) == ref.serialize_byte_tensor(view)
+
+
+def test_serialize_leaves_numeric_tensors_to_triton(ours):
+    ref = _load("pristine_triton_utils")
+    x = np.arange(6, dtype=np.float32)
+    assert ours._serialize_byte_tensor(x) is None and ref.serialize_byte_tensor(x) is None
+
+
+def test_deserialize_round_trips_and_matches_tritons(ours):
+    ref = _load("pristine_triton_utils")
+    rng = np.random.default_rng(7)
+    obj = np.empty(33, dtype=object)
+    obj[:] = _random_bytes(rng, 33)
+    wire = ref.serialize_byte_tensor(obj)
+    got, want = ours._deserialize_bytes_tensor(wire), ref.deserialize_bytes_tensor(wire)
+    assert got.dtype == want.dtype == object and got.tolist() == want.tolist() == obj.tolist()
+
+
+def test_the_stub_gets_the_fast_versions(ours):
+    pb = sys.modules["triton_python_backend_utils"]
+    assert pb.serialize_byte_tensor is ours._serialize_byte_tensor
+    assert pb.deserialize_bytes_tensor is ours._deserialize_bytes_tensor

@@ -93,22 +93,32 @@ def test_a_request_that_breaks_the_reader_fails_alone(export_dir, monkeypatch):
             self.code = code
 
     pb = types.SimpleNamespace(TritonError=TritonError, Tensor=lambda n, a: (n, a),
-                               InferenceResponse=lambda output_tensors=(), error=None: (dict(output_tensors), error),
-                               get_input_tensor_by_name=lambda req, name: req.get(name))
+                               InferenceResponse=lambda output_tensors=(), error=None: (dict(output_tensors), error))
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb)
     monkeypatch.delitem(sys.modules, "dpr.serve.triton_python", raising=False)
     from dpr.serve.triton_python import TritonPythonModel
 
     class Broken:
+        def name(self):
+            return "history"
+
         def as_numpy(self):
             raise RuntimeError("the stub could not read this tensor")
-    good = {"history": types.SimpleNamespace(as_numpy=lambda: np.array([[b"i1", b"i2"]], dtype=object))}
+
+    class Request:                               # pb_utils.InferenceRequest's reading side: inputs() -> tensors
+        def __init__(self, *tensors):
+            self._tensors = tensors
+
+        def inputs(self):
+            return list(self._tensors)
+    history = types.SimpleNamespace(name=lambda: "history", as_numpy=lambda: np.array([[b"i1", b"i2"]], dtype=object))
+    good = Request(history)
     params = {"export_dir": str(export_dir), "backend": "onnxruntime", "retriever": "onnxruntime"}
     m = TritonPythonModel()
     m.initialize({"model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in params.items()}}),
                   "model_repository": "", "model_version": "1"})
     try:
-        out = m.execute([good, {"history": Broken()}, good])
+        out = m.execute([good, Request(Broken()), good])
     finally:
         m.finalize()
         sys.modules.pop("dpr.serve.triton_python", None)     # imported against the stand-in: not for other tests

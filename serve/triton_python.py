@@ -35,17 +35,6 @@ LIMITS = ("max_requests_per_call", "max_history", "max_k", "max_prompt_bytes")
 _INPUT_SET = frozenset(INPUTS)
 
 
-class _EngineChecksIds:
-    """No id pre-check: the engine's own (its id index refuses an unknown id before any model runs, naming it).
-    Used where a failure cannot fail anyone else's request: the stacked path (a failed engine call sends the
-    whole list down the per-request path, where :class:`IdCheck` names the culprit's own request) and a request
-    alone. Checking every id against the set first cost ~8 us per request for an error that is rare."""
-
-    @staticmethod
-    def check(flat, lens, label) -> None:
-        return None
-
-
 def _deserialize_bytes_tensor(encoded):
     """Triton's ``deserialize_bytes_tensor`` without a format string and two struct calls per element (the same
     objects out). The backend stub calls it for every BYTES input; a padded 512-row history holds ~100,000."""
@@ -117,6 +106,11 @@ class TritonPythonModel:
                                   retriever=params.get("retriever", "auto"), unknown_items=cfg.unknown_items,
                                   max_prompt_bytes=cfg.max_prompt_bytes)
         self.ids = IdCheck(self.engine, cfg.unknown_items)
+        # no id pre-check: the engine's own (its id index refuses an unknown id before any model runs, naming it).
+        # Used where a failure cannot fail anyone else's request: the stacked path (a failed engine call sends the
+        # list down the per-request path, where self.ids names the culprit's own request) and a request alone.
+        # Checking every id against the set first cost ~8 us per request for an error that is rare.
+        self.engine_checks_ids = IdCheck(self.engine, "ignore")
         ex = self.engine.item_ids[:1]     # warm up before Triton reports the model ready
         self.engine.recommend_batch(RequestBatch.from_histories([ex], prompts=["warm up"], k=1))
 
@@ -148,7 +142,7 @@ class TritonPythonModel:
             return False
         batch, spans = stacked
         try:
-            got = parts_from_tensors(batch, self.cfg, _EngineChecksIds)
+            got = parts_from_tensors(batch, self.cfg, self.engine_checks_ids)
         except InputError:
             return False
         results = run_parts(self.engine, [part for part, _ in got])
@@ -169,7 +163,7 @@ class TritonPythonModel:
         per_request: dict = {}
         # the id pre-check keeps one request's unknown id from failing its batch-mates; a request alone (a batched
         # client's 512-row call) has none, and the engine names the id itself (3 ms per 512-row call saved)
-        ids = self.ids if len(tensors) > 1 else _EngineChecksIds
+        ids = self.ids if len(tensors) > 1 else self.engine_checks_ids
         for i, t in tensors.items():
             try:
                 got = parts_from_tensors(t, self.cfg, ids)

@@ -244,7 +244,8 @@ def _targets(cxx: str | None, nvcc: str | None, ort_inc: Path | None) -> dict[st
         t["cpu_lib"] = _Target("cpu_lib", ["fused_moe_gate_cpu.cc"], [cxx], lambda tmp, out: [
             [cxx, *CXXFLAGS, "-shared", f"-I{k}", f"{k}/fused_moe_gate_cpu.cc", "-o", str(out)]])
         # baseline x86-64 code; the AVX-512 and AVX2 tiles are compiled per function and picked at run time
-        t["topk_lib"] = _Target("topk_lib", ["score_topk_cpu.cc", "score_topk.h", "score_topk_api.h"], [cxx],
+        t["topk_lib"] = _Target("topk_lib", ["score_topk_cpu.cc", "score_topk.h", "score_topk_api.h",
+                                             "thread_pool.h"], [cxx],
                                 lambda tmp, out: [[cxx, *CXXFLAGS, "-shared", f"-I{k}", f"{k}/score_topk_cpu.cc",
                                                    "-o", str(out)]])
         # the engine's host-side batch helpers: the item-id index and the history padding

@@ -22,6 +22,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <new>
@@ -29,6 +30,7 @@
 
 #include "cpu_isa.h"
 #include "score_topk.h"
+#include "thread_pool.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -311,12 +313,14 @@ static int sort_exclusions(int64_t batch, const int64_t* excl_offsets, const int
   } catch (const std::bad_alloc&) {
     return DPR_TOPK_OUT_OF_MEMORY;
   }
-#pragma omp parallel for num_threads(threads) schedule(static) if (excl_offsets[batch] >= 4096 && threads > 1)
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t lo = excl_offsets[b], hi = excl_offsets[b + 1];
-    std::copy(excl_items + lo, excl_items + hi, sorted.data() + lo);
-    std::sort(sorted.data() + lo, sorted.data() + hi);
-  }
+  const int64_t parts = excl_offsets[batch] >= 4096 && threads > 1 ? std::min<int64_t>(threads, batch) : 1;
+  dpr_pool::parallel_for(parts, [&](int64_t t) {
+    for (int64_t b = batch * t / parts; b < batch * (t + 1) / parts; ++b) {
+      const int64_t lo = excl_offsets[b], hi = excl_offsets[b + 1];
+      std::copy(excl_items + lo, excl_items + hi, sorted.data() + lo);
+      std::sort(sorted.data() + lo, sorted.data() + hi);
+    }
+  });
   return DPR_TOPK_OK;
 }
 
@@ -418,18 +422,16 @@ int dpr_score_topk_f32(const float* queries, int64_t batch, int64_t d, const flo
   if (parts == 1) {
     // contiguous row ranges, in whole query blocks, one per thread
     const int64_t blocks = (batch + rows_per_block - 1) / rows_per_block;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int t = 0; t < threads; ++t) {
+    dpr_pool::parallel_for(threads, [&](int64_t t) {
       const int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
       const int64_t r0 = std::min(batch, b0 * rows_per_block), r1 = std::min(batch, b1 * rows_per_block);
       if (r0 < r1) run_any(isa, queries, d, packed, n_items, r0, r1, 0, panels, el, tops.data() + r0);
-    }
+    });
   } else {
-#pragma omp parallel for num_threads(static_cast<int>(parts)) schedule(static)
-    for (int64_t part = 0; part < parts; ++part) {
+    dpr_pool::parallel_for(parts, [&](int64_t part) {
       const int64_t p0 = panels * part / parts, p1 = panels * (part + 1) / parts;
       run_any(isa, queries, d, packed, n_items, 0, batch, p0, p1, el, tops.data() + part * batch);
-    }
+    });
   }
   merge_parts(tops, parts, batch, k, out_idx, out_scores);
   return DPR_TOPK_OK;
@@ -461,8 +463,9 @@ int dpr_score_topk_pack_int8(const float* table, int64_t n_items, int64_t d, uin
   if (table == nullptr || packed8 == nullptr || stats == nullptr) return DPR_TOPK_NULL_POINTER;
   if (n_items < 1 || d < 1 || d > kInt8MaxDim) return DPR_TOPK_BAD_SHAPE;
   const int64_t panels = (n_items + kPanel - 1) / kPanel, G = int8_groups(d);
-#pragma omp parallel for schedule(static) if (panels * d >= (1 << 16))
-  for (int64_t p = 0; p < panels; ++p) {
+  const int64_t pack_parts = panels * d >= (1 << 16) ? std::min<int64_t>(omp_get_max_threads(), panels) : 1;
+  dpr_pool::parallel_for(pack_parts, [&](int64_t part) {
+  for (int64_t p = panels * part / pack_parts; p < panels * (part + 1) / pack_parts; ++p) {
     uint8_t* dst = packed8 + p * G * kPanel * 4;
     float* st = stats + p * 4 * kPanel;
     std::fill(dst, dst + G * kPanel * 4, static_cast<uint8_t>(128));   // x8 = 0
@@ -493,6 +496,7 @@ int dpr_score_topk_pack_int8(const float* table, int64_t n_items, int64_t d, uin
     st[3 * kPanel] = max_e;
     st[3 * kPanel + 1] = max_n;
   }
+  });
   return DPR_TOPK_OK;
 }
 
@@ -571,29 +575,27 @@ int dpr_score_topk_int8(const float* queries, int64_t batch, int64_t d, const fl
   const Int8Problem P{queries, q8.data(), rows.data(), table, packed8, stats, d, G, n_items};
   const Eligibility el{excl_offsets, excl_items, allowed, allowed_row_stride};
   int64_t* rc = out_rescored != nullptr ? rescored.data() : nullptr;
-  int oom = 0;   // the per-row survivor buffers are allocated inside the threads
+  std::atomic<int> oom{0};   // the per-row survivor buffers are allocated inside the threads
   if (parts == 1) {
     const int64_t blocks = (batch + rows_per_block - 1) / rows_per_block;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : oom)
-    for (int t = 0; t < threads; ++t) {
+    dpr_pool::parallel_for(threads, [&](int64_t t) {
       const int64_t b0 = blocks * t / threads, b1 = blocks * (t + 1) / threads;
       const int64_t r0 = std::min(batch, b0 * rows_per_block), r1 = std::min(batch, b1 * rows_per_block);
       try {
         if (r0 < r1) run_int8_any(si, P, r0, r1, 0, panels, el, tops.data() + r0, rc ? rc + r0 : nullptr);
       } catch (const std::bad_alloc&) {
-        oom = 1;
+        oom.store(1, std::memory_order_relaxed);
       }
-    }
+    });
   } else {
-#pragma omp parallel for num_threads(static_cast<int>(parts)) schedule(static) reduction(| : oom)
-    for (int64_t part = 0; part < parts; ++part) {
+    dpr_pool::parallel_for(parts, [&](int64_t part) {
       const int64_t p0 = panels * part / parts, p1 = panels * (part + 1) / parts;
       try {
         run_int8_any(si, P, 0, batch, p0, p1, el, tops.data() + part * batch, rc ? rc + part * batch : nullptr);
       } catch (const std::bad_alloc&) {
-        oom = 1;
+        oom.store(1, std::memory_order_relaxed);
       }
-    }
+    });
   }
   if (oom) return DPR_TOPK_OUT_OF_MEMORY;
   if (out_rescored != nullptr) {

@@ -32,6 +32,12 @@ def _configure(lib: ctypes.CDLL) -> None:
     if hasattr(lib, "dpr_history_pad_left"):             # the same library holds the history padding
         from dpr.kernels import history_pad
         history_pad._configure(lib)
+    if hasattr(lib, "dpr_render_recommend_rows"):        # and the /recommend answer renderer
+        from dpr.kernels import json_render
+        json_render._configure(lib)
+    if hasattr(lib, "dpr_bytes_tensor_split"):           # and the Triton BYTES tensor splitter
+        from dpr.kernels import bytes_tensor
+        bytes_tensor._configure(lib)
 
 
 def library() -> ctypes.CDLL | None:

@@ -121,7 +121,7 @@ def _resolve(items: list) -> None:
 
 class Batcher:
     def __init__(self, engine, max_batch_size: int = 512, preferred_batch_size: int = 512,
-                 max_queue_delay_us: int = 2000, max_queue: int = 4096, on_batch=None,
+                 max_queue_delay_us: int = 0, max_queue: int = 4096, on_batch=None,
                  batch_timeout_s: float = 30.0, on_error=None):
         if (isinstance(batch_timeout_s, bool) or not isinstance(batch_timeout_s, (int, float))
                 or not math.isfinite(batch_timeout_s) or batch_timeout_s <= 0):

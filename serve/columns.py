@@ -168,14 +168,45 @@ def run_parts(engine, parts: Sequence[Part]) -> list:
             if len(idx) == 1:
                 out[idx[0]] = exc
                 continue
-            for i in idx:
-                try:
-                    out[i] = engine.recommend_batch(merge([parts[i]]))
-                except Exception as e:  # noqa: BLE001
-                    out[i] = e
+            _isolate(engine, parts, idx, exc, out)
             continue
-        start = 0
-        for i, p in zip(idx, members):
-            out[i] = slice_result(res, start, start + len(p))
-            start += len(p)
+        _slice_into(out, res, idx, members)
     return out
+
+
+def _slice_into(out: list, res: ResultBatch, idx: Sequence[int], members: Sequence[Part]) -> None:
+    start = 0
+    for i, p in zip(idx, members):
+        out[i] = slice_result(res, start, start + len(p))
+        start += len(p)
+
+
+def _isolate(engine, parts: Sequence[Part], idx: list, exc: Exception, out: list) -> None:
+    """A merged batch failed: give each culprit its own error and the others their answers. For a bad input (an
+    unknown item id: the services leave that check to the engine) the Parts are checked one by one without
+    running any model (the engine's own check, ``checker.columns_from_batch``), and the good ones run again as
+    one batch: two engine calls, whatever the number of Parts, so one bad call cannot make its batch-mates cost
+    a call each. Anything else (or a check that finds no culprit): each Part alone, as before."""
+    rest = idx
+    checker = getattr(engine, "checker", None)
+    if isinstance(exc, InputError) and checker is not None:
+        rest = []
+        for i in idx:
+            try:
+                checker.columns_from_batch(merge([parts[i]]))
+            except InputError as e:
+                out[i] = e
+            else:
+                rest.append(i)
+        if rest and len(rest) < len(idx):
+            members = [parts[i] for i in rest]
+            try:
+                _slice_into(out, engine.recommend_batch(merge(members)), rest, members)
+                return
+            except Exception:  # noqa: BLE001 - not what the check found: each Part alone
+                pass
+    for i in rest:
+        try:
+            out[i] = engine.recommend_batch(merge([parts[i]]))
+        except Exception as e:  # noqa: BLE001
+            out[i] = e

@@ -51,7 +51,7 @@ class LoadConfig:
     prompts: str = "templates"           # templates | unique | none (dpr-bench's workload)
     targets: str = "http,http-v2,triton-http,triton-grpc"
     scenarios: str = "batched,single"
-    max_queue_delay_us: int = 2000
+    max_queue_delay_us: int = 0          # ServeConfig's default
     http_client: str = "raw"             # raw (keep-alive HTTP/1.1, hand-written: cheap) | aiohttp
     triton_http_client: str = "raw"      # raw (the same hand-written client, binary tensors) | tritonclient
     triton_instances: int = 1            # Triton's instance_group count (dpr-serve --triton --instances)

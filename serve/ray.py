@@ -36,7 +36,7 @@ from .columns import LimitError, run_parts
 from .config import ServeConfig
 from .http_app import RecommendRequest, _parts_from_requests
 from .lean import Req
-from .render import recommend_json
+from .render import recommend_body, recommend_json
 from .service import Service
 
 log = logging.getLogger("dpr.serve.ray")
@@ -128,6 +128,9 @@ class DPRDeployment:
         except InputError as exc:
             return _error(422, str(exc))
         got = await asyncio.gather(*(self._batched(p) for p, _ in parts))
+        if len(parts) == 1 and not isinstance(got[0][1], BaseException):   # the call's rows, in order
+            body = recommend_body(*got[0])
+            return Response(body if single else b"[" + body + b"]", media_type="application/json")
         out: list = [None] * len(reqs)
         for (_, rows), (engine, res) in zip(parts, got):
             if isinstance(res, InputError):

@@ -36,22 +36,46 @@ _INPUT_SET = frozenset(INPUTS)
 
 
 def _deserialize_bytes_tensor(encoded):
-    """Triton's ``deserialize_bytes_tensor`` without a format string and two struct calls per element (the same
-    objects out). The backend stub calls it for every BYTES input; a padded 512-row history holds ~100,000."""
+    """Triton's ``deserialize_bytes_tensor`` (the same objects out): the elements found by the native splitter
+    (``dpr.kernels.bytes_tensor``: 13.7 ms of a 512-row call's Python was Triton's loop), else by a loop without
+    a format string and two struct calls per element. The backend stub calls it for every BYTES input; a padded
+    512-row history holds ~25,000 elements. Truncated data raises ``ValueError`` (Triton's: ``struct.error``)."""
     b = bytes(encoded)
+    if _split_native is not None:
+        return _split_native(b)
+    out = _split_python(b)
+    arr = np.empty(len(out), dtype=np.object_)
+    arr[:] = out
+    return arr
+
+
+def _split_python(b: bytes) -> list:
     n, off, out = len(b), 0, []
     app, frm, empty = out.append, int.from_bytes, b""
     while off < n:
+        if off + 4 > n:
+            raise ValueError(f"BYTES tensor data is truncated: a length prefix at byte {off} of {n}")
         ln = frm(b[off:off + 4], "little")
         off += 4
         if ln:
+            if off + ln > n:
+                raise ValueError(f"BYTES tensor data is truncated: an element of {ln} bytes at byte {off} of {n}")
             app(b[off:off + ln])
             off += ln
         else:                   # padding: the empty string
             app(empty)
-    arr = np.empty(len(out), dtype=np.object_)
-    arr[:] = out
-    return arr
+    return out
+
+
+def _native_splitter():
+    try:
+        from dpr.kernels import bytes_tensor
+        return bytes_tensor.split if bytes_tensor.library() is not None else None
+    except Exception:  # noqa: BLE001 - the Python loop answers the same
+        return None
+
+
+_split_native = _native_splitter()
 
 
 def _serialize_byte_tensor(input_tensor):

@@ -99,3 +99,45 @@ def test_a_hole_or_bad_id_in_one_request_refuses_the_stacked_batch(engine):
     batch, _ = stack_requests([ok, request([["no-such-id"]])])
     with pytest.raises(Exception, match="no-such-id"):
         parts_from_tensors(batch, cfg, IdCheck(engine, "error"))
+
+
+class CountingEngine:
+    """The engine, counting its recommend_batch calls."""
+
+    def __init__(self, engine):
+        self._e, self.calls = engine, 0
+
+    def recommend_batch(self, batch, *a, **kw):
+        self.calls += 1
+        return self._e.recommend_batch(batch, *a, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self._e, name)
+
+
+@pytest.mark.parametrize("bad_at", [[0], [3], [1, 5], [0, 1, 2, 3, 4, 5]])
+def test_run_parts_isolates_unknown_ids_in_two_engine_calls(engine, bad_at):
+    """The services leave the item-id check to the engine: a merged batch that fails on unknown ids gives each
+    culprit Part its own error naming the id and its row, and every other Part the answer it gets alone, with one
+    more engine call (not one per Part)."""
+    from dpr.serve.columns import Part
+
+    ids = engine.item_ids
+    parts = []
+    for i in range(6):
+        hist = [ids[(7 * i + j) % len(ids)] for j in range(1 + i % 3)]
+        if i in bad_at:
+            hist.insert(1 if len(hist) > 1 else 0, f"no-such-id-{i}")
+        parts.append(Part(hist, [len(hist)], ["something funny"] if i % 2 else None, None, 4, True, None))
+    counting = CountingEngine(engine)
+    got = run_parts(counting, parts)
+    assert counting.calls == (1 if len(bad_at) == len(parts) else 2)
+    for i, (p, r) in enumerate(zip(parts, got)):
+        if i in bad_at:
+            assert isinstance(r, Exception) and f"no-such-id-{i}" in str(r) and "row 0" in str(r)
+            assert "position" in str(r)
+        else:
+            want = run_parts(engine, [p])[0]
+            np.testing.assert_array_equal(r.indices, want.indices)
+            np.testing.assert_array_equal(r.scores, want.scores)
+            np.testing.assert_array_equal(r.counts, want.counts)

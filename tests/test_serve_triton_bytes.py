@@ -88,3 +88,32 @@ def test_the_stub_gets_the_fast_versions(ours):
     pb = sys.modules["triton_python_backend_utils"]
     assert pb.serialize_byte_tensor is ours._serialize_byte_tensor
     assert pb.deserialize_bytes_tensor is ours._deserialize_bytes_tensor
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1000])
+def test_deserialize_native_and_python_splits_match_tritons(ours, n):
+    """Both splitters (the native one the model uses when the kernels are built, and its Python loop) give
+    Triton's objects, empty elements (padding) included."""
+    ref = _load("pristine_triton_utils")
+    rng = np.random.default_rng(n)
+    obj = np.empty(n, dtype=object)
+    obj[:] = [b"" if i % 5 == 0 else x for i, x in enumerate(_random_bytes(rng, n))]
+    wire = ref.serialize_byte_tensor(obj) if n else b""
+    want = ref.deserialize_bytes_tensor(wire).tolist()
+    assert ours._split_python(wire) == want
+    if ours._split_native is not None:
+        got = ours._split_native(wire)
+        assert got.dtype == object and got.shape == (n,) and got.tolist() == want
+    assert ours._deserialize_bytes_tensor(wire).tolist() == want
+
+
+@pytest.mark.parametrize("wire", [b"\x05\x00\x00\x00abc", b"\x01\x00", b"\x01\x00\x00\x00a\x03\x00\x00\x00xy"])
+def test_deserialize_refuses_truncated_data(ours, wire):
+    ref = _load("pristine_triton_utils")
+    with pytest.raises(Exception):
+        ref.deserialize_bytes_tensor(wire)             # Triton's loop: struct.error
+    with pytest.raises(ValueError, match="truncated"):
+        ours._split_python(wire)
+    if ours._split_native is not None:
+        with pytest.raises(ValueError, match="truncated"):
+            ours._split_native(wire)

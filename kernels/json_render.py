@@ -1,0 +1,87 @@
+"""ctypes binding of the /recommend answer renderer (``json_render_api.h``): a batch's ranked items (indices,
+float32 scores, counts) and per-item JSON fragments -> the answer's JSON text in one pass. Its specification
+and fallback is ``dpr.serve.render.recommend_json`` (Python); tests/test_json_render.py holds them byte for
+byte equal, and :func:`double_repr` equal to Python's ``repr``."""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from dpr.kernels import capi, id_index
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+KernelError = capi.KernelError
+
+
+def _configure(lib: ctypes.CDLL) -> None:
+    lib.dpr_render_status_string.restype = ctypes.c_char_p
+    lib.dpr_render_status_string.argtypes = [ctypes.c_int]
+    lib.dpr_render_double_repr.restype = ctypes.c_int
+    lib.dpr_render_double_repr.argtypes = [ctypes.c_double, ctypes.c_char_p]
+    lib.dpr_render_recommend_rows.restype = ctypes.c_int
+    lib.dpr_render_recommend_rows.argtypes = [_P, _P, _I64, _I64, _P, _I64, ctypes.c_char_p, _P, _I64, _I64,
+                                              ctypes.c_char_p, _P, _P, _I64, ctypes.POINTER(_I64)]
+
+
+def library() -> ctypes.CDLL | None:
+    """The library holding the renderer (the ``ids_lib`` build target, loaded and configured by
+    :mod:`dpr.kernels.id_index`), or None when it is not built."""
+    lib = id_index.library()
+    return lib if lib is not None and hasattr(lib, "dpr_render_recommend_rows") else None
+
+
+def double_repr(v: float) -> str:
+    """The native renderer's text of a double: Python's ``repr(float(v))``."""
+    lib = library()
+    if lib is None:
+        raise KernelError("libdpr_id_index.so is not built: run python -m dpr.kernels.build")
+    buf = ctypes.create_string_buffer(32)
+    n = lib.dpr_render_double_repr(float(v), buf)
+    return buf.raw[:n].decode("ascii")
+
+
+class Fragments:
+    """Per-item JSON fragments packed once per catalogue: one bytes blob and its (n + 1,) offsets."""
+
+    def __init__(self, fragments: list[str]):
+        data = [f.encode("utf-8") for f in fragments]
+        self.blob = b"".join(data)
+        self.offsets = np.zeros(len(data) + 1, np.int64)
+        np.cumsum([len(d) for d in data], out=self.offsets[1:])
+        self.longest = max((len(d) for d in data), default=0)
+        self.count = len(data)
+
+
+def render_rows(frags: Fragments, indices: np.ndarray, scores: np.ndarray, counts: np.ndarray, k: int,
+                reasons: list[bytes]) -> bytes:
+    """The rows of an answer joined by ", " (see json_render_api.h): ``indices`` (B, c) int64, ``scores``
+    (B, c) float32, ``counts`` (B,) int64, ``reasons`` each row's short reason, already JSON (bytes)."""
+    lib = library()
+    if lib is None:
+        raise KernelError("libdpr_id_index.so is not built: run python -m dpr.kernels.build")
+    indices = np.ascontiguousarray(indices, dtype=np.int64)
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    counts = np.ascontiguousarray(counts, dtype=np.int64)
+    rows, cols = indices.shape if indices.ndim == 2 else (len(counts), 0)
+    if scores.shape != indices.shape or counts.shape != (rows,) or len(reasons) != rows:
+        raise ValueError(f"render_rows: indices {indices.shape}, scores {scores.shape}, counts {counts.shape} and "
+                         f"{len(reasons)} reasons do not describe the same rows")
+    blob = b"".join(reasons)
+    roff = np.zeros(rows + 1, np.int64)
+    np.cumsum([len(r) for r in reasons], out=roff[1:])
+    items = int(counts.sum())
+    # every piece bounded: a row's fixed text (< 100 bytes with two 20-digit integers) and its reason; an item's
+    # fixed text (< 40), rank (<= 20 digits), fragment and score (< 32)
+    cap = rows * 100 + len(blob) + items * (frags.longest + 100)
+    out = ctypes.create_string_buffer(max(cap, 1))
+    written = _I64(0)
+    status = lib.dpr_render_recommend_rows(indices.ctypes.data, scores.ctypes.data, rows, cols, counts.ctypes.data,
+                                           int(k), frags.blob, frags.offsets.ctypes.data, frags.count,
+                                           len(frags.blob), blob,
+                                           roff.ctypes.data, out, cap, ctypes.byref(written))
+    if status != 0:
+        raise KernelError(f"cannot render this answer: {lib.dpr_render_status_string(status).decode()}")
+    return ctypes.string_at(out, written.value)

@@ -9,8 +9,9 @@ Scenarios (each bounded by ``--requests`` and ``--duration-s``; it stops by itse
 
 Targets: ``http`` (``POST /recommend``, JSON), ``http-v2`` (the dpr service's KServe v2 infer route, JSON
 tensors), ``triton-http`` (the hand-written client below with tritonclient's binary-tensor bodies;
-``--triton-http-client tritonclient`` for its asyncio client) and ``triton-grpc`` (tritonclient's gRPC asyncio client)
-against tritonserver, and, for an
+``--triton-http-client tritonclient`` for its asyncio client) and ``triton-grpc`` (the request messages
+tritonclient builds, made once and sent on one grpc.aio channel; ``--triton-grpc-client tritonclient`` for its
+asyncio client, which builds every request again) against tritonserver, and, for an
 A/B, ``http-fastapi`` (``/recommend`` with a JSON content type the lean path leaves to the FastAPI route). The
 HTTP targets use a hand-written keep-alive client (:class:`RawHTTP`; ``--http-client aiohttp`` for aiohttp).
 The clients share the machine with the server (on 2 cores, one loop of Python clients costs the server a
@@ -54,6 +55,7 @@ class LoadConfig:
     max_queue_delay_us: int = 0          # ServeConfig's default
     http_client: str = "raw"             # raw (keep-alive HTTP/1.1, hand-written: cheap) | aiohttp
     triton_http_client: str = "raw"      # raw (the same hand-written client, binary tensors) | tritonclient
+    triton_grpc_client: str = "raw"      # raw (tritonclient's request messages built once, one grpc.aio channel) | tritonclient
     triton_instances: int = 1            # Triton's instance_group count (dpr-serve --triton --instances)
     triton_python: str = str(REPO / ".venv-triton" / "bin" / "python")
     json: str = ""
@@ -367,6 +369,41 @@ async def run_triton(mod_name: str, url: str, payloads, rows_per_call: int, conc
         await client.close()
 
 
+def triton_grpc_requests(inputs: list) -> list:
+    """Each call's ``ModelInferRequest``, built once by tritonclient's own builder (what
+    ``tritonclient.grpc.aio.InferenceServerClient.infer`` builds on every call)."""
+    from tritonclient.grpc._utils import _get_inference_request
+
+    return [_get_inference_request(model_name="dpr", inputs=ins, model_version="", request_id="", outputs=None,
+                                   sequence_id=0, sequence_start=False, sequence_end=False, priority=0, timeout=None,
+                                   parameters=None) for ins in inputs]
+
+
+async def run_triton_grpc_raw(url: str, requests: list, rows_per_call: int, conc: int, cfg, mark=None,
+                              warm=None) -> dict:
+    """Triton over gRPC with the requests prepared once (:func:`triton_grpc_requests`), on one grpc.aio channel
+    (tritonclient's message-size options), so a call costs the client one RPC, not a request built in Python:
+    the comparison is then between the servers, as for :func:`run_triton_raw`. An answer must carry the
+    ``counts`` output; a refused call counts as an error naming Triton's status and message."""
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    opts = [("grpc.max_send_message_length", 2 ** 31 - 1), ("grpc.max_receive_message_length", 2 ** 31 - 1)]
+    channel = grpc.aio.insecure_channel(url, options=opts)
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+    try:
+        async def call(req):
+            try:
+                resp = await stub.ModelInfer(req)
+            except grpc.aio.AioRpcError as exc:
+                return f"gRPC {exc.code().name}: {exc.details()}"[:300]
+            names = [o.name for o in resp.outputs]
+            return True if "counts" in names and len(resp.raw_output_contents) == len(names) else "no counts"
+        return await drive(call, requests, rows_per_call, conc, cfg, warm=warm, mark=mark)
+    finally:
+        await channel.close()
+
+
 # ---- the run ----------------------------------------------------------------------------------------
 def run(cfg: LoadConfig) -> dict:
     from dpr.bench.machine import machine_info
@@ -458,9 +495,16 @@ def _scenario(target: str, sc: str, url: str, batches, cfg: LoadConfig, mark=Non
 
         bodies = triton_http_bodies(th, triton_inputs(th, chunks, cfg.k))
         out = asyncio.run(run_triton_raw(url, bodies, size, conc, cfg, mark, warm=warm))
+    elif target == "triton-grpc" and cfg.triton_grpc_client == "raw":
+        import tritonclient.grpc as tg
+
+        reqs = triton_grpc_requests(triton_inputs(tg, chunks, cfg.k))
+        out = asyncio.run(run_triton_grpc_raw(url, reqs, size, conc, cfg, mark, warm=warm))
     else:
         if target == "triton-http" and cfg.triton_http_client != "tritonclient":
             raise ValueError(f"triton_http_client must be 'raw' or 'tritonclient', got {cfg.triton_http_client!r}")
+        if target == "triton-grpc" and cfg.triton_grpc_client != "tritonclient":
+            raise ValueError(f"triton_grpc_client must be 'raw' or 'tritonclient', got {cfg.triton_grpc_client!r}")
         mod = "tritonclient.grpc.aio" if target.endswith("grpc") else "tritonclient.http.aio"
         base = "tritonclient.grpc" if target.endswith("grpc") else "tritonclient.http"
         import importlib

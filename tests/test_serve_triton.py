@@ -195,6 +195,17 @@ def test_dpr_serve_triton(export_dir, engine, tmp_path):
                                          warm=[]))
         assert out["errors"] == 2 and out["calls"] == 6 and "HTTP 400" in out["error_sample"], out
         assert "no-such-id" in out["error_sample"], out
+        # and its gRPC client: tritonclient's request messages built once, one channel
+        from dpr.serve.load import run_triton_grpc_raw, triton_grpc_requests
+
+        good = triton_grpc_requests([inputs(tg, hist, [None, "no horror"], k=[7, 7]), inputs(tg, [["i9"]], k=[2])])
+        out = asyncio.run(run_triton_grpc_raw(f"127.0.0.1:{grpc}", good, 2, 2, LoadConfig(requests=16, duration_s=60)))
+        assert out["errors"] == 0 and out["calls"] == 8, out
+        bad = triton_grpc_requests([inputs(tg, [["no-such-id"]], k=[2])])
+        out = asyncio.run(run_triton_grpc_raw(f"127.0.0.1:{grpc}", good + bad, 1, 1,
+                                              LoadConfig(requests=6, duration_s=60), warm=[]))
+        assert out["errors"] == 2 and out["calls"] == 6 and "INVALID_ARGUMENT" in out["error_sample"], out
+        assert "no-such-id" in out["error_sample"], out
         text = __import__("urllib.request").request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read()
         assert b'nv_inference_request_success{model="dpr"' in text
         hc.close()

@@ -147,8 +147,7 @@ class ServeMiddleware:
 
 
 def count(m, path: str, code: int, t0: float) -> None:
-    m.requests.labels(path, str(code)).inc()
-    m.latency.labels(path).observe(time.perf_counter() - t0)
+    m.observe_request(path, code, time.perf_counter() - t0)
 
 
 class ServeApp(FastAPI):

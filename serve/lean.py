@@ -18,6 +18,8 @@ import json
 import re
 import time
 
+from starlette.responses import Response
+
 FIELDS = frozenset(("history", "prompt", "negative_prompt", "k", "exclude_history", "hard_filter"))
 FILTER_KEYS = ("include_tags", "exclude_tags", "exclude_items")
 _FILTER_SET = frozenset(FILTER_KEYS)
@@ -168,19 +170,30 @@ class LeanRoutes:
         else:
             hl = _first(raw, b"inference-header-content-length")
             call = self.infer(model, body, None if hl is None else hl.decode("latin-1"))
-        code = [500]
-
-        async def send_counted(msg):
-            if msg["type"] == "http.response.start":
-                code[0] = msg["status"]
-            await send(msg)
+        code = 500
         # as ServeMiddleware: an exception is counted as a 500 (uvicorn answers it), a cancelled call is not
         try:
-            await (await call)(scope, receive, send_counted)
+            resp = await call
+            if type(resp) is Response and resp.background is None:
+                # what Response.__call__ sends, without its frames: the same two messages
+                code = resp.status_code
+                await send({"type": "http.response.start", "status": code, "headers": resp.raw_headers})
+                await send({"type": "http.response.body", "body": resp.body})
+            else:
+                code_box = [500]
+
+                async def send_counted(msg):
+                    if msg["type"] == "http.response.start":
+                        code_box[0] = msg["status"]
+                    await send(msg)
+                try:
+                    await resp(scope, receive, send_counted)
+                finally:
+                    code = code_box[0]
         except Exception:
-            self.count(self.svc.metrics, route, code[0], t0)
+            self.count(self.svc.metrics, route, code, t0)
             raise
-        self.count(self.svc.metrics, route, code[0], t0)
+        self.count(self.svc.metrics, route, code, t0)
 
 
 def _first(headers, name: bytes):

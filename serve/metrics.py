@@ -34,6 +34,17 @@ class Metrics:
                                         "batch hung past batch_timeout_s", registry=r)
         self.reloads = Counter("dpr_reloads", "hot reloads by outcome", ["outcome"], registry=r)
         self.backend = Info("dpr_backend", "the engine in use: backend, retriever, device, model hash", registry=r)
+        self._children: dict = {}       # (route, status) -> the labelled children of requests and latency
+
+    def observe_request(self, route: str, status: int, seconds: float) -> None:
+        """One HTTP request: its count by (route, status) and its latency by route. The labelled children are kept
+        per (route, status): ``labels()`` builds and validates its key under a lock on every call."""
+        kids = self._children.get((route, status))
+        if kids is None:
+            kids = self._children[(route, status)] = (self.requests.labels(route, str(status)),
+                                                      self.latency.labels(route))
+        kids[0].inc()
+        kids[1].observe(seconds)
 
     def on_batch(self, rows: int, seconds: float) -> None:
         self.batch_rows.observe(rows)

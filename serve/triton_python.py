@@ -41,12 +41,17 @@ def _deserialize_bytes_tensor(encoded):
     a format string and two struct calls per element. The backend stub calls it for every BYTES input; a padded
     512-row history holds ~25,000 elements. Truncated data raises ``ValueError`` (Triton's: ``struct.error``)."""
     b = bytes(encoded)
-    if _split_native is not None:
+    if _split_native is not None and len(b) >= NATIVE_MIN_BYTES:
         return _split_native(b)
     out = _split_python(b)
     arr = np.empty(len(out), dtype=np.object_)
     arr[:] = out
     return arr
+
+
+# Below this many bytes the loop is the faster (the native call's fixed cost is ~7 us; 2-core VM: 10 elements 2.1
+# us in the loop, 9.8 native; 200 elements 44 and 32 us; a single request's prompt is one element)
+NATIVE_MIN_BYTES = 1024
 
 
 def _split_python(b: bytes) -> list:

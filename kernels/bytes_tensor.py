@@ -25,8 +25,7 @@ def _configure(lib: ctypes.CDLL) -> None:
 def library() -> ctypes.CDLL | None:
     """The library holding the splitter (the ``ids_lib`` build target, loaded and configured by
     :mod:`dpr.kernels.id_index`), or None when it is not built."""
-    lib = id_index.library()
-    return lib if lib is not None and hasattr(lib, "dpr_bytes_tensor_split") else None
+    return id_index.library_with("dpr_bytes_tensor_split")
 
 
 def split(data: bytes) -> np.ndarray:
@@ -34,9 +33,7 @@ def split(data: bytes) -> np.ndarray:
     ``ValueError`` naming the element where the data is truncated (Triton's own loop raises ``struct.error``
     there). Empty elements (a padded history is mostly padding: a 512-row call of the load test holds 102,400
     elements, 21,000 of them ids) share the one empty bytes object, and only the others are sliced."""
-    lib = library()
-    if lib is None:
-        raise KernelError("libdpr_id_index.so is not built: run python -m dpr.kernels.build")
+    lib = id_index.require("dpr_bytes_tensor_split")
     cap = len(data) // 4
     starts = np.empty(cap, np.int64)
     ends = np.empty(cap, np.int64)

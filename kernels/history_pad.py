@@ -26,8 +26,7 @@ def _configure(lib: ctypes.CDLL) -> None:
 def library() -> ctypes.CDLL | None:
     """The library holding the padding (the ``ids_lib`` build target, loaded and configured by
     :mod:`dpr.kernels.id_index`), or None when it is not built."""
-    lib = id_index.library()
-    return lib if lib is not None and hasattr(lib, "dpr_history_pad_left") else None
+    return id_index.library_with("dpr_history_pad_left")
 
 
 def pad_flat_reference(flat: np.ndarray, offsets: np.ndarray, width: int) -> np.ndarray:

@@ -49,6 +49,21 @@ def library_available() -> bool:
     return library() is not None
 
 
+def library_with(symbol: str) -> ctypes.CDLL | None:
+    """This library when it is built and exports ``symbol`` (the other host-side helpers it holds: the history
+    padding, the answer renderer, the BYTES splitter), else None."""
+    lib = library()
+    return lib if lib is not None and hasattr(lib, symbol) else None
+
+
+def require(symbol: str) -> ctypes.CDLL:
+    """:func:`library_with`, or ``KernelError`` saying how to build it."""
+    lib = library_with(symbol)
+    if lib is None:
+        raise KernelError("libdpr_id_index.so is not built: run python -m dpr.kernels.build")
+    return lib
+
+
 class IdIndex:
     """Exact ``str -> 1..N`` map of ``ids`` (position + 1; 0 = unknown). Raises ``ValueError`` for ids the
     index cannot hold (a NUL character, duplicates, not strings): use a dict then. Thread-safe lookups."""

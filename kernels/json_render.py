@@ -29,15 +29,12 @@ def _configure(lib: ctypes.CDLL) -> None:
 def library() -> ctypes.CDLL | None:
     """The library holding the renderer (the ``ids_lib`` build target, loaded and configured by
     :mod:`dpr.kernels.id_index`), or None when it is not built."""
-    lib = id_index.library()
-    return lib if lib is not None and hasattr(lib, "dpr_render_recommend_rows") else None
+    return id_index.library_with("dpr_render_recommend_rows")
 
 
 def double_repr(v: float) -> str:
     """The native renderer's text of a double: Python's ``repr(float(v))``."""
-    lib = library()
-    if lib is None:
-        raise KernelError("libdpr_id_index.so is not built: run python -m dpr.kernels.build")
+    lib = id_index.require("dpr_render_recommend_rows")
     buf = ctypes.create_string_buffer(32)
     n = lib.dpr_render_double_repr(float(v), buf)
     return buf.raw[:n].decode("ascii")
@@ -59,9 +56,7 @@ def render_rows(frags: Fragments, indices: np.ndarray, scores: np.ndarray, count
                 reasons: list[bytes]) -> bytes:
     """The rows of an answer joined by ", " (see json_render_api.h): ``indices`` (B, c) int64, ``scores``
     (B, c) float32, ``counts`` (B,) int64, ``reasons`` each row's short reason, already JSON (bytes)."""
-    lib = library()
-    if lib is None:
-        raise KernelError("libdpr_id_index.so is not built: run python -m dpr.kernels.build")
+    lib = id_index.require("dpr_render_recommend_rows")
     indices = np.ascontiguousarray(indices, dtype=np.int64)
     scores = np.ascontiguousarray(scores, dtype=np.float32)
     counts = np.ascontiguousarray(counts, dtype=np.int64)

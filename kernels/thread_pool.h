@@ -84,11 +84,6 @@ class Pool {
     if (err) std::rethrow_exception(err);
   }
 
-  int workers() {
-    std::lock_guard<std::mutex> lk(m_);
-    return static_cast<int>(count_);
-  }
-
  private:
   Pool() = default;
 

@@ -23,7 +23,24 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.dpr_render_double_repr.argtypes = [ctypes.c_double, ctypes.c_char_p]
     lib.dpr_render_recommend_rows.restype = ctypes.c_int
     lib.dpr_render_recommend_rows.argtypes = [_P, _P, _I64, _I64, _P, _I64, ctypes.c_char_p, _P, _I64, _I64,
-                                              ctypes.c_char_p, _P, _P, _I64, ctypes.POINTER(_I64)]
+                                              ctypes.c_char_p, _P, _P, _I64, ctypes.POINTER(_I64), _P]
+
+
+_held: list = []          # the renderer entry point that keeps the GIL (see _render_fn), once loaded
+
+
+def _render_fn():
+    """``dpr_render_recommend_rows`` called *without* releasing the GIL (a ``ctypes.PyDLL`` handle on the same
+    library). It runs on the HTTP service's event-loop thread for tens of microseconds; a CDLL call drops the GIL
+    and then queues for it behind the engine's threads: under load with 64 single-request clients that wait made
+    the call cost 170 us for ~9 rows where it takes 25 us alone (README, "Load test")."""
+    if not _held:
+        lib = id_index.require("dpr_render_recommend_rows")
+        fn = ctypes.PyDLL(lib._name).dpr_render_recommend_rows
+        fn.restype = lib.dpr_render_recommend_rows.restype
+        fn.argtypes = lib.dpr_render_recommend_rows.argtypes
+        _held.append(fn)
+    return _held[0]
 
 
 def library() -> ctypes.CDLL | None:
@@ -53,14 +70,19 @@ class Fragments:
 
 
 def render_rows(frags: Fragments, indices: np.ndarray, scores: np.ndarray, counts: np.ndarray, k: int,
-                reasons: list[bytes]) -> bytes:
+                reasons: list[bytes], row_ends: np.ndarray | None = None) -> bytes:
     """The rows of an answer joined by ", " (see json_render_api.h): ``indices`` (B, c) int64, ``scores``
-    (B, c) float32, ``counts`` (B,) int64, ``reasons`` each row's short reason, already JSON (bytes)."""
+    (B, c) float32, ``counts`` (B,) int64, ``reasons`` each row's short reason, already JSON (bytes).
+    ``row_ends``: a (B,) int64 array that receives the offset just past each row's text (or None)."""
     lib = id_index.require("dpr_render_recommend_rows")
+    render = _render_fn()
     indices = np.ascontiguousarray(indices, dtype=np.int64)
     scores = np.ascontiguousarray(scores, dtype=np.float32)
     counts = np.ascontiguousarray(counts, dtype=np.int64)
     rows, cols = indices.shape if indices.ndim == 2 else (len(counts), 0)
+    if row_ends is not None and (row_ends.dtype != np.int64 or row_ends.shape != (rows,)
+                                 or not row_ends.flags.c_contiguous or not row_ends.flags.writeable):
+        raise ValueError(f"render_rows: row_ends must be a writeable contiguous ({rows},) int64 array")
     if scores.shape != indices.shape or counts.shape != (rows,) or len(reasons) != rows:
         raise ValueError(f"render_rows: indices {indices.shape}, scores {scores.shape}, counts {counts.shape} and "
                          f"{len(reasons)} reasons do not describe the same rows")
@@ -73,10 +95,11 @@ def render_rows(frags: Fragments, indices: np.ndarray, scores: np.ndarray, count
     cap = rows * 100 + len(blob) + items * (frags.longest + 100)
     out = ctypes.create_string_buffer(max(cap, 1))
     written = _I64(0)
-    status = lib.dpr_render_recommend_rows(indices.ctypes.data, scores.ctypes.data, rows, cols, counts.ctypes.data,
+    status = render(indices.ctypes.data, scores.ctypes.data, rows, cols, counts.ctypes.data,
                                            int(k), frags.blob, frags.offsets.ctypes.data, frags.count,
                                            len(frags.blob), blob,
-                                           roff.ctypes.data, out, cap, ctypes.byref(written))
+                                           roff.ctypes.data, out, cap, ctypes.byref(written),
+                                           None if row_ends is None else row_ends.ctypes.data)
     if status != 0:
         raise KernelError(f"cannot render this answer: {lib.dpr_render_status_string(status).decode()}")
     return ctypes.string_at(out, written.value)

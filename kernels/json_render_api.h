@@ -35,11 +35,14 @@ int dpr_render_double_repr(double v, char* out);
 // FRAGMENT of item i: frags[frag_offsets[i] .. frag_offsets[i + 1]) (n_frags fragments in frags_len bytes;
 // index 0 is the padding and never rendered); REASON of row r: reasons[reason_offsets[r] .. reason_offsets[r + 1]), already JSON;
 // SCORE: repr() of the float32 score as a double. Writes at most `capacity` bytes to out and the length to
-// *written. Every count, index and offset it reads is checked before it is used.
+// *written; row_ends (rows entries, or NULL) gets the offset just past each row's text, so a caller can cut the
+// answer of one request out of a batch's (the HTTP service's batching front, serve/http_front.py). Every count,
+// index and offset it reads is checked before it is used.
 int dpr_render_recommend_rows(const int64_t* indices, const float* scores, int64_t rows, int64_t cols,
                               const int64_t* counts, int64_t k, const char* frags, const int64_t* frag_offsets,
                               int64_t n_frags, int64_t frags_len, const char* reasons,
-                              const int64_t* reason_offsets, char* out, int64_t capacity, int64_t* written);
+                              const int64_t* reason_offsets, char* out, int64_t capacity, int64_t* written,
+                              int64_t* row_ends);
 
 #ifdef __cplusplus
 }

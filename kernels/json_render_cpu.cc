@@ -140,7 +140,8 @@ int dpr_render_double_repr(double v, char* out) { return out == nullptr ? 0 : re
 int dpr_render_recommend_rows(const int64_t* indices, const float* scores, int64_t rows, int64_t cols,
                               const int64_t* counts, int64_t k, const char* frags, const int64_t* frag_offsets,
                               int64_t n_frags, int64_t frags_len, const char* reasons,
-                              const int64_t* reason_offsets, char* out, int64_t capacity, int64_t* written) {
+                              const int64_t* reason_offsets, char* out, int64_t capacity, int64_t* written,
+                              int64_t* row_ends) {
   if (written == nullptr || counts == nullptr || frags == nullptr || frag_offsets == nullptr ||
       reasons == nullptr || reason_offsets == nullptr || out == nullptr)
     return DPR_RENDER_NULL_POINTER;
@@ -182,6 +183,7 @@ int dpr_render_recommend_rows(const int64_t* indices, const float* scores, int64
     }
     w.lit("]}");
     if (!w.ok) return DPR_RENDER_SHORT_BUFFER;
+    if (row_ends != nullptr) row_ends[r] = w.o - out;
   }
   *written = w.o - out;
   return DPR_RENDER_OK;

@@ -63,15 +63,18 @@ def main(argv: list[str] | None = None) -> int:
         import uvicorn
 
         from .http_app import create_app
+        from .http_front import protocol_for
         from .service import Service
 
+        if cfg.switch_interval_us:
+            sys.setswitchinterval(cfg.switch_interval_us / 1e6)
         app = create_app(Service(args.export_dir, cfg))
         # uvicorn re-raises SIGTERM once it has drained and shut down; end then with status 0 (a clean stop)
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         # uvicorn: SIGTERM stops accepting, waits for in-flight requests (at most drain_timeout_s), then the
         # app's shutdown drains the batcher queue and closes the engine
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=args.log_level, access_log=False,
-                    timeout_graceful_shutdown=int(cfg.drain_timeout_s) or None)
+                    timeout_graceful_shutdown=int(cfg.drain_timeout_s) or None, http=protocol_for(app))
         return 0
 
     return run_cli(PROG, run)

@@ -36,6 +36,14 @@ class ServeConfig:
     max_history: int = 4096               # item ids in one history (422)
     max_k: int = 1000                     # (422; k is also capped by the catalogue)
     max_prompt_bytes: int = 16384         # UTF-8 bytes of one prompt (422)
+    # the HTTP service's front for POST /recommend: "batched" answers plain valid calls a batch per event-loop turn
+    # ahead of ASGI (serve/http_front.py; 64 single-request clients: README "Load test"), "asgi" sends every call
+    # through the ASGI app (uvicorn's own protocol). Same answers, byte for byte.
+    http_front: str = "batched"
+    # the serving process's GIL switch interval (sys.setswitchinterval), in microseconds; 0 keeps Python's 5,000. The
+    # event loop drops the GIL on every poll and then waits up to the interval for the engine's threads to give it
+    # back: with 64 single-request clients, 2,000 served 7-11% more requests/s than 5,000 (README "Load test")
+    switch_interval_us: int = 2000
     # lifecycle
     warmup: bool = True                   # one small batch before /v2/health/ready says yes
     drain_timeout_s: float = 30.0         # SIGTERM: how long in-flight requests may take to finish
@@ -47,10 +55,14 @@ class ServeConfig:
     def check(self) -> "ServeConfig":
         if self.unknown_items not in ("error", "ignore"):
             raise InputError(f"unknown_items must be 'error' or 'ignore', got {self.unknown_items!r}")
+        if self.http_front not in ("batched", "asgi"):
+            raise InputError(f"http_front must be 'batched' or 'asgi', got {self.http_front!r}")
         for name in ("max_batch_size", "preferred_batch_size", "max_queue", "max_body_bytes",
                      "max_requests_per_call", "max_history", "max_k", "max_prompt_bytes", "instances"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.switch_interval_us < 0:
+            raise InputError(f"switch_interval_us must be >= 0 (0: Python's default), got {self.switch_interval_us}")
         if self.max_queue_delay_us < 0:
             raise InputError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
         t = self.batch_timeout_s

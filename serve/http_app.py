@@ -38,6 +38,7 @@ from dpr.errors import InputError
 from .batcher import BatchTimeoutError
 from . import lean
 from .columns import LimitError, Part, check_limits, split_rows
+from .http_front import BatchFront
 from .render import recommend_body, recommend_json
 from .service import NotReady, Service
 from .tensors import INPUTS, OUTPUTS, parts_from_tensors, tensors_from_results
@@ -157,6 +158,7 @@ class ServeApp(FastAPI):
     too when the body is plain valid); every other call goes through FastAPI unchanged."""
 
     lean_routes = None
+    batch_front = None       # http_front.BatchFront: plain valid /recommend calls batched ahead of ASGI, or None
 
     async def __call__(self, scope, receive, send):
         if self.lean_routes is not None and scope["type"] == "http" and scope["method"] == "POST":
@@ -217,25 +219,28 @@ def create_app(service: Service, load_in_background: bool = True) -> ServeApp:
     def _not_ready(why: str) -> JSONResponse:
         return _error(503, f"model {name!r} is not ready: {why}", {"Retry-After": str(svc.cfg.retry_after_s)})
 
+    def _error_response(exc: BaseException) -> JSONResponse:
+        """The answer to an engine call that raised ``exc`` (also the batching front's, ``http_front``)."""
+        if isinstance(exc, NotReady):
+            return _not_ready(str(exc))
+        if isinstance(exc, (OverloadedError, ClosedError)):
+            return _error(503, str(exc), {"Retry-After": str(svc.cfg.retry_after_s)})
+        if isinstance(exc, LimitError):
+            return _error(exc.status, str(exc))
+        if isinstance(exc, InputError):
+            return _error(422, str(exc))
+        if isinstance(exc, BatchTimeoutError):     # counted in /metrics by the batcher (dpr_engine_errors_total)
+            return _error(504, str(exc))
+        # an engine fault: this call fails, the service keeps serving
+        why = f"{type(exc).__name__}: {exc}"
+        return _error(500, f"internal error in the engine while serving this request (not caused by its input; "
+                           f"the service keeps serving): {why[:300]}")
+
     async def _run(parts, label=None):
         try:
             return await svc.run_parts(parts, label), None
-        except NotReady as exc:
-            return None, _not_ready(str(exc))
-        except OverloadedError as exc:
-            return None, _error(503, str(exc), {"Retry-After": str(svc.cfg.retry_after_s)})
-        except ClosedError as exc:
-            return None, _error(503, str(exc), {"Retry-After": str(svc.cfg.retry_after_s)})
-        except LimitError as exc:
-            return None, _error(exc.status, str(exc))
-        except InputError as exc:
-            return None, _error(422, str(exc))
-        except BatchTimeoutError as exc:     # counted in /metrics by the batcher (dpr_engine_errors_total)
-            return None, _error(504, str(exc))
-        except Exception as exc:  # noqa: BLE001 - an engine fault: this call fails, the service keeps serving
-            why = f"{type(exc).__name__}: {exc}"
-            return None, _error(500, f"internal error in the engine while serving this request (not caused by "
-                                     f"its input; the service keeps serving): {why[:300]}")
+        except Exception as exc:  # noqa: BLE001 - every failure is answered (_error_response says how)
+            return None, _error_response(exc)
 
     async def _recommend(reqs: list, single: bool) -> Response:
         """/recommend once its body is checked, by pydantic (the route) or by ``lean.parse`` (``ServeApp``)."""
@@ -354,6 +359,10 @@ def create_app(service: Service, load_in_background: bool = True) -> ServeApp:
         return await _infer(body, header_length)
 
     app.lean_routes = lean.LeanRoutes(svc, _recommend, lean_infer, super(ServeApp, app).__call__, count)
+    # plain valid /recommend calls, batched per event-loop turn ahead of ASGI (``http_front.protocol_for``)
+    if svc.cfg.http_front == "batched":
+        app.batch_front = BatchFront(svc, lambda reqs: _parts_from_requests(reqs, svc, _LIST_LABEL, check_ids=False),
+                                     _error_response, count)
 
     # ---- model repository (hot reload) -----------------------------------------------------------
     @app.post("/v2/repository/index", tags=["v2"])
@@ -395,6 +404,10 @@ def create_app(service: Service, load_in_background: bool = True) -> ServeApp:
         return Response(body, media_type=ctype)
 
     return app
+
+
+def _LIST_LABEL(r: int) -> str:
+    return f"request {r}"
 
 
 def _parts_from_requests(reqs: list, svc: Service, label, check_ids: bool = True) -> list:

@@ -76,13 +76,29 @@ def recommend_body(engine, res) -> bytes:
     return ", ".join(recommend_json(engine, res)).encode()
 
 
-def native_body(native, res) -> bytes:
+def recommend_rows(engine, res) -> tuple[bytes, list[int]]:
+    """``recommend_body(engine, res)`` and the offset just past each row's text in it (rows are joined by
+    ", "): the batching front (``http_front``) renders a batch of calls once and cuts each call's rows out."""
+    if res.indices.size >= NATIVE_MIN_SLOTS and res.scores.dtype == np.float32:
+        native = tables(engine).native()
+        if native is not None:
+            ends = np.empty(len(res.counts), np.int64)
+            return native_body(native, res, ends), ends.tolist()
+    rows = [r.encode() for r in recommend_json(engine, res)]
+    ends, at = [], -2
+    for r in rows:
+        at += 2 + len(r)
+        ends.append(at)
+    return b", ".join(rows), ends
+
+
+def native_body(native, res, row_ends: np.ndarray | None = None) -> bytes:
     """``recommend_body`` through the native renderer, whatever the answer's size (``native``:
     ``tables(engine).native()``)."""
     from dpr.kernels.json_render import render_rows
 
     reasons = [_reason_json(r) for r in res.short_reasons]
-    return render_rows(native, res.indices, res.scores, res.counts, res.k, reasons)
+    return render_rows(native, res.indices, res.scores, res.counts, res.k, reasons, row_ends)
 
 
 def _reason_json(reason) -> bytes:

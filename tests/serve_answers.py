@@ -1,8 +1,10 @@
-"""What a serving front end (HTTP, Ray, the fault tests) must answer for one ``/recommend`` request, and the
-comparison every serving test uses. Not a test module: conftest.py registers it as ``dpr_tests_serve_answers``
+"""What a serving front end (HTTP, Ray, the fault tests) must answer for one ``/recommend`` request, the
+comparison every serving test uses, and the HTTP service run in-process (``live_service``). Not a test module: conftest.py registers it as ``dpr_tests_serve_answers``
 (see tests/fuzz_strategies.py for why)."""
 
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -23,3 +25,51 @@ def assert_same(got: dict, want: dict) -> None:
            [(i["rank"], i["id"], i["title"], i["tags"]) for i in want["items"]]
     np.testing.assert_allclose([i["score"] for i in got["items"]], [i["score"] for i in want["items"]],
                                rtol=1e-5, atol=1e-5)
+
+
+ENGINE = {"backend": "onnxruntime", "retriever": "onnxruntime"}      # as the `engine` fixture
+
+
+@contextmanager
+def live_service(export_dir, wait: float = 60, **cfg):
+    """The HTTP service in this process, as ``dpr-serve`` runs it: Service + create_app on a real uvicorn with
+    ``http_front.protocol_for(app)`` (127.0.0.1, a free port), ready; ``(service, url)``. Stopped at the end (at
+    most ``wait`` s)."""
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from dpr.serve.config import ServeConfig
+    from dpr.serve.http_app import create_app
+    from dpr.serve.http_front import protocol_for
+    from dpr.serve.procs import free_port
+    from dpr.serve.service import Service
+
+    port = free_port()
+    conf = ServeConfig(host="127.0.0.1", port=port, **{**ENGINE, **cfg}).check()
+    svc = Service(str(export_dir), conf)
+    app = create_app(svc)
+    svc.test_app = app                  # a test may add a route to it
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           access_log=False, http=protocol_for(app)))
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        with httpx.Client(base_url=url, timeout=5) as c:
+            while True:
+                try:
+                    if c.get("/v2/health/ready").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline and thread.is_alive(), f"not ready: {svc.load_error}"
+                time.sleep(0.1)
+        yield svc, url
+    finally:
+        server.should_exit = True
+        thread.join(wait)
+        assert not thread.is_alive(), "uvicorn did not stop"

@@ -21,7 +21,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import pytest
 
@@ -29,9 +28,7 @@ httpx = pytest.importorskip("httpx", reason='needs the [serve] extra: pip instal
 uvicorn = pytest.importorskip("uvicorn", reason='needs the [serve] extra: pip install -e ".[serve]"')
 
 from dpr.serve.config import ServeConfig  # noqa: E402
-from dpr.serve.http_app import create_app  # noqa: E402
 from dpr.serve.procs import Server, free_port, port_open  # noqa: E402
-from dpr.serve.service import Service  # noqa: E402
 
 ENGINE = {"backend": "onnxruntime", "retriever": "onnxruntime"}      # as the `engine` fixture
 WAIT = 60          # every wait is bounded: a hang fails the test instead of stalling CI
@@ -50,7 +47,7 @@ def req(j: int, k: int = 5) -> dict:
     return r
 
 
-from dpr_tests_serve_answers import assert_same, expected  # noqa: E402 - tests/serve_answers.py (conftest.py)
+from dpr_tests_serve_answers import assert_same, expected, live_service  # noqa: E402 - tests/serve_answers.py (conftest.py)
 
 
 def metric(client, name: str) -> float:
@@ -68,37 +65,6 @@ def post_all(url: str, reqs: list, threads: int) -> list:
             return c.post("/recommend", json=r)
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(one, reqs))
-
-
-@contextmanager
-def live_service(export_dir, **cfg):
-    """The HTTP service in this process: Service + create_app on a real uvicorn (127.0.0.1, a free port), ready."""
-    port = free_port()
-    conf = ServeConfig(host="127.0.0.1", port=port, **ENGINE, **cfg).check()
-    svc = Service(str(export_dir), conf)
-    app = create_app(svc)
-    svc.test_app = app                  # a test may add a route to it (below: one that raises)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False))
-    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        with httpx.Client(base_url=url, timeout=5) as c:
-            while True:
-                try:
-                    if c.get("/v2/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline and thread.is_alive(), f"not ready: {svc.load_error}"
-                time.sleep(0.1)
-        yield svc, url
-    finally:
-        server.should_exit = True
-        thread.join(WAIT)
-        assert not thread.is_alive(), "uvicorn did not stop"
 
 
 # ---- the test-only fault wrappers: every call passes through to the real object unless told otherwise ------

@@ -81,6 +81,26 @@ def test_render_matches_the_python_renderer(rows, k):
     assert render.recommend_body(cat, res) == want          # native or Python by size: the same bytes
 
 
+@pytest.mark.parametrize("rows,k", [(1, 1), (1, 10), (3, 3), (64, 10), (129, 17)])
+def test_row_ends_cut_out_each_row(rows, k):
+    """``recommend_rows``: the body and each row's end, by both renderers (native from NATIVE_MIN_SLOTS ranked
+    slots up): every row cut out of the body is that row's own JSON text (the batching front answers each call
+    with its rows' slice)."""
+    rng = np.random.default_rng(rows * 7 + k)
+    cat = Catalogue(max(40, k + 1), rng)
+    res = _random_result(rng, len(cat.item_ids), rows, k)
+    want = [r.encode() for r in render.recommend_json(cat, res)]
+    body, ends = render.recommend_rows(cat, res)
+    assert body == b", ".join(want) and len(ends) == rows
+    starts = [0] + [e + 2 for e in ends[:-1]]
+    assert [body[a:b] for a, b in zip(starts, ends)] == want
+    native_ends = np.full(rows, -1, np.int64)
+    assert render.native_body(render.tables(cat).native(), res, native_ends) == body
+    assert native_ends.tolist() == ends
+    with pytest.raises(ValueError, match="row_ends"):
+        render.native_body(render.tables(cat).native(), res, np.zeros(rows + 1, np.int64))
+
+
 def test_render_zero_rows():
     cat = Catalogue(5, np.random.default_rng(1))
     res = Result(np.zeros((0, 4), np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.int64), 4, [])

@@ -1,0 +1,246 @@
+"""The batching HTTP front (``dpr.serve.http_front``) on a real uvicorn: plain valid ``POST /recommend`` calls are
+answered a batch per event-loop turn ahead of ASGI, everything else by the ASGI routes. Checked against a second
+service with ``http_front="asgi"`` (every call through ASGI) on the same export, byte for byte, and against
+``Engine.recommend``; plus what uvicorn's protocol guarantees and the front must keep: pipelined calls answered in
+order, HTTP/1.0 and ``Connection: close``, ``Expect: 100-continue``, chunked bodies, and one bad call among good
+ones failing alone."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+httpx = pytest.importorskip("httpx", reason='needs the [serve] extra: pip install -e ".[serve]"')
+pytest.importorskip("uvicorn", reason='needs the [serve] extra: pip install -e ".[serve]"')
+pytest.importorskip("httptools", reason="the batching front subclasses uvicorn's httptools protocol")
+
+from dpr.serve.http_front import protocol_for  # noqa: E402
+
+from dpr_tests_serve_answers import assert_same, expected, live_service  # noqa: E402 - tests/serve_answers.py
+
+WAIT = 60
+
+REQUESTS = [
+    {"history": ["i1", "i2", "i3"], "prompt": "something funny", "k": 5},
+    {"history": ["i10"], "negative_prompt": "no horror", "k": 3},
+    {"history": ["i4", "i9", "i33", "i120", "i7"], "prompt": "more comedy", "negative_prompt": "no horror"},
+    {"history": ["i5", "i6"], "hard_filter": {"include_tags": ["comedy"], "exclude_items": ["i47"]}, "k": 4},
+    {"history": ["i8"] + [f"i{j}" for j in range(20, 40)], "k": 7, "exclude_history": False},
+    {"history": ["i2"], "hard_filter": {"include_tags": ["comedy"], "exclude_tags": ["horror", "drama",
+     "action", "animation", "sci-fi", "romance", "thriller"]}, "k": 399},          # a short result
+    {"history": ["i3", "i1"], "prompt": "caf\u00e9 \u2603 \U0001f600", "k": 2},
+]
+
+
+@pytest.fixture(scope="module")
+def fronts(export_dir):
+    """(batched url, asgi url): the same export behind each front."""
+    with live_service(export_dir) as (svc_b, url_b), live_service(export_dir, http_front="asgi") as (svc_a, url_a):
+        assert svc_b.test_app.batch_front is not None and svc_a.test_app.batch_front is None
+        yield url_b, url_a
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def post(path: str, body: bytes, ctype: str = "application/json", extra: str = "", version: str = "1.1") -> bytes:
+    return (f"POST {path} HTTP/{version}\r\nhost: 127.0.0.1\r\ncontent-type: {ctype}\r\ncontent-length: {len(body)}"
+            f"\r\n{extra}\r\n").encode() + body
+
+
+def read_answers(sock: socket.socket, n: int) -> list[tuple[int, dict, bytes]]:
+    """``n`` HTTP answers read off ``sock`` (each framed by its Content-Length): (status, headers, body)."""
+    buf, out = b"", []
+    deadline = time.monotonic() + WAIT
+    while len(out) < n:
+        head_end = buf.find(b"\r\n\r\n")
+        if head_end >= 0:
+            lines = buf[:head_end].decode("latin-1").split("\r\n")
+            if lines[0].split()[1].startswith("1"):          # 100 Continue: no body, not an answer
+                buf = buf[head_end + 4:]
+                continue
+            headers = dict(ln.lower().split(": ", 1) for ln in lines[1:])
+            length = int(headers["content-length"])
+            if len(buf) >= head_end + 4 + length:
+                out.append((int(lines[0].split()[1]), headers, buf[head_end + 4:head_end + 4 + length]))
+                buf = buf[head_end + 4 + length:]
+                continue
+        assert time.monotonic() < deadline, "no complete answer in time"
+        chunk = sock.recv(1 << 16)
+        if not chunk:
+            break
+        buf += chunk
+    assert len(out) == n, f"{len(out)} answers of {n}"
+    return out
+
+
+def exchange(url: str, data: bytes, n: int) -> tuple[list, bool]:
+    """Send ``data`` in one write, read ``n`` answers; also whether the server then closed the connection."""
+    with socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT) as s:
+        s.sendall(data)
+        got = read_answers(s, n)
+        s.settimeout(0.5)
+        try:
+            closed = s.recv(1) == b""
+        except TimeoutError:
+            closed = False
+        return got, closed
+
+
+def test_protocol_choice(fronts):
+    class NoFront:
+        batch_front = None
+    assert protocol_for(NoFront()) == "auto"          # http_front="asgi": uvicorn's own protocol
+
+
+def test_same_bytes_as_the_asgi_route_and_the_engine(fronts, engine):
+    url_b, url_a = fronts
+    with httpx.Client(base_url=url_b, timeout=WAIT) as cb, httpx.Client(base_url=url_a, timeout=WAIT) as ca:
+        for r in REQUESTS:
+            b, a = cb.post("/recommend", json=r), ca.post("/recommend", json=r)
+            assert b.status_code == a.status_code == 200
+            assert b.content == a.content
+            assert b.headers["content-type"] == a.headers["content-type"] == "application/json"
+            assert_same(b.json(), expected(engine, r))
+        b, a = cb.post("/recommend", json=REQUESTS), ca.post("/recommend", json=REQUESTS)       # a list
+        assert b.status_code == 200 and b.content == a.content
+        for got, r in zip(b.json(), REQUESTS):
+            assert_same(got, expected(engine, r))
+
+
+def test_concurrent_calls_share_batches_and_get_their_own_rows(fronts, engine):
+    """64 calls at once (single and list ones, different k: several Parts of one turn), each answered with its
+    own rows; one call with an unknown id among them fails alone, naming the id."""
+    url_b, _ = fronts
+    calls = []
+    for j in range(64):
+        r = dict(REQUESTS[j % len(REQUESTS)])
+        calls.append([r, REQUESTS[(j + 1) % len(REQUESTS)]] if j % 5 == 0 else r)
+    calls[17] = {"history": ["i1", "no-such-item"], "k": 3}
+
+    def one(body):
+        with httpx.Client(base_url=url_b, timeout=WAIT) as c:
+            return c.post("/recommend", json=body)
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, calls))
+    for body, ans in zip(calls, answers):
+        if body is calls[17]:
+            assert ans.status_code == 422 and "no-such-item" in ans.json()["error"]
+        elif isinstance(body, list):
+            assert ans.status_code == 200
+            for got, r in zip(ans.json(), body):
+                assert_same(got, expected(engine, r))
+        else:
+            assert ans.status_code == 200
+            assert_same(ans.json(), expected(engine, body))
+
+
+def test_pipelined_calls_answered_in_order(fronts, engine):
+    """Four calls in one write on one connection: fast, ASGI (a GET), a body the fast path leaves to the route
+    (its 422), fast again; answered in that order, the connection kept."""
+    url_b, _ = fronts
+    data = (post("/recommend", json.dumps(REQUESTS[0]).encode())
+            + b"GET /v2/health/live HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n"
+            + post("/recommend", b'{"history": ["i1"], "k": "5"}')
+            + post("/recommend", json.dumps(REQUESTS[2]).encode()))
+    got, closed = exchange(url_b, data, 4)
+    assert [g[0] for g in got] == [200, 200, 422, 200]
+    assert_same(json.loads(got[0][2]), expected(engine, REQUESTS[0]))
+    assert json.loads(got[1][2]) == {"live": True}
+    assert "k" in json.loads(got[2][2])["error"]
+    assert_same(json.loads(got[3][2]), expected(engine, REQUESTS[2]))
+    assert not closed
+
+
+def test_connection_close_and_http_1_0(fronts, engine):
+    url_b, url_a = fronts
+    for extra, version in (("connection: close\r\n", "1.1"), ("", "1.0")):
+        data = post("/recommend", json.dumps(REQUESTS[1]).encode(), extra=extra, version=version)
+        (b,), closed_b = exchange(url_b, data, 1)
+        (a,), closed_a = exchange(url_a, data, 1)
+        assert b[0] == a[0] == 200 and b[2] == a[2]
+        assert b[1].get("connection") == a[1].get("connection") == "close"
+        assert closed_b and closed_a
+        assert_same(json.loads(b[2]), expected(engine, REQUESTS[1]))
+
+
+def test_what_the_fast_path_leaves_to_the_routes(fronts, engine):
+    """Each answered as through ASGI: a charset in the content type, Expect: 100-continue, a chunked body, a query
+    string, a body over the limit, a list mixing k values, an empty list, bad JSON."""
+    url_b, url_a = fronts
+    body = json.dumps(REQUESTS[0]).encode()
+    cases = [
+        post("/recommend", body, ctype="application/json; charset=utf-8"),
+        post("/recommend", body, extra="expect: 100-continue\r\n"),
+        (b"POST /recommend HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+         + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n"),
+        post("/recommend?x=1", body),
+        post("/recommend", json.dumps([REQUESTS[0], REQUESTS[1]]).encode()),
+        post("/recommend", b"[]"),
+        post("/recommend", b'{"history": ["i1"],'),
+        post("/recommend", b'{"history": ["i1"], "k": 0}'),
+    ]
+    # over max_body_bytes by its Content-Length (refused before the body is read)
+    cases.append(b"POST /recommend HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: "
+                 + str((8 << 20) + 1).encode() + b"\r\n\r\n")
+    statuses = []
+    for data in cases:
+        (b,), _ = exchange(url_b, data, 1)
+        (a,), _ = exchange(url_a, data, 1)
+        assert (b[0], b[2]) == (a[0], a[2]), data[:80]
+        statuses.append(b[0])
+    assert statuses == [200, 200, 200, 200, 200, 422, 422, 422, 413]
+    for got in (json.loads(exchange(url_b, cases[i], 1)[0][0][2]) for i in (0, 1, 2, 3)):
+        assert_same(got, expected(engine, REQUESTS[0]))
+
+
+def _metric(client, name: str) -> float:
+    for ln in client.get("/metrics").text.splitlines():
+        if ln and ln[0] != "#" and ln.rsplit(" ", 1)[0] == name:
+            return float(ln.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_fast_calls_are_counted(fronts):
+    url_b, _ = fronts
+    name = 'dpr_http_requests_total{route="/recommend",status="200"}'
+    with httpx.Client(base_url=url_b, timeout=WAIT) as c:
+        before = _metric(c, name)
+        for r in REQUESTS[:3]:
+            assert c.post("/recommend", json=r).status_code == 200
+        assert _metric(c, name) == before + 3
+
+
+def test_a_failure_while_answering_is_a_500_not_a_hang(fronts, engine, monkeypatch):
+    """A fault in the front's own answer step (here: the renderer raising) answers that batch's calls with a 500
+    naming it, and the next calls are served as before."""
+    import dpr.serve.http_front as front_mod
+
+    url_b, _ = fronts
+
+    def broken(engine, res):
+        raise RuntimeError("renderer fault injected by the test")
+    monkeypatch.setattr(front_mod, "recommend_rows", broken)
+    with httpx.Client(base_url=url_b, timeout=WAIT) as c:
+        r = c.post("/recommend", json=REQUESTS[0])
+        assert r.status_code == 500 and "renderer fault injected" in r.json()["error"]
+        monkeypatch.undo()
+        r = c.post("/recommend", json=REQUESTS[0])
+        assert r.status_code == 200
+        assert_same(r.json(), expected(engine, REQUESTS[0]))
+
+
+def test_config_checks_its_front_fields():
+    from dpr.errors import InputError
+    from dpr.serve.config import ServeConfig
+
+    assert ServeConfig().check().http_front == "batched"
+    with pytest.raises(InputError, match="http_front must be 'batched' or 'asgi'"):
+        ServeConfig(http_front="fast").check()
+    with pytest.raises(InputError, match="switch_interval_us must be >= 0"):
+        ServeConfig(switch_interval_us=-1).check()

@@ -42,10 +42,13 @@ def test_truncated_anywhere_is_refused(tiny_checkpoint, tmp_path, keep):
     _refused(bad, "truncated or foreign")
 
 
-def _record_span(path: Path, suffix: str) -> tuple[int, int]:
-    """(start, length) of a zip member's bytes inside the file (torch checkpoints store them uncompressed)."""
+def _record_span(path: Path, suffix: str, tensors_only: bool = False) -> tuple[int, int]:
+    """(start, length) of the largest zip member whose name ends with ``suffix`` (``tensors_only``: among the
+    tensor storages, ``.../data/N``) inside the file (torch checkpoints store them uncompressed)."""
     with zipfile.ZipFile(path) as z:
-        info = max((i for i in z.infolist() if i.filename.endswith(suffix)), key=lambda i: i.file_size)
+        members = [i for i in z.infolist() if i.filename.endswith(suffix)
+                   and (not tensors_only or i.filename.rsplit("/", 2)[-2:-1] == ["data"])]
+        info = max(members, key=lambda i: i.file_size)
         with open(path, "rb") as fh:
             fh.seek(info.header_offset + 26)
             name_len, extra_len = int.from_bytes(fh.read(2), "little"), int.from_bytes(fh.read(2), "little")
@@ -73,7 +76,9 @@ def test_bit_flip_in_the_structure_is_refused(tiny_checkpoint, tmp_path, where):
 
 
 def test_bit_flip_in_tensor_data_is_refused(tiny_checkpoint, tmp_path):
-    start, size = _record_span(tiny_checkpoint, "")               # the largest member: a weight tensor
+    # the largest tensor storage (not the pickle, which can be larger: a flip there may land on a memo index
+    # that nothing reads again, leaving the loaded objects unchanged)
+    start, size = _record_span(tiny_checkpoint, "", tensors_only=True)
     bad = tmp_path / "flip.pt"
     bad.write_bytes(_flip(tiny_checkpoint.read_bytes(), start + size // 2))
     _refused(bad)

@@ -27,6 +27,19 @@ def assert_same(got: dict, want: dict) -> None:
                                rtol=1e-5, atol=1e-5)
 
 
+# varied /recommend requests against the tiny export (ids i1..i400): prompts, a negative, a filter, a long history,
+# exclude_history off, and a result shorter than k
+REQUESTS = [
+    {"history": ["i1", "i2", "i3"], "prompt": "something funny", "k": 5},
+    {"history": ["i10"], "negative_prompt": "no horror", "k": 3},
+    {"history": ["i4", "i9", "i33", "i120", "i7"], "prompt": "more comedy", "negative_prompt": "no horror"},
+    {"history": ["i5", "i6"], "hard_filter": {"include_tags": ["comedy"], "exclude_items": ["i47"]}, "k": 4},
+    {"history": ["i8"] + [f"i{j}" for j in range(20, 40)], "k": 7, "exclude_history": False},
+    {"history": ["i2"], "hard_filter": {"include_tags": ["comedy"], "exclude_tags": ["horror", "drama",
+     "action", "animation", "sci-fi", "romance", "thriller"]}, "k": 399},          # a short result
+]
+
+
 ENGINE = {"backend": "onnxruntime", "retriever": "onnxruntime"}      # as the `engine` fixture
 
 

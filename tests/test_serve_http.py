@@ -57,18 +57,7 @@ def limited(export_dir, tmp_path_factory):
     stop_clean(s)
 
 
-from dpr_tests_serve_answers import assert_same, expected  # noqa: E402 - tests/serve_answers.py (conftest.py)
-
-
-REQUESTS = [
-    {"history": ["i1", "i2", "i3"], "prompt": "something funny", "k": 5},
-    {"history": ["i10"], "negative_prompt": "no horror", "k": 3},
-    {"history": ["i4", "i9", "i33", "i120", "i7"], "prompt": "more comedy", "negative_prompt": "no horror"},
-    {"history": ["i5", "i6"], "hard_filter": {"include_tags": ["comedy"], "exclude_items": ["i47"]}, "k": 4},
-    {"history": ["i8"] + [f"i{j}" for j in range(20, 40)], "k": 7, "exclude_history": False},
-    {"history": ["i2"], "hard_filter": {"include_tags": ["comedy"], "exclude_tags": ["horror", "drama",
-     "action", "animation", "sci-fi", "romance", "thriller"]}, "k": 399},          # a short result
-]
+from dpr_tests_serve_answers import REQUESTS, assert_same, expected  # noqa: E402 - tests/serve_answers.py (conftest.py)
 
 
 def test_health_metadata_and_docs(server):

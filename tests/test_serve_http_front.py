@@ -20,20 +20,12 @@ pytest.importorskip("httptools", reason="the batching front subclasses uvicorn's
 
 from dpr.serve.http_front import protocol_for  # noqa: E402
 
-from dpr_tests_serve_answers import assert_same, expected, live_service  # noqa: E402 - tests/serve_answers.py
+from dpr_tests_serve_answers import REQUESTS as SHARED_REQUESTS  # noqa: E402 - tests/serve_answers.py
+from dpr_tests_serve_answers import assert_same, expected, live_service  # noqa: E402
 
 WAIT = 60
 
-REQUESTS = [
-    {"history": ["i1", "i2", "i3"], "prompt": "something funny", "k": 5},
-    {"history": ["i10"], "negative_prompt": "no horror", "k": 3},
-    {"history": ["i4", "i9", "i33", "i120", "i7"], "prompt": "more comedy", "negative_prompt": "no horror"},
-    {"history": ["i5", "i6"], "hard_filter": {"include_tags": ["comedy"], "exclude_items": ["i47"]}, "k": 4},
-    {"history": ["i8"] + [f"i{j}" for j in range(20, 40)], "k": 7, "exclude_history": False},
-    {"history": ["i2"], "hard_filter": {"include_tags": ["comedy"], "exclude_tags": ["horror", "drama",
-     "action", "animation", "sci-fi", "romance", "thriller"]}, "k": 399},          # a short result
-    {"history": ["i3", "i1"], "prompt": "caf\u00e9 \u2603 \U0001f600", "k": 2},
-]
+REQUESTS = SHARED_REQUESTS + [{"history": ["i3", "i1"], "prompt": "caf\u00e9 \u2603 \U0001f600", "k": 2}]
 
 
 @pytest.fixture(scope="module")

@@ -40,6 +40,19 @@ REQUESTS = [
 ]
 
 
+def v2_body(histories, prompts=None, k=None, **extra):
+    """A KServe v2 JSON infer body: histories padded with empty strings, optional prompts and per-row k."""
+    width = max(len(h) for h in histories)
+    inputs = [{"name": "history", "datatype": "BYTES", "shape": [len(histories), width],
+               "data": [x for h in histories for x in h + [""] * (width - len(h))]}]
+    if prompts is not None:
+        inputs.append({"name": "prompt", "datatype": "BYTES", "shape": [len(prompts), 1],
+                       "data": [p or "" for p in prompts]})
+    if k is not None:
+        inputs.append({"name": "k", "datatype": "INT32", "shape": [len(histories), 1], "data": list(k)})
+    return {"id": "req-1", "inputs": inputs, **extra}
+
+
 ENGINE = {"backend": "onnxruntime", "retriever": "onnxruntime"}      # as the `engine` fixture
 
 

@@ -57,7 +57,7 @@ def limited(export_dir, tmp_path_factory):
     stop_clean(s)
 
 
-from dpr_tests_serve_answers import REQUESTS, assert_same, expected  # noqa: E402 - tests/serve_answers.py (conftest.py)
+from dpr_tests_serve_answers import REQUESTS, assert_same, expected, v2_body  # noqa: E402 - tests/serve_answers.py (conftest.py)
 
 
 def test_health_metadata_and_docs(server):
@@ -105,18 +105,6 @@ def test_concurrent_single_requests_equal_engine(server, engine):
     for r, req in zip(got, reqs):
         assert r.status_code == 200, r.text
         assert_same(r.json(), expected(engine, req))
-
-
-def v2_body(histories, prompts=None, k=None, **extra):
-    width = max(len(h) for h in histories)
-    inputs = [{"name": "history", "datatype": "BYTES", "shape": [len(histories), width],
-               "data": [x for h in histories for x in h + [""] * (width - len(h))]}]
-    if prompts is not None:
-        inputs.append({"name": "prompt", "datatype": "BYTES", "shape": [len(prompts), 1],
-                       "data": [p or "" for p in prompts]})
-    if k is not None:
-        inputs.append({"name": "k", "datatype": "INT32", "shape": [len(histories), 1], "data": list(k)})
-    return {"id": "req-1", "inputs": inputs, **extra}
 
 
 def test_v2_infer_json_equals_engine(server, engine):

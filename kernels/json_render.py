@@ -17,30 +17,22 @@ KernelError = capi.KernelError
 
 
 def _configure(lib: ctypes.CDLL) -> None:
+    global _render_keep_gil
     lib.dpr_render_status_string.restype = ctypes.c_char_p
     lib.dpr_render_status_string.argtypes = [ctypes.c_int]
     lib.dpr_render_double_repr.restype = ctypes.c_int
     lib.dpr_render_double_repr.argtypes = [ctypes.c_double, ctypes.c_char_p]
-    lib.dpr_render_recommend_rows.restype = ctypes.c_int
-    lib.dpr_render_recommend_rows.argtypes = [_P, _P, _I64, _I64, _P, _I64, ctypes.c_char_p, _P, _I64, _I64,
-                                              ctypes.c_char_p, _P, _P, _I64, ctypes.POINTER(_I64), _P]
+    # the renderer through a ctypes.PyDLL handle on the same library: called without releasing the GIL. It runs on
+    # the HTTP service's event-loop thread for tens of microseconds; a CDLL call drops the GIL and then queues for
+    # it behind the engine's threads: under load with 64 single-request clients that wait made the call cost 170 us
+    # for ~9 rows where it takes 25 us alone (README, "Load test")
+    _render_keep_gil = ctypes.PyDLL(lib._name).dpr_render_recommend_rows
+    _render_keep_gil.restype = ctypes.c_int
+    _render_keep_gil.argtypes = [_P, _P, _I64, _I64, _P, _I64, ctypes.c_char_p, _P, _I64, _I64, ctypes.c_char_p,
+                                 _P, _P, _I64, ctypes.POINTER(_I64), _P]
 
 
-_held: list = []          # the renderer entry point that keeps the GIL (see _render_fn), once loaded
-
-
-def _render_fn():
-    """``dpr_render_recommend_rows`` called *without* releasing the GIL (a ``ctypes.PyDLL`` handle on the same
-    library). It runs on the HTTP service's event-loop thread for tens of microseconds; a CDLL call drops the GIL
-    and then queues for it behind the engine's threads: under load with 64 single-request clients that wait made
-    the call cost 170 us for ~9 rows where it takes 25 us alone (README, "Load test")."""
-    if not _held:
-        lib = id_index.require("dpr_render_recommend_rows")
-        fn = ctypes.PyDLL(lib._name).dpr_render_recommend_rows
-        fn.restype = lib.dpr_render_recommend_rows.restype
-        fn.argtypes = lib.dpr_render_recommend_rows.argtypes
-        _held.append(fn)
-    return _held[0]
+_render_keep_gil = None      # set by _configure when the library is loaded
 
 
 def library() -> ctypes.CDLL | None:
@@ -75,7 +67,6 @@ def render_rows(frags: Fragments, indices: np.ndarray, scores: np.ndarray, count
     (B, c) float32, ``counts`` (B,) int64, ``reasons`` each row's short reason, already JSON (bytes).
     ``row_ends``: a (B,) int64 array that receives the offset just past each row's text (or None)."""
     lib = id_index.require("dpr_render_recommend_rows")
-    render = _render_fn()
     indices = np.ascontiguousarray(indices, dtype=np.int64)
     scores = np.ascontiguousarray(scores, dtype=np.float32)
     counts = np.ascontiguousarray(counts, dtype=np.int64)
@@ -95,11 +86,10 @@ def render_rows(frags: Fragments, indices: np.ndarray, scores: np.ndarray, count
     cap = rows * 100 + len(blob) + items * (frags.longest + 100)
     out = ctypes.create_string_buffer(max(cap, 1))
     written = _I64(0)
-    status = render(indices.ctypes.data, scores.ctypes.data, rows, cols, counts.ctypes.data,
-                                           int(k), frags.blob, frags.offsets.ctypes.data, frags.count,
-                                           len(frags.blob), blob,
-                                           roff.ctypes.data, out, cap, ctypes.byref(written),
-                                           None if row_ends is None else row_ends.ctypes.data)
+    status = _render_keep_gil(indices.ctypes.data, scores.ctypes.data, rows, cols, counts.ctypes.data, int(k),
+                              frags.blob, frags.offsets.ctypes.data, frags.count, len(frags.blob), blob,
+                              roff.ctypes.data, out, cap, ctypes.byref(written),
+                              None if row_ends is None else row_ends.ctypes.data)
     if status != 0:
         raise KernelError(f"cannot render this answer: {lib.dpr_render_status_string(status).decode()}")
     return ctypes.string_at(out, written.value)

@@ -250,7 +250,7 @@ def create_app(service: Service, load_in_background: bool = True) -> ServeApp:
             return _error(422, "the list of requests is empty")
         if not svc.ready:
             return _not_ready(svc.load_error or "the engine is loading")
-        label = (lambda r: "request") if single else (lambda r: f"request {r}")
+        label = (lambda r: "request") if single else _request_label
         try:
             parts = _parts_from_requests(reqs, svc, label, check_ids=False)
         except LimitError as exc:
@@ -363,7 +363,7 @@ def create_app(service: Service, load_in_background: bool = True) -> ServeApp:
     app.lean_routes = lean.LeanRoutes(svc, _recommend, lean_infer, super(ServeApp, app).__call__, count)
     # plain valid /recommend calls, batched per event-loop turn ahead of ASGI (``http_front.protocol_for``)
     if svc.cfg.http_front == "batched":
-        app.batch_front = BatchFront(svc, lambda reqs: _parts_from_requests(reqs, svc, _LIST_LABEL, check_ids=False),
+        app.batch_front = BatchFront(svc, lambda reqs: _parts_from_requests(reqs, svc, _request_label, check_ids=False),
                                      _error_response, count)
 
     # ---- model repository (hot reload) -----------------------------------------------------------
@@ -408,7 +408,8 @@ def create_app(service: Service, load_in_background: bool = True) -> ServeApp:
     return app
 
 
-def _LIST_LABEL(r: int) -> str:
+def _request_label(r: int) -> str:
+    """How an error names request ``r`` of a /recommend list."""
     return f"request {r}"
 
 

@@ -69,27 +69,33 @@ def recommend_body(engine, res) -> bytes:
     """The rows of ``recommend_json(engine, res)`` joined by ", ", as UTF-8: by the native renderer
     (:func:`native_body`) for answers of ``NATIVE_MIN_SLOTS`` ranked slots or more when it is built, else by
     ``recommend_json``. Byte for byte the same (tests/test_json_render.py)."""
-    if res.indices.size >= NATIVE_MIN_SLOTS and res.scores.dtype == np.float32:   # native reads float32 scores
-        native = tables(engine).native()
-        if native is not None:
-            return native_body(native, res)
+    native = _native_for(engine, res)
+    if native is not None:
+        return native_body(native, res)
     return ", ".join(recommend_json(engine, res)).encode()
 
 
 def recommend_rows(engine, res) -> tuple[bytes, list[int]]:
     """``recommend_body(engine, res)`` and the offset just past each row's text in it (rows are joined by
     ", "): the batching front (``http_front``) renders a batch of calls once and cuts each call's rows out."""
-    if res.indices.size >= NATIVE_MIN_SLOTS and res.scores.dtype == np.float32:
-        native = tables(engine).native()
-        if native is not None:
-            ends = np.empty(len(res.counts), np.int64)
-            return native_body(native, res, ends), ends.tolist()
+    native = _native_for(engine, res)
+    if native is not None:
+        ends = np.empty(len(res.counts), np.int64)
+        return native_body(native, res, ends), ends.tolist()
     rows = [r.encode() for r in recommend_json(engine, res)]
     ends, at = [], -2
     for r in rows:
         at += 2 + len(r)
         ends.append(at)
     return b", ".join(rows), ends
+
+
+def _native_for(engine, res):
+    """The native renderer's fragments when it should render ``res`` (``NATIVE_MIN_SLOTS`` ranked slots or more,
+    float32 scores, the library built), else None."""
+    if res.indices.size >= NATIVE_MIN_SLOTS and res.scores.dtype == np.float32:   # native reads float32 scores
+        return tables(engine).native()
+    return None
 
 
 def native_body(native, res, row_ends: np.ndarray | None = None) -> bytes:

@@ -1,6 +1,7 @@
 """What a serving front end (HTTP, Ray, the fault tests) must answer for one ``/recommend`` request, the
-comparison every serving test uses, and the HTTP service run in-process (``live_service``). Not a test module: conftest.py registers it as ``dpr_tests_serve_answers``
-(see tests/fuzz_strategies.py for why)."""
+comparison every serving test uses, sample requests, the HTTP service run in-process (``live_service``) and a
+/metrics reader. Not a test module: conftest.py registers it as ``dpr_tests_serve_answers`` (see
+tests/fuzz_strategies.py for why)."""
 
 from __future__ import annotations
 
@@ -99,3 +100,11 @@ def live_service(export_dir, wait: float = 60, **cfg):
         server.should_exit = True
         thread.join(wait)
         assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def metric(client, name: str) -> float:
+    """One sample of /metrics by its full name with labels (0 when absent: a counter never incremented)."""
+    for ln in client.get("/metrics").text.splitlines():
+        if ln and ln[0] != "#" and ln.rsplit(" ", 1)[0] == name:
+            return float(ln.rsplit(" ", 1)[1])
+    return 0.0

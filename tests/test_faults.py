@@ -19,7 +19,6 @@ import shutil
 import signal
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -30,7 +29,6 @@ uvicorn = pytest.importorskip("uvicorn", reason='needs the [serve] extra: pip in
 from dpr.serve.config import ServeConfig  # noqa: E402
 from dpr.serve.procs import Server, free_port, port_open  # noqa: E402
 
-ENGINE = {"backend": "onnxruntime", "retriever": "onnxruntime"}      # as the `engine` fixture
 WAIT = 60          # every wait is bounded: a hang fails the test instead of stalling CI
 
 
@@ -47,15 +45,7 @@ def req(j: int, k: int = 5) -> dict:
     return r
 
 
-from dpr_tests_serve_answers import assert_same, expected, live_service  # noqa: E402 - tests/serve_answers.py (conftest.py)
-
-
-def metric(client, name: str) -> float:
-    """One sample of /metrics by its full name with labels (0 when absent: a counter never incremented)."""
-    for ln in client.get("/metrics").text.splitlines():
-        if ln and ln[0] != "#" and ln.rsplit(" ", 1)[0] == name:
-            return float(ln.rsplit(" ", 1)[1])
-    return 0.0
+from dpr_tests_serve_answers import ENGINE, assert_same, expected, live_service, metric  # noqa: E402 - tests/serve_answers.py
 
 
 def post_all(url: str, reqs: list, threads: int) -> list:

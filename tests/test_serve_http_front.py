@@ -21,7 +21,7 @@ pytest.importorskip("httptools", reason="the batching front subclasses uvicorn's
 from dpr.serve.http_front import protocol_for  # noqa: E402
 
 from dpr_tests_serve_answers import REQUESTS as SHARED_REQUESTS  # noqa: E402 - tests/serve_answers.py
-from dpr_tests_serve_answers import assert_same, expected, live_service  # noqa: E402
+from dpr_tests_serve_answers import assert_same, expected, live_service, metric  # noqa: E402
 
 WAIT = 60
 
@@ -191,21 +191,14 @@ def test_what_the_fast_path_leaves_to_the_routes(fronts, engine):
         assert_same(got, expected(engine, REQUESTS[0]))
 
 
-def _metric(client, name: str) -> float:
-    for ln in client.get("/metrics").text.splitlines():
-        if ln and ln[0] != "#" and ln.rsplit(" ", 1)[0] == name:
-            return float(ln.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_fast_calls_are_counted(fronts):
     url_b, _ = fronts
     name = 'dpr_http_requests_total{route="/recommend",status="200"}'
     with httpx.Client(base_url=url_b, timeout=WAIT) as c:
-        before = _metric(c, name)
+        before = metric(c, name)
         for r in REQUESTS[:3]:
             assert c.post("/recommend", json=r).status_code == 200
-        assert _metric(c, name) == before + 3
+        assert metric(c, name) == before + 3
 
 
 def test_a_failure_while_answering_is_a_500_not_a_hang(fronts, engine, monkeypatch):

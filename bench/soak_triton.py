@@ -192,8 +192,8 @@ def child_pids(pid: int) -> list[int]:
 
 
 class TritonProbe(ProcProbe):
-    """Memory, fds and threads of tritonserver and its children (the Python backend stub, where the engine runs)
-    summed: the serving side of a Triton soak is both processes. Children are looked up at every read."""
+    """Memory, fds and threads of tritonserver and its children (with the Python backend, the stub, where the engine
+    runs) summed: the serving side of a Triton soak is all of them. Children are looked up at every read."""
 
     def __init__(self, triton_pid: int):
         super().__init__(triton_pid)
@@ -214,18 +214,18 @@ class TritonProbe(ProcProbe):
 
 @contextmanager
 def triton_server(export_dir, workdir, backend: str = "onnxruntime", retriever: str = "auto", max_batch: int = 64,
-                  max_delay_ms: float = 2.0, log_path=None):
+                  max_delay_ms: float = 2.0, log_path=None, triton_backend: str = "auto"):
     """tritonserver on a repository (in ``workdir``) pointing at ``export_dir``, on free 127.0.0.1 ports, ready;
     yields the :class:`Server` with ``triton_pid`` (the tritonserver process, a child of the launcher) and stops it
-    on exit."""
+    on exit. ``triton_backend``: ServeConfig's (auto: the native backend where it builds for the Triton venv)."""
     from dpr.serve.config import ServeConfig
     from dpr.serve.procs import Server, free_port
     from dpr.serve.triton_repo import write_repository
 
     workdir = Path(workdir)
     cfg = ServeConfig(backend=backend, retriever=retriever, max_batch_size=max_batch, preferred_batch_size=max_batch,
-                      max_queue_delay_us=int(max_delay_ms * 1000))
-    write_repository(workdir / "repo", export_dir, cfg, copy_export=False)
+                      max_queue_delay_us=int(max_delay_ms * 1000), triton_backend=triton_backend)
+    write_repository(workdir / "repo", export_dir, cfg, copy_export=False, python=triton_python())
     http, grpc, metrics = free_port(), free_port(), free_port()
     cmd = [str(triton_python()), "-P", "-m", "dpr.serve.triton_server", str(workdir / "repo"), "--port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics)]

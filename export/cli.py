@@ -50,8 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--verbose", action="store_true", help="show the torch exporter's output")
     p.add_argument("--triton-repo", default=None, metavar="DIR",
-                   help="also write a Triton model repository in DIR (config.pbtxt + Python-backend model.py, "
-                        "the export copied in; dpr.serve.triton_repo)")
+                   help="also write a Triton model repository in DIR (config.pbtxt + the model's code, the "
+                        "export copied in; dpr.serve.triton_repo)")
+    p.add_argument("--triton-backend", default="python", choices=["python", "native", "auto"],
+                   help="the repository's backend: python (Triton's Python backend, portable to NVIDIA's "
+                        "container; default), native (libtriton_dpr.so built for this Python) or auto")
     return p
 
 
@@ -75,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.triton_repo:
             from dpr.serve.triton_repo import write_repository
 
-            repo_model = write_repository(args.triton_repo, out)
+            repo_model = write_repository(args.triton_repo, out, backend=args.triton_backend)
     except DPRError as exc:
         print(f"dpr-export: error: {exc}", file=sys.stderr)
         return 1

@@ -27,6 +27,9 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.dpr_id_index_build.argtypes = [ctypes.c_char_p, _P, _I64, ctypes.POINTER(_P)]
     lib.dpr_id_index_lookup.restype = ctypes.c_int
     lib.dpr_id_index_lookup.argtypes = [_P, ctypes.c_char_p, _I64, _P, _I64, ctypes.POINTER(_I64)]
+    if hasattr(lib, "dpr_id_index_lookup_wire"):
+        lib.dpr_id_index_lookup_wire.restype = ctypes.c_int
+        lib.dpr_id_index_lookup_wire.argtypes = [_P, ctypes.c_char_p, _I64, _P, _I64, ctypes.POINTER(_I64)]
     lib.dpr_id_index_free.restype = None
     lib.dpr_id_index_free.argtypes = [_P]
     if hasattr(lib, "dpr_history_pad_left"):             # the same library holds the history padding
@@ -102,6 +105,20 @@ class IdIndex:
         if status != 0:
             raise KernelError(f"id index lookup failed: {self._lib.dpr_id_index_status_string(status).decode()}")
         return out
+
+    def lookup_wire(self, buf: bytes, count: int) -> np.ndarray | None:
+        """int64 ``(count,)`` values of the ``count`` elements of ``buf``, Triton's BYTES wire form (each element's
+        length as 4 little-endian bytes, then its bytes): 1..N for a key, 0 when it is not one, -1 for an empty
+        element. None when ``buf`` does not hold exactly ``count`` whole elements, or the library predates it."""
+        if self._handle is None:
+            raise KernelError("this IdIndex is closed")
+        if not hasattr(self._lib, "dpr_id_index_lookup_wire"):
+            return None
+        out = np.empty(count, np.int64)
+        n = _I64(0)
+        status = self._lib.dpr_id_index_lookup_wire(self._handle, buf, len(buf), out.ctypes.data, count,
+                                                     ctypes.byref(n))
+        return out if status == 0 and n.value == count else None
 
     def lookup_many(self, rows: Sequence[Sequence[str]]) -> np.ndarray | None:
         """The ids of several rows, concatenated (see :meth:`lookup`)."""

@@ -37,6 +37,14 @@ int dpr_id_index_build(const char* blob, const int64_t* offsets, int64_t n, dpr_
 int dpr_id_index_lookup(const dpr_id_index* index, const char* buf, int64_t len, int64_t* out, int64_t max_out,
                         int64_t* n_tokens);
 
+// The elements of buf[0 .. len) in Triton's BYTES wire form (each: its length as 4 little-endian bytes, then its
+// bytes). out[e] = the value of element e, 0 when it is not a key, -1 when it is empty (padding). *n_elements =
+// the number of elements; at most max_out are written (more: DPR_IDX_BAD_ARGUMENT, *n_elements still the count).
+// A length prefix that runs past len: DPR_IDX_BAD_ARGUMENT. Used by the native Triton backend, whose histories
+// then never become Python strings.
+int dpr_id_index_lookup_wire(const dpr_id_index* index, const char* buf, int64_t len, int64_t* out, int64_t max_out,
+                             int64_t* n_elements);
+
 void dpr_id_index_free(dpr_id_index* index);
 
 #ifdef __cplusplus

@@ -161,6 +161,27 @@ int dpr_id_index_lookup(const dpr_id_index* index, const char* buf, int64_t len,
   return t > max_out ? DPR_IDX_BAD_ARGUMENT : DPR_IDX_OK;
 }
 
+int dpr_id_index_lookup_wire(const dpr_id_index* index, const char* buf, int64_t len, int64_t* out, int64_t max_out,
+                             int64_t* n_elements) {
+  if (index == nullptr || n_elements == nullptr || (buf == nullptr && len > 0) || (out == nullptr && max_out > 0))
+    return DPR_IDX_NULL_POINTER;
+  if (len < 0 || max_out < 0) return DPR_IDX_BAD_ARGUMENT;
+  *n_elements = 0;
+  int64_t t = 0, off = 0;
+  while (off < len) {
+    if (len - off < 4) return DPR_IDX_BAD_ARGUMENT;
+    uint32_t n;
+    std::memcpy(&n, buf + off, 4);                  // little-endian, as x86-64 and aarch64 store it
+    off += 4;
+    if (static_cast<int64_t>(n) > len - off) return DPR_IDX_BAD_ARGUMENT;
+    if (t < max_out) out[t] = n == 0 ? int64_t{-1} : static_cast<int64_t>(index->find(buf + off, n, hash_bytes(buf + off, n)));
+    off += n;
+    ++t;
+  }
+  *n_elements = t;
+  return t > max_out ? DPR_IDX_BAD_ARGUMENT : DPR_IDX_OK;
+}
+
 void dpr_id_index_free(dpr_id_index* index) { delete index; }
 
 }  // extern "C"

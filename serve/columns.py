@@ -37,13 +37,14 @@ class Part:
     k: int
     exclude_history: bool = True
     filters: list | None = None   # dict | None per row, or None
+    form: str = "ids"             # "indices": ``flat`` is an int64 array of catalogue indices (1..N), mapped already
 
     def __len__(self) -> int:
         return len(self.lens)
 
     @property
     def key(self) -> tuple:
-        return (self.k, self.exclude_history)
+        return (self.k, self.exclude_history, self.form)
 
 
 def _column(parts: Sequence[Part], name: str) -> list | None:
@@ -66,9 +67,11 @@ def merge(parts: Sequence[Part]) -> RequestBatch:
     offsets = np.zeros(len(lens) + 1, np.int64)
     np.cumsum(lens, out=offsets[1:])
     filters = _column(parts, "filters")
-    return RequestBatch.from_ids(flat, offsets, prompts=_column(parts, "prompts"),
-                                 negative_prompts=_column(parts, "negatives"), k=parts[0].k,
-                                 exclude_history=parts[0].exclude_history, hard_filter=filters)
+    make = RequestBatch.from_ids
+    if parts[0].form == "indices":           # Parts of one key share a form (it is part of the key)
+        flat, make = np.concatenate([np.asarray(p.flat, np.int64) for p in parts]), RequestBatch.from_indices
+    return make(flat, offsets, prompts=_column(parts, "prompts"), negative_prompts=_column(parts, "negatives"),
+                k=parts[0].k, exclude_history=parts[0].exclude_history, hard_filter=filters)
 
 
 def slice_result(res: ResultBatch, start: int, stop: int) -> ResultBatch:

@@ -28,7 +28,12 @@ class ServeConfig:
     # single-request clients on the 2-core VM, 0 served 4,214-4,414 requests/s against 3,162-3,793 at 2,000 us
     # (README, "Load test"): waiting kept the engine idle while requests queued.
     max_queue_delay_us: int = 0
-    instances: int = 1                    # Triton: instance_group count (Python-backend processes, each an engine)
+    instances: int = 1                    # Triton: instance_group count (each an engine)
+    # Triton: which backend runs the model. "native": libtriton_dpr.so inside tritonserver, one Python call per batch
+    # (serve/triton_native.py; 64 single-request clients: README "Load test"); "python": Triton's Python backend (a
+    # stub process per instance; portable to NVIDIA's container as written); "auto": native where it builds (g++ and
+    # this Python's headers and libpython), else python, saying why.
+    triton_backend: str = "auto"
     max_queue: int = 4096                 # rows waiting beyond this: 503 + Retry-After (back-pressure)
     # limits on one HTTP call (each refusal names the limit)
     max_body_bytes: int = 8 << 20         # 413 beyond this
@@ -55,6 +60,8 @@ class ServeConfig:
     def check(self) -> "ServeConfig":
         if self.unknown_items not in ("error", "ignore"):
             raise InputError(f"unknown_items must be 'error' or 'ignore', got {self.unknown_items!r}")
+        if self.triton_backend not in ("auto", "native", "python"):
+            raise InputError(f"triton_backend must be 'auto', 'native' or 'python', got {self.triton_backend!r}")
         if self.http_front not in ("batched", "asgi"):
             raise InputError(f"http_front must be 'batched' or 'asgi', got {self.http_front!r}")
         for name in ("max_batch_size", "preferred_batch_size", "max_queue", "max_body_bytes",

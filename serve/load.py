@@ -57,6 +57,7 @@ class LoadConfig:
     triton_http_client: str = "raw"      # raw (the same hand-written client, binary tensors) | tritonclient
     triton_grpc_client: str = "raw"      # raw (tritonclient's request messages built once, one grpc.aio channel) | tritonclient
     triton_instances: int = 1            # Triton's instance_group count (dpr-serve --triton --instances)
+    triton_backend: str = "auto"         # dpr-serve --triton --triton-backend: auto | native | python
     triton_python: str = str(REPO / ".venv-triton" / "bin" / "python")
     json: str = ""
     seed: int = 0
@@ -457,7 +458,7 @@ def run(cfg: LoadConfig) -> dict:
                 http, grpc, metrics = free_port(), free_port(), free_port()
                 cmd = [cfg.triton_python, "-P", "-m", "dpr.serve.cli", "--triton", str(export_dir), "--port",
                        str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
-                       "--instances", str(cfg.triton_instances), *qd]
+                       "--instances", str(cfg.triton_instances), "--triton-backend", cfg.triton_backend, *qd]
                 with Server(cmd, http, env=env, log_path=Path(work) / "triton.log", ports=(grpc, metrics)).start(300) as s:
                     for target in tr:
                         url = f"127.0.0.1:{grpc if target.endswith('grpc') else http}"
@@ -528,7 +529,8 @@ def _targets(results: list) -> dict:
         h = by.get(("http", sc))
         for t in ("triton-http", "triton-grpc"):
             if h and (t, sc) in by:
-                out[f"{t} {sc} within 20% of http"] = abs(by[(t, sc)]["rps"] / h["rps"] - 1) <= 0.2
+                # "within 20%": not more than 20% slower (a faster Triton meets it too)
+                out[f"{t} {sc} within 20% of http"] = by[(t, sc)]["rps"] / h["rps"] >= 0.8
     return out
 
 

@@ -129,18 +129,23 @@ def _ints(arr, name: str, b: int, default) -> list:
     return arr.tolist()
 
 
-def parts_from_tensors(t: dict, cfg, ids: IdCheck | None, label=lambda r: f"row {r}") -> list[tuple[Part, list[int]]]:
+def parts_from_tensors(t: dict, cfg, ids: IdCheck | None, label=lambda r: f"row {r}",
+                       history: tuple | None = None) -> list[tuple[Part, list[int]]]:
     """One request's named numpy tensors as Parts (one per distinct (k, exclude_history)), each with the
     positions of its rows in the request. Raises InputError / LimitError naming the input and row. ``ids``:
     the item ids checked here (an IdCheck), or None: left to the engine (``columns.run_parts`` isolates a
-    culprit in a merged batch)."""
+    culprit in a merged batch). ``history``: the rows' histories mapped already, ``(int64 catalogue indices
+    1..N, ids per row)`` (the native Triton backend's), in place of ``t["history"]``."""
     unknown = sorted(set(t) - set(INPUTS))
     if unknown:
         raise InputError(f"unknown input(s) {unknown}; this model takes {', '.join(INPUTS)}")
-    if t.get("history") is None:
+    form = "ids" if history is None else "indices"
+    if history is not None:
+        flat, lens = history
+    elif t.get("history") is None:
         raise InputError("input 'history' is required (BYTES [batch, n]: item ids, rows padded with empty strings)")
-    hist = np.asarray(t["history"], dtype=object)
-    flat, lens = _rows_of_text(hist, "history", label)
+    else:
+        flat, lens = _rows_of_text(np.asarray(t["history"], dtype=object), "history", label)
     b = len(lens)
     if b == 0:
         raise InputError("input 'history' has no rows")
@@ -175,16 +180,19 @@ def parts_from_tensors(t: dict, cfg, ids: IdCheck | None, label=lambda r: f"row 
         if len(groups) == 1:
             pf, pl, pp, pn, pfl = flat, lens, prompts, negatives, filters
         else:
-            pf = [x for r in rows for x in flat[offsets[r]:offsets[r + 1]]]
+            if form == "indices":
+                pf = np.concatenate([flat[offsets[r]:offsets[r + 1]] for r in rows])
+            else:
+                pf = [x for r in rows for x in flat[offsets[r]:offsets[r + 1]]]
             pl = [lens[r] for r in rows]
             pp = None if prompts is None else [prompts[r] for r in rows]
             pn = None if negatives is None else [negatives[r] for r in rows]
             pfl = None if filters is None else [filters[r] for r in rows]
         rl = (lambda r, rows=rows: label(rows[r]))
         check_limits(pl, pp, pn, int(k), cfg, rl)
-        if ids is not None:
+        if ids is not None and form == "ids":
             ids.check(pf, pl, rl)
-        out.append((Part(pf, pl, pp, pn, int(k), bool(ex), pfl), rows))
+        out.append((Part(pf, pl, pp, pn, int(k), bool(ex), pfl, form), rows))
     if b > cfg.max_requests_per_call:
         raise LimitError(f"{b} rows in one call; the limit is {cfg.max_requests_per_call} (--max-requests-per-call)", 413)
     return out

@@ -1,9 +1,13 @@
-"""A Triton model repository for dpr: ``config.pbtxt`` + a Python-backend ``model.py`` that loads an export
-through ``dpr.engine`` (``dpr-export --triton-repo DIR``; ``dpr-serve --triton`` writes one for itself).
+"""A Triton model repository for dpr: ``config.pbtxt`` + the model's code, which loads an export through
+``dpr.engine`` (``dpr-export --triton-repo DIR``; ``dpr-serve --triton`` writes one for itself).
 
     DIR/dpr/config.pbtxt
-    DIR/dpr/1/model.py          # re-exports dpr.serve.triton_python.TritonPythonModel
+    DIR/dpr/1/model.py          # Python backend: re-exports dpr.serve.triton_python.TritonPythonModel
+    DIR/dpr/libtriton_dpr.so    # or the native backend (backend: "dpr"), built for this machine's Python
     DIR/dpr/1/export/           # the export, copied (unless the repository points at a folder elsewhere)
+
+The Python backend is the portable choice (NVIDIA's container runs it as written); the native one embeds the
+Python that built it and runs inside tritonserver (``dpr.serve.triton_native``).
 
 The Python backend must import ``dpr`` (``pip install "dpr[cpu]"`` in the Triton container); ``model.py`` also
 adds the folders of ``$DPR_SITE_PACKAGES`` (``os.pathsep``-separated) as site directories first, which is how a
@@ -20,6 +24,8 @@ from dpr.errors import InputError
 from .config import ServeConfig
 from .tensors import INPUTS, OUTPUTS
 
+BACKEND = "dpr"         # the native backend's name in config.pbtxt: Triton loads libtriton_dpr.so
+
 TYPE = {"BYTES": "TYPE_STRING", "INT32": "TYPE_INT32", "BOOL": "TYPE_BOOL", "FP32": "TYPE_FP32"}
 
 MODEL_PY = '''"""dpr as a Triton Python-backend model (written by dpr.serve.triton_repo)."""
@@ -33,15 +39,17 @@ from dpr.serve.triton_python import TritonPythonModel  # noqa: E402,F401
 '''
 
 
-def config_pbtxt(cfg: ServeConfig, export_dir: str, instances: int | None = None) -> str:
+def config_pbtxt(cfg: ServeConfig, export_dir: str, instances: int | None = None, backend: str = "python") -> str:
+    """``backend``: "python" or "native" (Triton's backend name ``dpr``: ``libtriton_dpr.so``)."""
     instances = cfg.instances if instances is None else instances
-    lines = [f'name: "{cfg.model_name}"', 'backend: "python"', f"max_batch_size: {cfg.max_batch_size}",
+    name = {"python": "python", "native": BACKEND}[backend]
+    lines = [f'name: "{cfg.model_name}"', f'backend: "{name}"', f"max_batch_size: {cfg.max_batch_size}",
              "dynamic_batching {", f"  preferred_batch_size: [ {cfg.preferred_batch_size} ]",
              f"  max_queue_delay_microseconds: {cfg.max_queue_delay_us}", "}", "input ["]
     ins = []
     for name, (dt, dims, optional) in INPUTS.items():
         # [-1] inputs: each request pads its own rows; allow_ragged_batch lets requests of different widths
-        # share a batch (the Python backend gets each request's tensor as sent, nothing is concatenated)
+        # share a batch (either backend gets each request's tensor as sent, nothing is concatenated)
         extra = (" allow_ragged_batch: true" if dims == [-1] else "") + (" optional: true" if optional else "")
         ins.append(f'  {{ name: "{name}" data_type: {TYPE[dt]} dims: [ {dims[0]} ]{extra} }}')
     lines += [",\n".join(ins), "]", "output ["]
@@ -65,10 +73,32 @@ def check_target(repo_dir, model_name: str = "dpr") -> None:
         raise InputError(f"--triton-repo {repo_dir} is a file, not a folder")
 
 
-def write_repository(repo_dir, export_dir, cfg: ServeConfig | None = None, copy_export: bool = True) -> Path:
-    """Write ``repo_dir/<model>/{config.pbtxt, 1/model.py}``; the export is copied to ``1/export`` (or, with
-    ``copy_export=False``, referenced by its absolute path). Returns the model folder."""
+def choose_backend(wanted: str, python=None) -> tuple[str, str]:
+    """("native" or "python", why) for ``ServeConfig.triton_backend``: "auto" takes native where its library
+    builds for ``python`` (the interpreter tritonserver will import dpr from; default this one); "native" raises
+    InputError naming what is missing."""
+    if wanted == "python":
+        return "python", "asked for"
+    from . import triton_native
+
+    try:
+        triton_native.build_for(python)
+    except RuntimeError as exc:
+        if wanted == "native":
+            raise InputError(str(exc)) from None
+        return "python", f"the native backend is not available here ({exc}); using Triton's Python backend"
+    return "native", "libtriton_dpr.so built for this Python"
+
+
+def write_repository(repo_dir, export_dir, cfg: ServeConfig | None = None, copy_export: bool = True,
+                     backend: str | None = None, python=None) -> Path:
+    """Write ``repo_dir/<model>/config.pbtxt`` and the model's code (``1/model.py`` for the Python backend, or
+    ``libtriton_dpr.so`` for the native one); the export is copied to ``1/export`` (or, with
+    ``copy_export=False``, referenced by its absolute path). ``backend``: "python", "native" or "auto" (default:
+    ``cfg.triton_backend``); the native library is built for ``python`` (the interpreter tritonserver will import
+    dpr from; default this one). Returns the model folder."""
     cfg = (cfg or ServeConfig()).check()
+    backend, _ = choose_backend(backend or cfg.triton_backend, python)
     export_dir = Path(export_dir)
     if not (export_dir / "manifest.json").is_file():
         raise InputError(f"{export_dir} is not a dpr-export folder (no manifest.json)")
@@ -81,6 +111,11 @@ def write_repository(repo_dir, export_dir, cfg: ServeConfig | None = None, copy_
         ref = "export"
     else:
         ref = str(export_dir.resolve())
-    (version / "model.py").write_text(MODEL_PY)
-    (model / "config.pbtxt").write_text(config_pbtxt(cfg, ref))
+    if backend == "native":
+        from .triton_native import install
+
+        install(model, python)
+    else:
+        (version / "model.py").write_text(MODEL_PY)
+    (model / "config.pbtxt").write_text(config_pbtxt(cfg, ref, backend=backend))
     return model

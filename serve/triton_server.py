@@ -85,10 +85,12 @@ def start(repo, cfg, workdir, **popen) -> subprocess.Popen:
 def serve_triton(export_dir, cfg) -> int:
     """``dpr-serve --triton``: a repository pointing at ``export_dir`` in a temporary folder, served by the
     bundled tritonserver in the foreground. SIGTERM/SIGINT are passed on (Triton drains, then exits)."""
-    from .triton_repo import write_repository
+    from .triton_repo import choose_backend, write_repository
 
+    backend, why = choose_backend(cfg.triton_backend)
+    print(f"dpr-serve --triton: the {backend} backend ({why})", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="dpr-triton-") as work:
-        write_repository(Path(work) / "repo", export_dir, cfg, copy_export=False)
+        write_repository(Path(work) / "repo", export_dir, cfg, copy_export=False, backend=backend)
         proc = start(Path(work) / "repo", cfg, work)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda s, _f: proc.send_signal(s))

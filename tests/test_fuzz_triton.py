@@ -1,6 +1,6 @@
 """Generated bad input (hypothesis) against a real tritonserver (nvidia-pytriton's, in .venv-triton, started as
-tests/test_serve_triton.py does, once for the module, on 127.0.0.1) serving the tiny export through
-``dpr.serve.triton_python``. KServe v2 bodies, JSON and binary (tritonclient's form): cut short, a byte changed;
+tests/test_serve_triton.py does, once for the module, on 127.0.0.1) serving the tiny export through the backend
+``dpr-serve --triton`` picks (the native one, ``libtriton_dpr.so``, where it builds; else ``dpr.serve.triton_python``). KServe v2 bodies, JSON and binary (tritonclient's form): cut short, a byte changed;
 tensors with a wrong name, datatype, shape or data, ragged data, batch sizes that disagree, BYTES length prefixes
 that overrun or split; invalid UTF-8, NUL and control bytes in BYTES tensors; one row of a request broken (k out of
 range, unknown ids and tags, empty, over-long or holed histories, blank or oversized prompts, too many rows).
@@ -85,7 +85,7 @@ def start_triton(export_dir, d):
     cfg = ServeConfig(backend="onnxruntime", retriever="onnxruntime", max_k=MAX_K, max_history=MAX_HISTORY,
                       max_prompt_bytes=MAX_PROMPT, max_requests_per_call=MAX_CALL, max_batch_size=MAX_BATCH,
                       preferred_batch_size=MAX_BATCH)
-    write_repository(d / "repo", export_dir, cfg, copy_export=False)
+    write_repository(d / "repo", export_dir, cfg, copy_export=False, python=TRITON_PY)
     http, grpc, metrics = free_port(), free_port(), free_port()
     cmd = [str(TRITON_PY), "-P", "-m", "dpr.serve.triton_server", str(d / "repo"), "--port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics)]

@@ -55,6 +55,27 @@ def test_lookup_matches_the_dict_reference(n):
     assert idx.lookup([], 0).shape == (0,)
 
 
+@pytest.mark.parametrize("n", [1, 7, 1000])
+def test_lookup_of_tritons_wire_form_matches_the_reference(n):
+    """lookup_wire (the native Triton backend's): elements in Triton's BYTES wire form, empty ones -1, unknown 0;
+    invalid UTF-8 and a NUL inside an element are just not ids; truncated data or a miscount gives None."""
+    rng = np.random.default_rng(n + 1)
+    ids = _catalogue(rng, n)
+    idx = id_index.IdIndex(ids)
+    elems = [ids[int(i)].encode() for i in rng.integers(0, n, 2 * n + 3)]
+    elems += [b"", b"", ids[0].encode() + b"\0", b"\xff\xfe", ids[-1].encode()[:-1] + b"\xc3", b""]
+    elems = [elems[i] for i in rng.permutation(len(elems))]
+    wire = b"".join(len(e).to_bytes(4, "little") + e for e in elems)
+    want = _reference(ids, [e.decode("utf-8", "replace") if e else None for e in elems])
+    want[[i for i, e in enumerate(elems) if not e]] = -1
+    want[[i for i, e in enumerate(elems) if b"\0" in e or b"\xff" in e or e.endswith(b"\xc3")]] = 0
+    np.testing.assert_array_equal(idx.lookup_wire(wire, len(elems)), want)
+    assert idx.lookup_wire(wire[:-1], len(elems)) is None             # the last element cut short
+    assert idx.lookup_wire(wire + b"\x01\x00", len(elems) + 1) is None  # half a length prefix
+    assert idx.lookup_wire(wire, len(elems) - 1) is None               # more elements than asked for
+    assert idx.lookup_wire(b"", 0).shape == (0,)
+
+
 def test_keys_of_every_length_and_near_collisions():
     """Keys that share the first 8 bytes, differ only in length, or pass the 65,535-byte length field."""
     base = "abcdefgh"

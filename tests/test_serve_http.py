@@ -413,7 +413,8 @@ def test_triton_repository_files(export_dir, tiny_checkpoint, tmp_path, capsys):
     from dpr.serve.triton_repo import write_repository
 
     model = write_repository(tmp_path / "repo", export_dir, ServeConfig(max_batch_size=64, preferred_batch_size=32,
-                                                                         max_queue_delay_us=750, instances=2))
+                                                                         max_queue_delay_us=750, instances=2),
+                             backend="python")                  # dpr-export's default: portable to NVIDIA's container
     cfg = (model / "config.pbtxt").read_text()
     for words in ('backend: "python"', "instance_group [ { count: 2 kind: KIND_CPU } ]", "max_batch_size: 64", "preferred_batch_size: [ 32 ]",
                   "max_queue_delay_microseconds: 750", 'name: "prompt" data_type: TYPE_STRING dims: [ 1 ] optional: true',

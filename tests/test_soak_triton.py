@@ -1,8 +1,8 @@
 """The soak's short form through Triton (``python -m dpr.bench.soak --target triton`` runs the long one): client
 threads send the pool's mixed valid and invalid requests with tritonclient (HTTP, binary tensors) to the
 tritonserver nvidia-pytriton ships, serving the tests' export; every answer is checked against its own request's,
-every refusal must name the engine's field. Memory, fds and threads are those of the tritonserver process and its
-Python backend stub (where the engine runs), summed.
+every refusal must name the engine's field. Both backends: the native one (the engine inside tritonserver) and
+the Python one, whose memory, fds and threads are those of the tritonserver process and its stub, summed.
 
 Bounded: 4 threads x 200 requests, ``max_seconds`` per run; no latency is asserted (the 2-core machine is shared).
 """
@@ -30,15 +30,21 @@ def pool(engine):
     return make_pool(engine, valid=96, invalid=32, seed=1)
 
 
-def test_short_triton_soak_loses_and_crosses_nothing(engine, export_dir, pool, tmp_path, monkeypatch):
+@pytest.mark.parametrize("triton_backend", ["native", "python"])
+def test_short_triton_soak_loses_and_crosses_nothing(engine, export_dir, pool, tmp_path, monkeypatch, triton_backend):
     from dpr.bench.soak_triton import TritonProbe, TritonTarget, child_pids, triton_server
 
     monkeypatch.setenv("DPR_TRITON_PYTHON", str(TRITON_PY))
-    with triton_server(export_dir, tmp_path, "onnxruntime", "onnxruntime", max_batch=32, max_delay_ms=1) as server:
+    with triton_server(export_dir, tmp_path, "onnxruntime", "onnxruntime", max_batch=32, max_delay_ms=1,
+                       triton_backend=triton_backend) as server:
         assert server.triton_pid != server.proc.pid, "tritonserver was not found under its launcher"
-        assert len(child_pids(server.triton_pid)) == 1          # the Python backend stub: the engine's process
         probe = TritonProbe(server.triton_pid)
-        assert probe.threads() > ProcProbe(server.triton_pid).threads() > 0   # the stub's are counted too
+        if triton_backend == "python":
+            assert len(child_pids(server.triton_pid)) == 1      # the Python backend stub: the engine's process
+            assert probe.threads() > ProcProbe(server.triton_pid).threads() > 0   # the stub's are counted too
+        else:
+            assert child_pids(server.triton_pid) == []          # the engine runs inside tritonserver
+            assert (tmp_path / "repo" / "dpr" / "libtriton_dpr.so").is_file()
         report = run_soak(lambda: TritonTarget(server.url, workers=16, timeout_s=30), pool, threads=4,
                           requests_per_thread=200, inflight=4, max_seconds=90, request_timeout_s=30, probe=probe)
         assert server.proc.poll() is None, server.log()

@@ -110,8 +110,9 @@ class NativeModel:
     def _execute_stacked(self, names: tuple, data: tuple, meta: bytes) -> tuple | None:
         """The batch as one engine batch built from the columns with no per-request Python (the stub-free
         counterpart of ``tensors.stack_requests``): histories padded to the widest after their ids, an optional
-        input a request omits given its default in that request's rows. None, with nothing answered, when a
-        request is not plain (another input, an unexpected shape or datatype) or anything is refused or fails."""
+        input a request omits given its default in that request's rows; the history ids mapped to catalogue indices
+        from Triton's bytes. None, with nothing answered, when a request is not plain (another input, an unexpected
+        shape or datatype, an id not in the catalogue) or anything is refused or fails."""
         m = len(names)
         col = {name: j for j, name in enumerate(names)}
         if not m or "history" not in col or not col.keys() <= STACKABLE:

@@ -138,14 +138,12 @@ void start_python() {
 
 struct Instance {
   PyObject* model = nullptr;  // a NativeModel
-  std::string name;
 };
 
 // Per-request inputs gathered into one column per input name.
 struct Columns {
   std::vector<std::string> names;
   std::vector<std::string> data;
-  std::vector<std::vector<int64_t>> rows;  // per request (of those passed on): m * kMeta, grown as names appear
 
   size_t slot(const char* name) {
     for (size_t j = 0; j < names.size(); ++j)
@@ -414,7 +412,6 @@ DPR_EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceInitialize(TRITONBACKE
   const std::string version_dir = std::string(location) + "/" + std::to_string(version);
 
   auto* st = new Instance;
-  st->name = iname;
   std::string failure;
   {
     Gil gil;
@@ -467,11 +464,8 @@ DPR_EXPORT TRITONSERVER_Error* TRITONBACKEND_ModelInstanceExecute(TRITONBACKEND_
   std::vector<std::vector<int64_t>> metas;
   for (uint32_t i = 0; i < request_count; ++i) {
     std::vector<int64_t> meta;
-    const std::vector<size_t> sizes = [&] {
-      std::vector<size_t> s;
-      for (auto& d : cols.data) s.push_back(d.size());
-      return s;
-    }();
+    std::vector<size_t> sizes;  // each column's size before this request, to drop its bytes if it is refused
+    for (auto& d : cols.data) sizes.push_back(d.size());
     refused[i] = gather(requests[i], cols, meta);
     if (!refused[i].empty()) {
       for (size_t j = 0; j < sizes.size(); ++j) cols.data[j].resize(sizes[j]);  // drop what it had appended

@@ -331,3 +331,39 @@ def test_native_backend_in_tritonserver(export_dir, engine, tmp_path):
     for p in s.ports:
         assert not port_open(p), f"port {p} still open after tritonserver stopped"
     assert "Traceback" not in s.log(10 ** 7), s.log()
+
+
+PROBE_SITE = """
+import importlib.util, json, os, sys
+spec = importlib.util.find_spec("kernels")
+with open(os.environ["DPR_PROBE_OUT"], "w") as f:
+    json.dump({"path": sys.path, "cwd": os.getcwd(), "kernels": spec.origin if spec else None,
+               "executable": sys.executable}, f)
+"""
+
+
+@pytest.mark.skipif(not TRITON_PY.exists(), reason=f"no Triton environment at {TRITON_PY}: `make triton-env`")
+def test_the_embedded_python_never_has_the_repository_root_on_sys_path(export_dir, tmp_path):
+    """tritonserver started from the repository root, the native backend's embedded Python probed at start-up (a
+    sitecustomize on PYTHONPATH records what it sees): no root on sys.path, and ``kernels`` is not our folder."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(PROBE_SITE)
+    out = tmp_path / "probe.json"
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    cmd = [str(TRITON_PY), "-P", "-m", "dpr.serve.cli", "--triton", str(export_dir), "--triton-backend", "native",
+           "--port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    env = dict({k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, PYTHONPATH=str(probe),
+               DPR_PROBE_OUT=str(out))
+    s = Server(cmd, http, env=env, log_path=tmp_path / "triton.log", ports=(grpc, metrics), cwd=REPO).start(180)
+    try:
+        seen = json.loads(out.read_text())      # the last writer: tritonserver's embedded Python (started last)
+    finally:
+        code = s.stop()
+    assert code == 0, s.log()
+    assert "the native backend" in s.log(10 ** 7)
+    root = os.path.realpath(REPO)
+    assert not [p for p in seen["path"] if os.path.realpath(p or seen["cwd"]) == root], seen
+    ours = os.path.join(root, "kernels") + os.sep                # not the venvs beside it under the root
+    assert seen["kernels"] is None or not os.path.realpath(seen["kernels"]).startswith(ours), seen
+    assert os.path.realpath(seen["cwd"]) != root, seen

@@ -62,7 +62,7 @@ def _text(x, what: str) -> str:
     raise InputError(f"{what} must be BYTES (strings), got {type(x).__name__}")
 
 
-def _hole(keep: np.ndarray) -> tuple[int, int] | None:
+def padding_hole(keep: np.ndarray) -> tuple[int, int] | None:
     """(row, position) of the first empty string between two ids of a row, or None."""
     if keep.shape[1] < 3:                      # a hole needs an id on each side
         return None
@@ -83,7 +83,7 @@ def _rows_of_text(arr: np.ndarray, name: str, label=None) -> tuple[list, list[in
         raise InputError(f"input '{name}' must have shape [batch, n], got {list(arr.shape)}")
     empty = b"" if arr.size and isinstance(arr.flat[0], (bytes, np.bytes_)) else ""
     keep = arr != empty
-    if label is not None and (at := _hole(keep)) is not None:
+    if label is not None and (at := padding_hole(keep)) is not None:
         raise InputError(f"{label(at[0])}: input '{name}' has an empty string at position {at[1]} between item ids "
                          f"(pad a row with empty strings after its ids, never between them)")
     flat = arr[keep].tolist()

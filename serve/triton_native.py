@@ -41,13 +41,12 @@ import numpy as np
 from dpr.errors import InputError
 
 from .columns import run_parts
-from .tensors import DEFAULT_K, PAD_SCORE, STACKABLE, _hole, parts_from_tensors, tensors_from_results
+from .tensors import DEFAULT_K, PAD_SCORE, STACKABLE, padding_hole, parts_from_tensors, tensors_from_results
 from .triton_model import Refusal, TritonModelCore, deserialize_bytes, model_parameters
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("triton_backend.cc", "triton_backend_api.h")
 LIBRARY = "libtriton_dpr.so"
-BACKEND = "dpr"                 # config.pbtxt's backend name: Triton loads libtriton_<backend>.so
 
 BYTES = 13                      # TRITONSERVER_TYPE_BYTES
 DTYPES = {1: np.bool_, 2: np.uint8, 3: np.uint16, 4: np.uint32, 5: np.uint64, 6: np.int8, 7: np.int16, 8: np.int32,
@@ -94,10 +93,10 @@ def request_tensors(names: tuple, data: tuple, meta: bytes) -> list:
 
 class NativeModel:
     """One model instance for ``libtriton_dpr.so``: ``config_json`` is Triton's JSON form of ``config.pbtxt``,
-    ``version_dir`` the model's version folder (``export_dir`` may be relative to it)."""
+    ``version_dir`` the model's version folder (``export_dir`` may be relative to it); ``instance``, Triton's
+    instance name, is part of the C++ call and not needed here."""
 
     def __init__(self, config_json: str, version_dir: str, instance: str = ""):
-        self.instance = instance
         self.core = TritonModelCore(model_parameters(json.loads(config_json)), version_dir)
         self._wire = _WireForm()
 
@@ -136,7 +135,7 @@ class NativeModel:
             at = np.arange(len(vals)) - np.repeat(np.cumsum(cells) - cells, cells)
             grid[first[owner] + at // d1[owner], at % d1[owner]] = vals
         keep = grid > 0
-        if _hole(keep) is not None:                         # padding between two ids: refused, per request
+        if padding_hole(keep) is not None:                         # padding between two ids: refused, per request
             return None
         batch = {}
         for name, j in col.items():
@@ -300,11 +299,11 @@ def build_for(python=None) -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-def install(model_dir, python=None) -> Path:
-    """Put ``libtriton_dpr.so`` (built for ``python``, default this interpreter) in a model's folder, where Triton
-    looks for a model's backend first."""
+def install(model_dir, library: Path) -> Path:
+    """Put ``library`` (``build_for``'s) in a model's folder as ``libtriton_dpr.so``, where Triton looks for a
+    model's backend first."""
     dst = Path(model_dir) / LIBRARY
-    shutil.copy2(build_for(python), dst)
+    shutil.copy2(library, dst)
     return dst
 
 
@@ -320,7 +319,7 @@ def main(argv=None) -> int:
         lib = build(force=a.force)
         if a.out:
             Path(a.out).mkdir(parents=True, exist_ok=True)
-            lib = install(a.out)
+            lib = install(a.out, lib)
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend
 
 from .tensors import INPUTS
-from .triton_model import _split_native, _split_python, Refusal, TritonModelCore, deserialize_bytes, model_parameters  # noqa: F401
+from .triton_model import Refusal, TritonModelCore, deserialize_bytes, model_parameters
 _INPUT_SET = frozenset(INPUTS)
 
 

@@ -77,17 +77,23 @@ def choose_backend(wanted: str, python=None) -> tuple[str, str]:
     """("native" or "python", why) for ``ServeConfig.triton_backend``: "auto" takes native where its library
     builds for ``python`` (the interpreter tritonserver will import dpr from; default this one); "native" raises
     InputError naming what is missing."""
+    backend, why, _ = _resolve(wanted, python)
+    return backend, why
+
+
+def _resolve(wanted: str, python) -> tuple[str, str, Path | None]:
+    """:func:`choose_backend`, and the library it built for "native" (None for "python")."""
     if wanted == "python":
-        return "python", "asked for"
+        return "python", "asked for", None
     from . import triton_native
 
     try:
-        triton_native.build_for(python)
+        lib = triton_native.build_for(python)
     except RuntimeError as exc:
         if wanted == "native":
             raise InputError(str(exc)) from None
-        return "python", f"the native backend is not available here ({exc}); using Triton's Python backend"
-    return "native", "libtriton_dpr.so built for this Python"
+        return "python", f"the native backend is not available here ({exc}); using Triton's Python backend", None
+    return "native", "libtriton_dpr.so built for this Python", lib
 
 
 def write_repository(repo_dir, export_dir, cfg: ServeConfig | None = None, copy_export: bool = True,
@@ -98,7 +104,7 @@ def write_repository(repo_dir, export_dir, cfg: ServeConfig | None = None, copy_
     ``cfg.triton_backend``); the native library is built for ``python`` (the interpreter tritonserver will import
     dpr from; default this one). Returns the model folder."""
     cfg = (cfg or ServeConfig()).check()
-    backend, _ = choose_backend(backend or cfg.triton_backend, python)
+    backend, _, lib = _resolve(backend or cfg.triton_backend, python)
     export_dir = Path(export_dir)
     if not (export_dir / "manifest.json").is_file():
         raise InputError(f"{export_dir} is not a dpr-export folder (no manifest.json)")
@@ -114,7 +120,7 @@ def write_repository(repo_dir, export_dir, cfg: ServeConfig | None = None, copy_
     if backend == "native":
         from .triton_native import install
 
-        install(model, python)
+        install(model, lib)
     else:
         (version / "model.py").write_text(MODEL_PY)
     (model / "config.pbtxt").write_text(config_pbtxt(cfg, ref, backend=backend))

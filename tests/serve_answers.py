@@ -18,6 +18,28 @@ def expected(engine, req: dict) -> dict:
                             hard_filter=req.get("hard_filter"))[0].to_dict()
 
 
+def tensor_request(hist_rows, prompts=None, negatives=None, k=None, excl=None, pad_before=0, **filters) -> dict:
+    """One Triton / KServe v2 request as the model's named numpy tensors (``dpr.serve.tensors``): histories
+    padded with empty strings after their ids (and ``pad_before`` before them), the optional [B, 1] inputs when
+    given, and filter inputs (``include_tags=[[...], ...]``) padded per row."""
+    width = max(len(h) for h in hist_rows) + pad_before
+    h = np.array([[b""] * pad_before + [x.encode() for x in row] + [b""] * (width - pad_before - len(row))
+                  for row in hist_rows], dtype=object).reshape(len(hist_rows), width)
+    t = {"history": h}
+    if prompts is not None:
+        t["prompt"] = np.array([[(p or "").encode()] for p in prompts], dtype=object)
+    if negatives is not None:
+        t["negative_prompt"] = np.array([[(p or "").encode()] for p in negatives], dtype=object)
+    if k is not None:
+        t["k"] = np.array([[x] for x in k], dtype=np.int32)
+    if excl is not None:
+        t["exclude_history"] = np.array([[x] for x in excl], dtype=np.bool_)
+    for name, rows in filters.items():
+        w = max(1, max(len(r) for r in rows))
+        t[name] = np.array([[x.encode() for x in r] + [b""] * (w - len(r)) for r in rows], dtype=object)
+    return t
+
+
 def assert_same(got: dict, want: dict) -> None:
     """The same items, ranks, titles, tags, count and reason; scores within float32 rounding (a request's scores
     may differ in their last bits with the rows it is batched with)."""

@@ -10,22 +10,10 @@ import pytest
 from dpr.serve.columns import IdCheck, run_parts
 from dpr.serve.config import ServeConfig
 from dpr.serve.tensors import parts_from_tensors, split_outputs, stack_requests, tensors_from_results
+from dpr_tests_serve_answers import tensor_request  # noqa: E402 - tests/serve_answers.py (conftest.py)
 
 
-def request(hist_rows, prompts=None, negatives=None, k=None, excl=None, pad_before=0):
-    width = max(len(h) for h in hist_rows) + pad_before
-    h = np.array([[b""] * pad_before + [x.encode() for x in row] + [b""] * (width - pad_before - len(row))
-                  for row in hist_rows], dtype=object).reshape(len(hist_rows), width)
-    t = {"history": h}
-    if prompts is not None:
-        t["prompt"] = np.array([[(p or "").encode()] for p in prompts], dtype=object)
-    if negatives is not None:
-        t["negative_prompt"] = np.array([[(p or "").encode()] for p in negatives], dtype=object)
-    if k is not None:
-        t["k"] = np.array([[x] for x in k], dtype=np.int32)
-    if excl is not None:
-        t["exclude_history"] = np.array([[x] for x in excl], dtype=np.bool_)
-    return t
+request = tensor_request       # tests/serve_answers.py
 
 
 def alone(engine, t, cfg):

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dpr.serve import triton_model as tm  # the splitters live with the model's core
+
 REPO = Path(__file__).resolve().parents[1]
 UTILS = sorted(REPO.glob(".venv-triton/lib/python3*/site-packages/pytriton/tritonserver/backends/python/"
                          "triton_python_backend_utils.py"))
@@ -100,9 +102,9 @@ def test_deserialize_native_and_python_splits_match_tritons(ours, n):
     obj[:] = [b"" if i % 5 == 0 else x for i, x in enumerate(_random_bytes(rng, n))]
     wire = ref.serialize_byte_tensor(obj) if n else b""
     want = ref.deserialize_bytes_tensor(wire).tolist()
-    assert ours._split_python(wire) == want
-    if ours._split_native is not None:
-        got = ours._split_native(wire)
+    assert tm._split_python(wire) == want
+    if tm._split_native is not None:
+        got = tm._split_native(wire)
         assert got.dtype == object and got.shape == (n,) and got.tolist() == want
     assert ours._deserialize_bytes_tensor(wire).tolist() == want
 
@@ -113,7 +115,7 @@ def test_deserialize_refuses_truncated_data(ours, wire):
     with pytest.raises(Exception):
         ref.deserialize_bytes_tensor(wire)             # Triton's loop: struct.error
     with pytest.raises(ValueError, match="truncated"):
-        ours._split_python(wire)
-    if ours._split_native is not None:
+        tm._split_python(wire)
+    if tm._split_native is not None:
         with pytest.raises(ValueError, match="truncated"):
-            ours._split_native(wire)
+            tm._split_native(wire)

@@ -23,6 +23,7 @@ import pytest
 
 from dpr.serve import triton_native as tn
 from dpr.serve.procs import Server, free_port, port_open
+from dpr_tests_serve_answers import tensor_request  # noqa: E402 - tests/serve_answers.py (conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
 TRITON_PY = Path(os.environ.get("DPR_TRITON_PYTHON", REPO / ".venv-triton" / "bin" / "python"))
@@ -76,19 +77,8 @@ def decode(out: tuple, n: int) -> list:
     return res
 
 
-def request(histories, prompts=None, k=None, excl=None, **extra) -> dict:
-    width = max(len(h) for h in histories)
-    t = {"history": np.array([[x.encode() for x in h] + [b""] * (width - len(h)) for h in histories], dtype=object)}
-    if prompts is not None:
-        t["prompt"] = np.array([[(p or "").encode()] for p in prompts], dtype=object)
-    if k is not None:
-        t["k"] = np.array([[x] for x in k], dtype=np.int32)
-    if excl is not None:
-        t["exclude_history"] = np.array([[x] for x in excl], dtype=np.bool_)
-    for name, rows in extra.items():
-        w = max(1, max(len(r) for r in rows))
-        t[name] = np.array([[x.encode() for x in r] + [b""] * (w - len(r)) for r in rows], dtype=object)
-    return t
+def request(histories, prompts=None, k=None, excl=None, **filters) -> dict:
+    return tensor_request(histories, prompts, k=k, excl=excl, **filters)       # tests/serve_answers.py
 
 
 def alone(engine, t: dict):

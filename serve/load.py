@@ -10,8 +10,9 @@ Scenarios (each bounded by ``--requests`` and ``--duration-s``; it stops by itse
 Targets: ``http`` (``POST /recommend``, JSON), ``http-v2`` (the dpr service's KServe v2 infer route, JSON
 tensors), ``triton-http`` (the hand-written client below with tritonclient's binary-tensor bodies;
 ``--triton-http-client tritonclient`` for its asyncio client) and ``triton-grpc`` (the request messages
-tritonclient builds, made once and sent on one grpc.aio channel; ``--triton-grpc-client tritonclient`` for its
-asyncio client, which builds every request again) against tritonserver, and, for an
+tritonclient builds, made once and sent by a hand-written HTTP/2 client, :mod:`dpr.serve.raw_grpc`;
+``--triton-grpc-client grpcio`` sends them on one grpc.aio channel, ``tritonclient`` uses its asyncio client,
+which builds every request again) against tritonserver, and, for an
 A/B, ``http-fastapi`` (``/recommend`` with a JSON content type the lean path leaves to the FastAPI route). The
 HTTP targets use a hand-written keep-alive client (:class:`RawHTTP`; ``--http-client aiohttp`` for aiohttp).
 The clients share the machine with the server (on 2 cores, one loop of Python clients costs the server a
@@ -55,7 +56,7 @@ class LoadConfig:
     max_queue_delay_us: int = 0          # ServeConfig's default
     http_client: str = "raw"             # raw (keep-alive HTTP/1.1, hand-written: cheap) | aiohttp
     triton_http_client: str = "raw"      # raw (the same hand-written client, binary tensors) | tritonclient
-    triton_grpc_client: str = "raw"      # raw (tritonclient's request messages built once, one grpc.aio channel) | tritonclient
+    triton_grpc_client: str = "raw"      # raw (hand-written HTTP/2, messages built once) | grpcio (one grpc.aio channel) | tritonclient
     triton_instances: int = 1            # Triton's instance_group count (dpr-serve --triton --instances)
     triton_backend: str = "auto"         # dpr-serve --triton --triton-backend: auto | native | python
     triton_python: str = str(REPO / ".venv-triton" / "bin" / "python")
@@ -380,12 +381,44 @@ def triton_grpc_requests(inputs: list) -> list:
                                    parameters=None) for ins in inputs]
 
 
+GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
 async def run_triton_grpc_raw(url: str, requests: list, rows_per_call: int, conc: int, cfg, mark=None,
                               warm=None) -> dict:
-    """Triton over gRPC with the requests prepared once (:func:`triton_grpc_requests`), on one grpc.aio channel
-    (tritonclient's message-size options), so a call costs the client one RPC, not a request built in Python:
-    the comparison is then between the servers, as for :func:`run_triton_raw`. An answer must carry the
-    ``counts`` output; a refused call counts as an error naming Triton's status and message."""
+    """Triton over gRPC through the hand-written HTTP/2 client (:class:`dpr.serve.raw_grpc.RawGRPC`), one
+    connection per client, each call's message serialized once (:func:`triton_grpc_requests`): the gRPC
+    counterpart of :func:`run_triton_raw`, so that the comparison is between the servers, not their clients
+    (grpcio's Python client cost 67-85 us of client CPU per single-request call on the 2-core VM, this one
+    about 27). An answer must be status OK and carry the ``counts`` output; a refused call counts as an error
+    naming Triton's status and message."""
+    from .raw_grpc import RawGRPC, status_name
+
+    host, port = url.rsplit(":", 1)
+    messages = [r.SerializeToString() for r in requests]
+    pool = [RawGRPC(host, int(port), GRPC_INFER) for _ in range(conc)]
+    try:
+        async def call(msg):
+            conn = pool.pop()
+            try:
+                code, text, body = await conn.call(msg)
+            finally:
+                pool.append(conn)
+            if code != 0:
+                return f"gRPC {status_name(code)}: {text}"[:300]
+            return True if b"counts" in body else "no counts in the answer"
+        return await drive(call, messages, rows_per_call, conc, cfg, warm=warm, mark=mark)
+    finally:
+        for conn in pool:
+            conn.close()
+
+
+async def run_triton_grpcio(url: str, requests: list, rows_per_call: int, conc: int, cfg, mark=None,
+                            warm=None) -> dict:
+    """Triton over gRPC with grpcio's asyncio client: the requests prepared once (:func:`triton_grpc_requests`)
+    on one grpc.aio channel (tritonclient's message-size options), so a call costs the client one RPC, not a
+    request built in Python. An answer must carry the ``counts`` output; a refused call counts as an error
+    naming Triton's status and message."""
     import grpc
     from tritonclient.grpc import service_pb2_grpc
 
@@ -496,16 +529,18 @@ def _scenario(target: str, sc: str, url: str, batches, cfg: LoadConfig, mark=Non
 
         bodies = triton_http_bodies(th, triton_inputs(th, chunks, cfg.k))
         out = asyncio.run(run_triton_raw(url, bodies, size, conc, cfg, mark, warm=warm))
-    elif target == "triton-grpc" and cfg.triton_grpc_client == "raw":
+    elif target == "triton-grpc" and cfg.triton_grpc_client in ("raw", "grpcio"):
         import tritonclient.grpc as tg
 
         reqs = triton_grpc_requests(triton_inputs(tg, chunks, cfg.k))
-        out = asyncio.run(run_triton_grpc_raw(url, reqs, size, conc, cfg, mark, warm=warm))
+        run_grpc = run_triton_grpc_raw if cfg.triton_grpc_client == "raw" else run_triton_grpcio
+        out = asyncio.run(run_grpc(url, reqs, size, conc, cfg, mark, warm=warm))
     else:
         if target == "triton-http" and cfg.triton_http_client != "tritonclient":
             raise ValueError(f"triton_http_client must be 'raw' or 'tritonclient', got {cfg.triton_http_client!r}")
         if target == "triton-grpc" and cfg.triton_grpc_client != "tritonclient":
-            raise ValueError(f"triton_grpc_client must be 'raw' or 'tritonclient', got {cfg.triton_grpc_client!r}")
+            raise ValueError(f"triton_grpc_client must be 'raw', 'grpcio' or 'tritonclient', got "
+                             f"{cfg.triton_grpc_client!r}")
         mod = "tritonclient.grpc.aio" if target.endswith("grpc") else "tritonclient.http.aio"
         base = "tritonclient.grpc" if target.endswith("grpc") else "tritonclient.http"
         import importlib

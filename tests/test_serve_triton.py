@@ -195,17 +195,34 @@ def test_dpr_serve_triton(export_dir, engine, tmp_path):
                                          warm=[]))
         assert out["errors"] == 2 and out["calls"] == 6 and "HTTP 400" in out["error_sample"], out
         assert "no-such-id" in out["error_sample"], out
-        # and its gRPC client: tritonclient's request messages built once, one channel
-        from dpr.serve.load import run_triton_grpc_raw, triton_grpc_requests
+        # and its gRPC clients (tritonclient's request messages built once): the hand-written HTTP/2 one and
+        # grpcio's asyncio channel
+        from dpr.serve.load import GRPC_INFER, run_triton_grpc_raw, run_triton_grpcio, triton_grpc_requests
+        from dpr.serve.raw_grpc import RawGRPC
+        from tritonclient.grpc import service_pb2
 
         good = triton_grpc_requests([inputs(tg, hist, [None, "no horror"], k=[7, 7]), inputs(tg, [["i9"]], k=[2])])
-        out = asyncio.run(run_triton_grpc_raw(f"127.0.0.1:{grpc}", good, 2, 2, LoadConfig(requests=16, duration_s=60)))
-        assert out["errors"] == 0 and out["calls"] == 8, out
         bad = triton_grpc_requests([inputs(tg, [["no-such-id"]], k=[2])])
-        out = asyncio.run(run_triton_grpc_raw(f"127.0.0.1:{grpc}", good + bad, 1, 1,
-                                              LoadConfig(requests=6, duration_s=60), warm=[]))
-        assert out["errors"] == 2 and out["calls"] == 6 and "INVALID_ARGUMENT" in out["error_sample"], out
-        assert "no-such-id" in out["error_sample"], out
+        for run_grpc in (run_triton_grpc_raw, run_triton_grpcio):
+            out = asyncio.run(run_grpc(f"127.0.0.1:{grpc}", good, 2, 2, LoadConfig(requests=16, duration_s=60)))
+            assert out["errors"] == 0 and out["calls"] == 8, (run_grpc.__name__, out)
+            out = asyncio.run(run_grpc(f"127.0.0.1:{grpc}", good + bad, 1, 1, LoadConfig(requests=6, duration_s=60),
+                                       warm=[]))
+            assert out["errors"] == 2 and out["calls"] == 6 and "INVALID_ARGUMENT" in out["error_sample"], out
+            assert "no-such-id" in out["error_sample"], out
+
+        async def raw_answer(msg):
+            c = RawGRPC("127.0.0.1", grpc, GRPC_INFER, timeout_s=60)
+            try:
+                return await c.call(msg)
+            finally:
+                c.close()
+        code, _, body = asyncio.run(raw_answer(good[0].SerializeToString()))
+        assert code == 0
+        mine = service_pb2.ModelInferResponse.FromString(body)
+        theirs = gc.infer("dpr", inputs(tg, hist, [None, "no horror"], k=[7, 7])).get_response()
+        assert [o.name for o in mine.outputs] == [o.name for o in theirs.outputs]
+        assert list(mine.raw_output_contents) == list(theirs.raw_output_contents)
         text = __import__("urllib.request").request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10).read()
         assert b'nv_inference_request_success{model="dpr"' in text
         hc.close()

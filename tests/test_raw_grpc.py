@@ -1,0 +1,302 @@
+"""The load test's hand-written gRPC client (dpr.serve.raw_grpc) against a real gRPC server: grpcio's C-core
+server on 127.0.0.1, with raw-bytes handlers. Each answer is checked byte for byte, and so are the status codes,
+messages and trailers the server's HPACK encoder sends (its dynamic table changes under the client's cache)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+import time
+from concurrent import futures
+
+import pytest
+
+grpc = pytest.importorskip("grpc")
+pytest.importorskip("hpack")
+
+from dpr.serve.raw_grpc import GrpcProtocolError, RawGRPC, request_header_block, status_name  # noqa: E402
+
+PATH = "/test.Raw/Call"
+
+
+def handler(request: bytes, context) -> bytes:
+    """``request``: a command byte, then the payload.
+    e: echo; d: sha256 digest; b: 1 MiB answer; a: abort with the payload as message (status in byte 1);
+    s: sleep 3 s; t: echo with a trailer x-n = payload (varying values move the server's HPACK table)."""
+    cmd, rest = request[:1], request[1:]
+    if cmd == b"e":
+        return rest
+    if cmd == b"d":
+        return hashlib.sha256(rest).digest()
+    if cmd == b"b":
+        return bytes(range(256)) * 4096
+    if cmd == b"a":
+        context.abort(grpc.StatusCode(next(c for c in grpc.StatusCode if c.value[0] == rest[0]).value),
+                      rest[1:].decode())
+    if cmd == b"s":
+        time.sleep(3)
+        return b"late"
+    if cmd == b"t":
+        context.set_trailing_metadata((("x-n", rest.decode()),))
+        return rest
+    context.abort(grpc.StatusCode.UNIMPLEMENTED, f"unknown command {cmd!r}")
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
+                      options=[("grpc.max_receive_message_length", 64 << 20),
+                               ("grpc.max_send_message_length", 64 << 20)])
+    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Raw", {"Call": grpc.unary_unary_rpc_method_handler(handler)}),))
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+    try:
+        yield port
+    finally:
+        srv.stop(grace=None)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))      # a hang fails the test instead of blocking it
+
+
+def test_header_block_is_valid_hpack():
+    from hpack import Decoder
+
+    fields = dict(Decoder().decode(request_header_block("127.0.0.1:8001", PATH), raw=True))
+    assert fields == {b":method": b"POST", b":scheme": b"http", b":path": PATH.encode(),
+                      b":authority": b"127.0.0.1:8001", b"content-type": b"application/grpc", b"te": b"trailers"}
+    long_path = "/" + "x" * 300                          # a length past the 7-bit prefix
+    assert dict(Decoder().decode(request_header_block("h:1", long_path), raw=True))[b":path"] == long_path.encode()
+
+
+def test_calls_on_one_connection_answer_exactly(server):
+    async def go():
+        c = RawGRPC("127.0.0.1", server, PATH, timeout_s=30)
+        try:
+            got = [await c.call(b"e" + str(i).encode() * (i % 7)) for i in range(300)]
+            return got, c.conn.stream
+        finally:
+            c.close()
+    got, last_stream = run(go())
+    assert got == [(0, "", str(i).encode() * (i % 7)) for i in range(300)]
+    assert last_stream == 2 * 300 - 1, "every call should be a new stream on the same connection"
+
+
+def test_large_messages_both_ways_respect_flow_control(server):
+    """3 MiB out (past the peer's 64 KiB windows and 16 KiB frames) and 1 MiB back."""
+    big = bytes((i * 7919) % 251 for i in range(3 << 20))
+
+    async def go():
+        c = RawGRPC("127.0.0.1", server, PATH, timeout_s=30)
+        try:
+            return [await c.call(b"d" + big), await c.call(b"b"), await c.call(b"e" + big[:70000])]
+        finally:
+            c.close()
+    digest, large, echo = run(go())
+    assert digest == (0, "", hashlib.sha256(big).digest())
+    assert large == (0, "", bytes(range(256)) * 4096)
+    assert echo == (0, "", big[:70000])
+
+
+def test_status_and_message_are_decoded(server):
+    cases = [(grpc.StatusCode.INVALID_ARGUMENT, "row 0: unknown item id 'é' at position 3 (100% sure)"),
+             (grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full, retry"),
+             (grpc.StatusCode.INVALID_ARGUMENT, "row 0: unknown item id 'é' at position 3 (100% sure)"),
+             (grpc.StatusCode.INTERNAL, "x" * 1000)]
+
+    async def go():
+        c = RawGRPC("127.0.0.1", server, PATH, timeout_s=30)
+        try:
+            out = []
+            for code, msg in cases:
+                out.append(await c.call(b"a" + bytes([code.value[0]]) + msg.encode()))
+                out.append(await c.call(b"eok"))               # the connection stays usable after a refusal
+            return out
+        finally:
+            c.close()
+    got = run(go())
+    for (code, msg), refused, ok in zip(cases, got[::2], got[1::2]):
+        assert refused == (code.value[0], msg, b"")
+        assert status_name(refused[0]) == code.name
+        assert ok == (0, "", b"ok")
+
+
+def test_trailers_stay_right_while_the_server_table_moves(server):
+    """Values that repeat and values that are new: the server's HPACK encoder adds and evicts dynamic-table
+    entries, so a header block cached by its bytes would be read wrong unless the cache follows the table."""
+    values = [str(i % 5) for i in range(40)] + ["v" * (i * 37 % 900) for i in range(1, 60)] + ["3", "4", "0"] * 5
+
+    async def go():
+        c = RawGRPC("127.0.0.1", server, PATH, timeout_s=30)
+        try:
+            out = []
+            for v in values:
+                code, _, body = await c.call(b"t" + v.encode())
+                out.append((code, body, c.conn.trailers.get(b"x-n")))
+            return out
+        finally:
+            c.close()
+    assert run(go()) == [(0, v.encode(), v.encode()) for v in values]
+
+
+def test_a_timeout_fails_the_call_and_the_next_call_reconnects(server):
+    async def go():
+        c = RawGRPC("127.0.0.1", server, PATH, timeout_s=0.5)
+        try:
+            first = c.conn
+            with pytest.raises(TimeoutError, match="no answer within 0.5 s"):
+                await c.call(b"s")
+            assert c.conn is None
+            c.timeout_s = 30
+            got = await c.call(b"eagain")
+            return got, first is not c.conn
+        finally:
+            c.close()
+    got, new_conn = run(go())
+    assert got == (0, "", b"again") and new_conn
+
+
+def test_one_call_at_a_time(server):
+    async def go():
+        c = RawGRPC("127.0.0.1", server, PATH, timeout_s=30)
+        try:
+            slow = asyncio.ensure_future(c.call(b"s"))
+            await asyncio.sleep(0.2)
+            with pytest.raises(RuntimeError, match="one call at a time"):
+                await c.call(b"e")
+            return await slow
+        finally:
+            c.close()
+    assert run(go()) == (0, "", b"late")
+
+
+def test_a_server_that_goes_away_mid_call_fails_the_call():
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    started = threading.Event()
+
+    def slow(request, context):
+        started.set()
+        time.sleep(5)
+        return b"never"
+    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Raw", {"Call": grpc.unary_unary_rpc_method_handler(slow)}),))
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+
+    async def go():
+        c = RawGRPC("127.0.0.1", port, PATH, timeout_s=30)
+        try:
+            call = asyncio.ensure_future(c.call(b"x"))
+            while not started.is_set():
+                await asyncio.sleep(0.02)
+            await asyncio.get_running_loop().run_in_executor(None, lambda: srv.stop(grace=None).wait())
+            try:
+                return await call
+            except GrpcProtocolError as exc:
+                return exc
+        finally:
+            c.close()
+    t0 = time.monotonic()
+    got = run(go())
+    assert time.monotonic() - t0 < 4, "the call should end when the server goes, not wait for its timeout"
+    # grpcio cancels the call (a status in the trailers) or drops the connection: either way, named
+    assert isinstance(got, GrpcProtocolError) or (got[0] != 0 and got[2] == b""), got
+
+
+def test_a_connection_dropped_mid_call_is_named():
+    """A listener that reads the call and closes the socket without answering."""
+    import socket
+
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(1)
+
+    def drop():
+        conn, _ = lst.accept()
+        conn.recv(65536)
+        time.sleep(0.2)
+        conn.close()
+    t = threading.Thread(target=drop, daemon=True)
+    t.start()
+
+    async def go():
+        c = RawGRPC("127.0.0.1", lst.getsockname()[1], PATH, timeout_s=30)
+        try:
+            with pytest.raises(GrpcProtocolError, match="lost mid-call"):
+                await c.call(b"e")
+            assert c.conn is None
+        finally:
+            c.close()
+    try:
+        run(go())
+    finally:
+        lst.close()
+        t.join(5)
+
+
+def test_a_port_with_no_server_is_a_clear_error():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def go():
+        c = RawGRPC("127.0.0.1", port, PATH, timeout_s=5)
+        with pytest.raises(OSError):
+            await c.call(b"e")
+    run(go())
+
+
+class _Wire:
+    """The socket side of a connection under test: what the client writes is kept (a test double for the
+    transport only; the frames fed back are made by hpack's own encoder)."""
+
+    def __init__(self):
+        self.out = bytearray()
+
+    def write(self, data):
+        self.out += data
+
+    def close(self):
+        pass
+
+
+def test_header_cache_follows_a_moving_hpack_table():
+    """grpc core's encoder keeps its dynamic table still after the first answer; hpack's indexes every field,
+    so the same bytes (an index) mean another field once a new entry has shifted the table. The client must
+    read each trailer as the encoder meant it."""
+    from hpack import Encoder, NeverIndexedHeaderTuple as Literal
+
+    from dpr.serve.raw_grpc import DATA, END_HEADERS, END_STREAM, HEADERS, _Connection, _frame
+
+    enc = Encoder()
+    values = ["a", "a", "b", "b", "a", "c", "a", "c", "b"] * 3
+
+    async def go():
+        conn = _Connection(request_header_block("h:1", PATH))
+        conn.connection_made(_Wire())
+        got, blocks = [], []
+        for v in values:
+            call = asyncio.ensure_future(conn.call(b"q", 10))
+            await asyncio.sleep(0)
+            # only x-n is indexed, so a repeated value is one index whose meaning moves with each new value
+            head = enc.encode([(":status", "200"), Literal("content-type", "application/grpc")])
+            trail = enc.encode([Literal("grpc-status", "0"), ("x-n", v)])
+            blocks.append(trail)
+            msg = b"\x00" + len(v).to_bytes(4, "big") + v.encode()
+            conn.data_received(_frame(HEADERS, END_HEADERS, conn.stream, head) + _frame(DATA, 0, conn.stream, msg)
+                               + _frame(HEADERS, END_HEADERS | END_STREAM, conn.stream, trail))
+            code, _, body = await call
+            got.append((code, body, conn.trailers[b"x-n"]))
+        return got, blocks
+    got, blocks = asyncio.run(go())
+    assert got == [(0, v.encode(), v.encode()) for v in values]
+    # the test means something only if one block's bytes stood for two different values
+    meaning: dict[bytes, set] = {}
+    for b, v in zip(blocks, values):
+        meaning.setdefault(b, set()).add(v)
+    assert any(len(vs) > 1 for vs in meaning.values()), meaning

@@ -133,7 +133,7 @@ class Batcher:
         self.max_queue = max_queue
         self.batch_timeout_s = float(batch_timeout_s)
         self.on_batch = on_batch             # callback(rows, seconds): metrics
-        self.on_error = on_error             # callback(kind, parts): "exception" | "timeout", Parts failed
+        self.on_error = on_error             # callback(kind, requests): "exception" | "timeout", requests failed
         self._q: deque = deque()             # (arrival time, Part, Future | _Waiter)
         self._done: list = []                # _Waiter results of the batch just run (scheduling thread only)
         self._rows = 0                       # rows waiting
@@ -255,11 +255,11 @@ class Batcher:
             return
         except BaseException as exc:  # noqa: BLE001 - run_parts returns errors; this is a bug in it: fail the batch
             results = [exc] * len(live)
-        faults = 0
-        for (_, f), r in zip(live, results):
+        faults = 0                            # requests (rows), not Parts: the HTTP front merges calls into one Part
+        for (p, f), r in zip(live, results):
             if isinstance(r, BaseException):
                 f.set_exception(r)
-                faults += not isinstance(r, InputError)
+                faults += 0 if isinstance(r, InputError) else len(p)
             else:
                 f.set_result((engine, r))     # the engine that answered: its catalogue renders the ids
         if faults:
@@ -288,7 +288,7 @@ class Batcher:
                   "abandoned, %s serves from now on", rows, self.batch_timeout_s, stuck.thread.name,
                   self._runner.thread.name)
         if self.on_error is not None:
-            self.on_error("timeout", len(live))
+            self.on_error("timeout", rows)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def swap(self, engine):

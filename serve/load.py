@@ -304,25 +304,35 @@ def _ok_status(status: int, data: bytes):
     return True if status == 200 else f"HTTP {status}: {data[:200]!r}"
 
 
-async def drive_raw(url: str, requests: list[bytes], check, rows_per_call: int, conc: int, cfg, mark=None,
-                    warm=None) -> dict:
-    """:func:`drive` over ``conc`` :class:`RawHTTP` keep-alive connections (a pool of ``conc``: no client waits
-    for one). ``requests``: each call's whole request, head and body, prepared once so a call builds no Python
-    objects; ``check(status, body)`` says whether the answer is right (True) or what is wrong."""
-    host, port = url.split("://", 1)[-1].rstrip("/").rsplit(":", 1)
-    pool = [RawHTTP(host, int(port)) for _ in range(conc)]
+async def drive_pool(pool: list, exchange, requests: list, rows_per_call: int, conc: int, cfg, mark=None,
+                     warm=None) -> dict:
+    """:func:`drive` over ``pool``, ``conc`` connections that each make one call at a time (no client waits for
+    one); ``await exchange(conn, request)`` makes a call and says whether its answer is right (True) or what is
+    wrong. The connections are closed at the end."""
     try:
         async def call(req):
             conn = pool.pop()
             try:
-                status, data = await conn.post(b"", req)
+                return await exchange(conn, req)
             finally:
                 pool.append(conn)
-            return check(status, data)
         return await drive(call, requests, rows_per_call, conc, cfg, warm=warm, mark=mark)
     finally:
         for conn in pool:
             conn.close()
+
+
+async def drive_raw(url: str, requests: list[bytes], check, rows_per_call: int, conc: int, cfg, mark=None,
+                    warm=None) -> dict:
+    """:func:`drive_pool` over ``conc`` :class:`RawHTTP` keep-alive connections. ``requests``: each call's whole
+    request, head and body, prepared once so a call builds no Python objects; ``check(status, body)`` says
+    whether the answer is right (True) or what is wrong."""
+    host, port = url.split("://", 1)[-1].rstrip("/").rsplit(":", 1)
+
+    async def exchange(conn, req):
+        return check(*await conn.post(b"", req))
+    return await drive_pool([RawHTTP(host, int(port)) for _ in range(conc)], exchange, requests, rows_per_call,
+                            conc, cfg, mark, warm)
 
 
 async def run_triton_raw(url: str, bodies: list[tuple[bytes, int]], rows_per_call: int, conc: int, cfg,
@@ -395,22 +405,14 @@ async def run_triton_grpc_raw(url: str, requests: list, rows_per_call: int, conc
     from .raw_grpc import RawGRPC, status_name
 
     host, port = url.rsplit(":", 1)
-    messages = [r.SerializeToString() for r in requests]
-    pool = [RawGRPC(host, int(port), GRPC_INFER) for _ in range(conc)]
-    try:
-        async def call(msg):
-            conn = pool.pop()
-            try:
-                code, text, body = await conn.call(msg)
-            finally:
-                pool.append(conn)
-            if code != 0:
-                return f"gRPC {status_name(code)}: {text}"[:300]
-            return True if b"counts" in body else "no counts in the answer"
-        return await drive(call, messages, rows_per_call, conc, cfg, warm=warm, mark=mark)
-    finally:
-        for conn in pool:
-            conn.close()
+
+    async def exchange(conn, msg):
+        code, text, body = await conn.call(msg)
+        if code != 0:
+            return f"gRPC {status_name(code)}: {text}"[:300]
+        return True if b"counts" in body else "no counts in the answer"
+    return await drive_pool([RawGRPC(host, int(port), GRPC_INFER) for _ in range(conc)], exchange,
+                            [r.SerializeToString() for r in requests], rows_per_call, conc, cfg, mark, warm)
 
 
 async def run_triton_grpcio(url: str, requests: list, rows_per_call: int, conc: int, cfg, mark=None,

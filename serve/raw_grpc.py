@@ -35,7 +35,7 @@ from urllib.parse import unquote_to_bytes
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-SET_HEADER_TABLE_SIZE, SET_ENABLE_PUSH, SET_INITIAL_WINDOW, SET_MAX_FRAME = 0x1, 0x2, 0x4, 0x5
+SET_ENABLE_PUSH, SET_INITIAL_WINDOW, SET_MAX_FRAME = 0x2, 0x4, 0x5
 MAX_WINDOW = 2 ** 31 - 1
 DEFAULT_WINDOW = 65535
 DEFAULT_MAX_FRAME = 16384
@@ -237,9 +237,7 @@ class _Connection(asyncio.Protocol):
                 self._on_frame(ftype, flags, stream, payload)
         except Exception as exc:  # noqa: BLE001 - a broken answer fails the call, and the connection goes
             self._fail(exc if isinstance(exc, GrpcProtocolError) else GrpcProtocolError(f"bad answer: {exc!r}"))
-            self.closed = True
-            if self.transport is not None:
-                self.transport.close()
+            self.close()
             return
         del buf[:pos]
 

@@ -38,6 +38,9 @@ def _configure(lib: ctypes.CDLL) -> None:
     if hasattr(lib, "dpr_render_recommend_rows"):        # and the /recommend answer renderer
         from dpr.kernels import json_render
         json_render._configure(lib)
+    if hasattr(lib, "dpr_recommend_parse"):              # and the /recommend body parser
+        from dpr.kernels import recommend_parse
+        recommend_parse._configure(lib)
     if hasattr(lib, "dpr_bytes_tensor_split"):           # and the Triton BYTES tensor splitter
         from dpr.kernels import bytes_tensor
         bytes_tensor._configure(lib)

@@ -38,6 +38,9 @@ class Part:
     exclude_history: bool = True
     filters: list | None = None   # dict | None per row, or None
     form: str = "ids"             # "indices": ``flat`` is an int64 array of catalogue indices (1..N), mapped already
+    # the engine whose catalogue the indices were mapped against, when another may run the Part (the HTTP service
+    # swaps engines on a reload while Parts queue): run_parts maps such a Part's ids again (None: the running one)
+    origin: object = None
 
     def __len__(self) -> int:
         return len(self.lens)
@@ -55,6 +58,23 @@ def _column(parts: Sequence[Part], name: str) -> list | None:
     for p, c in zip(parts, cols):
         out.extend(c if c is not None else [None] * len(p))
     return out
+
+
+def join(parts: Sequence[Part]) -> Part:
+    """Parts of one key (and one ``origin``) as one Part: the batching front hands the calls of one event-loop
+    turn to the batcher as one."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    if first.form == "indices":
+        flat = np.concatenate([np.asarray(p.flat, np.int64) for p in parts])
+    else:
+        flat = [x for p in parts for x in p.flat]
+    lens: list = []
+    for p in parts:
+        lens.extend(p.lens)
+    return Part(flat, lens, _column(parts, "prompts"), _column(parts, "negatives"), first.k, first.exclude_history,
+                _column(parts, "filters"), first.form, first.origin)
 
 
 def merge(parts: Sequence[Part]) -> RequestBatch:
@@ -156,9 +176,20 @@ def check_limits(lens: list[int], prompts, negatives, k: int, cfg, label) -> Non
                                      f"(--max-prompt-bytes)")
 
 
+def rebase(part: Part, engine) -> Part:
+    """``part`` for ``engine``: as it is, or, when its indices were mapped against another engine's catalogue
+    (``origin``: a reload swapped engines while it queued), as that catalogue's ids, which ``engine`` maps (and
+    refuses by name when its catalogue lacks one)."""
+    if part.origin is None or part.origin is engine or part.form != "indices":
+        return part
+    ids = np.asarray(part.origin.item_ids, dtype=object)[np.asarray(part.flat, np.int64) - 1].tolist()
+    return dataclasses.replace(part, flat=ids, form="ids", origin=None)
+
+
 def run_parts(engine, parts: Sequence[Part]) -> list:
     """Every Part's ResultBatch (or the exception it raised), with one ``recommend_batch`` call per
     (k, exclude_history) group. A failing group is re-run Part by Part so only the culprit fails."""
+    parts = [rebase(p, engine) for p in parts]
     out: list = [None] * len(parts)
     groups: dict = {}
     for i, p in enumerate(parts):

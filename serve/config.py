@@ -45,6 +45,10 @@ class ServeConfig:
     # ahead of ASGI (serve/http_front.py; 64 single-request clients: README "Load test"), "asgi" sends every call
     # through the ASGI app (uvicorn's own protocol). Same answers, byte for byte.
     http_front: str = "batched"
+    # how the batching front reads a /recommend body of body_columns.MIN_BYTES or more: "native" (one C call without
+    # the GIL, ids mapped to catalogue indices as read; serve/body_columns.py; 512-request calls: README "Load test")
+    # or "python" (json.loads and per-request checks, as smaller bodies always are). Same answers, byte for byte.
+    http_body_parser: str = "native"
     # the serving process's GIL switch interval (sys.setswitchinterval), in microseconds; 0 keeps Python's 5,000. The
     # event loop drops the GIL on every poll and then waits up to the interval for the engine's threads to give it
     # back: with 64 single-request clients, 2,000 served 7-11% more requests/s than 5,000 (README "Load test")
@@ -64,6 +68,8 @@ class ServeConfig:
             raise InputError(f"triton_backend must be 'auto', 'native' or 'python', got {self.triton_backend!r}")
         if self.http_front not in ("batched", "asgi"):
             raise InputError(f"http_front must be 'batched' or 'asgi', got {self.http_front!r}")
+        if self.http_body_parser not in ("native", "python"):
+            raise InputError(f"http_body_parser must be 'native' or 'python', got {self.http_body_parser!r}")
         for name in ("max_batch_size", "preferred_batch_size", "max_queue", "max_body_bytes",
                      "max_requests_per_call", "max_history", "max_k", "max_prompt_bytes", "instances"):
             if getattr(self, name) < 1:

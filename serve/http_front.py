@@ -32,7 +32,8 @@ from itertools import chain
 
 from dpr.errors import InputError
 
-from . import lean
+from . import body_columns, lean
+from .columns import join
 from .render import recommend_rows
 
 log = logging.getLogger("dpr.serve")
@@ -55,7 +56,7 @@ class FastCycle:
     ``keep_alive``, ``disconnected``, ``message_event``, ``body``, ``more_body``) and the parsed call."""
 
     __slots__ = ("scope", "keep_alive", "body", "more_body", "response_complete", "disconnected", "started",
-                 "reqs", "single", "t0")
+                 "reqs", "cols", "n", "single", "t0")
     message_event = _NoEvent
 
     def __init__(self, scope, keep_alive: bool):
@@ -66,7 +67,9 @@ class FastCycle:
         self.response_complete = False
         self.disconnected = False
         self.started = False            # its turn on the connection has come (the calls before it are answered)
-        self.reqs = None
+        self.reqs = None                # the call's requests (lean.Req) read by the Python path, or
+        self.cols = None                # its rows read natively (body_columns.Cols: a large body)
+        self.n = 0                      # its rows
         self.single = True
         self.t0 = 0.0
 
@@ -85,6 +88,7 @@ class BatchFront:
         self.count = count
         self.pending: list = []
         self.scheduled = False
+        self.native_bodies = service.cfg.http_body_parser == "native"
         self._dh_src = None            # uvicorn's default headers (date, server): rebuilt when it replaces them
         self._dh = b""
 
@@ -108,11 +112,21 @@ class BatchFront:
     def dispatch(self, proto, cycle: FastCycle) -> None:
         """A fast call's body is complete and its turn has come: parse it and queue it for this turn's batch."""
         cycle.t0 = time.perf_counter()
-        got = lean.parse(bytes(cycle.body), b"application/json") if self.svc.ready else None
-        if got is None:
+        if not self.svc.ready:
             proto.to_asgi(cycle)
             return
-        cycle.reqs, cycle.single = got
+        body = bytes(cycle.body)
+        cols = (body_columns.read(body, self.svc.engine, self.svc.cfg) if len(body) >= body_columns.MIN_BYTES
+                and self.native_bodies else None)
+        if cols is not None:
+            cycle.cols, cycle.single, cycle.n = cols, cols.single, len(cols)
+        else:
+            got = lean.parse(body, b"application/json")
+            if got is None:
+                proto.to_asgi(cycle)
+                return
+            cycle.reqs, cycle.single = got
+            cycle.n = len(cycle.reqs)
         self.pending.append((proto, cycle))
         if not self.scheduled:
             self.scheduled = True
@@ -130,6 +144,11 @@ class BatchFront:
         limit = self.svc.cfg.max_requests_per_call
         groups: dict = {}
         for call in calls:
+            cols = call[1].cols
+            if cols is not None:                  # read natively: one k, within the limits (body_columns.read)
+                part = cols.part
+                groups.setdefault((part.k, part.exclude_history, id(part.origin)), []).append(call)
+                continue
             reqs = call[1].reqs
             key = (reqs[0].k, reqs[0].exclude_history)
             if len(reqs) > limit or (len(reqs) > 1 and any(r.k != key[0] or r.exclude_history is not key[1]
@@ -140,7 +159,7 @@ class BatchFront:
         for members in groups.values():
             chunk, rows = [], 0
             for call in members:                  # a batch never holds more rows than one call may
-                n = len(call[1].reqs)
+                n = call[1].n
                 if chunk and rows + n > limit:
                     self._submit(chunk)
                     chunk, rows = [], 0
@@ -149,6 +168,14 @@ class BatchFront:
             self._submit(chunk)
 
     def _submit(self, calls: list) -> None:
+        if calls[0][1].cols is not None:          # natively read calls (flush grouped them: one key, one engine)
+            try:
+                part = join([c.cols.part for _, c in calls])
+            except Exception as exc:  # noqa: BLE001 - a bug of ours: answered (500), never left hanging
+                self._fail(calls, exc)
+                return
+            self._queue(calls, part)
+            return
         reqs = calls[0][1].reqs if len(calls) == 1 else list(chain.from_iterable(c.reqs for _, c in calls))
         try:
             parts = self.build_parts(reqs)
@@ -159,7 +186,9 @@ class BatchFront:
         except Exception as exc:  # noqa: BLE001 - a bug of ours: answered (500), never left hanging
             self._fail(calls, exc)
             return
-        part = parts[0][0]                        # one (k, exclude_history): one Part (flush grouped them)
+        self._queue(calls, parts[0][0])           # one (k, exclude_history): one Part (flush grouped them)
+
+    def _queue(self, calls: list, part) -> None:
         try:
             fut = self.svc.batcher.submit_async(part)
         except Exception as exc:  # noqa: BLE001 - overloaded or closing: every call gets the routes' answer
@@ -183,7 +212,7 @@ class BatchFront:
             metrics, count = self.svc.metrics, self.count
             start = row = 0
             for proto, cycle in calls:
-                row += len(cycle.reqs)
+                row += cycle.n
                 end = ends[row - 1]
                 text = body[start:end] if cycle.single else b"[" + body[start:end] + b"]"
                 start = end + 2

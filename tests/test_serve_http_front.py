@@ -36,6 +36,12 @@ def fronts(export_dir):
         yield url_b, url_a
 
 
+def post_json(url: str, body):
+    """``POST /recommend`` of ``body`` on its own connection (calls from several threads at once)."""
+    with httpx.Client(base_url=url, timeout=WAIT) as c:
+        return c.post("/recommend", json=body)
+
+
 def _port(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
@@ -115,11 +121,8 @@ def test_concurrent_calls_share_batches_and_get_their_own_rows(fronts, engine):
         calls.append([r, REQUESTS[(j + 1) % len(REQUESTS)]] if j % 5 == 0 else r)
     calls[17] = {"history": ["i1", "no-such-item"], "k": 3}
 
-    def one(body):
-        with httpx.Client(base_url=url_b, timeout=WAIT) as c:
-            return c.post("/recommend", json=body)
     with ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(one, calls))
+        answers = list(pool.map(lambda body: post_json(url_b, body), calls))
     for body, ans in zip(calls, answers):
         if body is calls[17]:
             assert ans.status_code == 422 and "no-such-item" in ans.json()["error"]
@@ -227,5 +230,117 @@ def test_config_checks_its_front_fields():
     assert ServeConfig().check().http_front == "batched"
     with pytest.raises(InputError, match="http_front must be 'batched' or 'asgi'"):
         ServeConfig(http_front="fast").check()
+    with pytest.raises(InputError, match="http_body_parser must be 'native' or 'python'"):
+        ServeConfig(http_body_parser="rust").check()
     with pytest.raises(InputError, match="switch_interval_us must be >= 0"):
         ServeConfig(switch_interval_us=-1).check()
+
+
+def _big(requests: list, k: int = 5) -> list:
+    """Requests enough for a body over body_columns.MIN_BYTES (the native parser's), all with one k and
+    exclude_history (a call mixing them is split by the Python path)."""
+    from dpr.serve import body_columns
+
+    out = [{**{f: v for f, v in r.items() if f != "exclude_history"}, "k": k} for r in requests
+           if "hard_filter" not in r]
+    while len(json.dumps(out, separators=(",", ":"))) < body_columns.MIN_BYTES:     # as httpx writes it
+        out = out + out
+    return out
+
+
+@pytest.fixture
+def native_reads(monkeypatch):
+    """What ``body_columns.read`` answered for each call the front read (Cols or None), in order."""
+    import dpr.serve.http_front as front_mod
+
+    seen, real = [], front_mod.body_columns.read
+
+    def spy(body, engine, cfg):
+        got = real(body, engine, cfg)
+        seen.append(got)
+        return got
+    monkeypatch.setattr(front_mod.body_columns, "read", spy)
+    return seen
+
+
+def test_large_bodies_are_read_natively_and_answered_as_the_asgi_route(fronts, engine, native_reads):
+    """A large list is read by the native parser (no Python object per id; the Part in catalogue indices): the same
+    bytes as the ASGI route, each row the engine's answer. Several at once, with small calls among them, share
+    batches and each gets its own rows."""
+    url_b, url_a = fronts
+    big = _big(REQUESTS)
+    with httpx.Client(base_url=url_b, timeout=WAIT) as cb, httpx.Client(base_url=url_a, timeout=WAIT) as ca:
+        b, a = cb.post("/recommend", json=big), ca.post("/recommend", json=big)
+    assert b.status_code == a.status_code == 200 and b.content == a.content
+    assert len(native_reads) == 1 and native_reads[0] is not None and len(native_reads[0]) == len(big)
+    assert native_reads[0].part.form == "indices"
+    for got, r in zip(b.json(), big):
+        assert_same(got, expected(engine, r))
+    keep = [dict(r, exclude_history=False) for r in big]          # the history's items may come back
+    with httpx.Client(base_url=url_b, timeout=WAIT) as cb, httpx.Client(base_url=url_a, timeout=WAIT) as ca:
+        b, a = cb.post("/recommend", json=keep), ca.post("/recommend", json=keep)
+    assert b.status_code == 200 and b.content == a.content and native_reads[-1] is not None
+    assert native_reads[-1].part.exclude_history is False
+    for got, r in zip(b.json(), keep):
+        assert_same(got, expected(engine, r))
+    del native_reads[:]
+    calls = [big if j % 3 == 0 else (big[:7] if j % 3 == 1 else REQUESTS[j % len(REQUESTS)]) for j in range(24)]
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda body: post_json(url_b, body), calls))
+    for body, ans in zip(calls, answers):
+        assert ans.status_code == 200, ans.text
+        for got, r in zip(ans.json() if isinstance(body, list) else [ans.json()], body if isinstance(body, list)
+                          else [body]):
+            assert_same(got, expected(engine, r))
+    assert sum(r is not None for r in native_reads) == 8          # the 8 large bodies; the small ones never asked
+
+
+def test_large_bodies_the_parser_declines_are_answered_as_the_asgi_route(fronts, native_reads):
+    """Each refused or left to the Python path exactly as through ASGI (status and bytes): an unknown id, a k over
+    the limit, a blank prompt, a history over the limit, a filter, k mixed within the call, a malformed body."""
+    url_b, url_a = fronts
+    big = _big(REQUESTS)
+    cases = {
+        "unknown id": [*big[:-1], {"history": ["i1", "no-such-item"], "k": 5}],
+        "k over max_k": [dict(r, k=5000) for r in big],
+        "blank prompt": [*big[:-1], {"history": ["i1"], "prompt": "   ", "k": 5}],
+        "history over max_history": [*big[:-1], {"history": ["i1"] * 5000, "k": 5}],
+        "a filter": [*big[:-1], {"history": ["i1"], "k": 5, "hard_filter": {"exclude_tags": ["comedy"]}}],
+        "mixed k": [*big[:-1], {"history": ["i1"], "k": 2}],
+        "malformed": None,
+    }
+    want_status = {"unknown id": 422, "k over max_k": 422, "blank prompt": 422, "history over max_history": 422,
+                   "a filter": 200, "mixed k": 200, "malformed": 422}
+    for name, body in cases.items():
+        data = json.dumps(body).encode() if body is not None else json.dumps(big).encode()[:-1]
+        (b,), _ = exchange(url_b, post("/recommend", data), 1)
+        (a,), _ = exchange(url_a, post("/recommend", data), 1)
+        assert (b[0], b[2]) == (a[0], a[2]), name
+        assert b[0] == want_status[name], (name, b[2][:300])
+        assert native_reads[-1] is None, name
+    assert b"no-such-item" in exchange(url_b, post("/recommend", json.dumps(cases["unknown id"]).encode()), 1)[0][0][2]
+
+
+def test_a_part_read_against_another_catalogue_is_mapped_again(engine):
+    """A Part in indices of the engine that read it, run on another (a reload swapped them while it queued): its ids
+    are mapped again, so it gets the answers its ids would (here the other catalogue lists the ids in another
+    order, so the same indices would name other items)."""
+    import numpy as np
+
+    from dpr.serve.columns import Part, run_parts
+
+    class Other:                                   # the old engine: only its catalogue matters
+        item_ids = list(reversed(engine.item_ids))
+    ids = [["i3", "i7", "i100"], ["i250"]]
+    flat = [x for h in ids for x in h]
+    other_index = {x: i + 1 for i, x in enumerate(Other.item_ids)}
+    stale = Part(np.array([other_index[x] for x in flat], np.int64), [3, 1], ["something funny", None], None, 4,
+                 form="indices", origin=Other())
+    plain = Part(flat, [3, 1], ["something funny", None], None, 4)
+    (got,), (want,) = run_parts(engine, [stale]), run_parts(engine, [plain])
+    assert got.indices.tolist() == want.indices.tolist()
+    np.testing.assert_allclose(got.scores, want.scores, rtol=1e-5, atol=1e-6)
+    mine = Part(np.array([engine.item_ids.index(x) + 1 for x in flat], np.int64), [3, 1], ["something funny", None],
+                None, 4, form="indices", origin=engine)
+    assert run_parts(engine, [mine])[0].indices.tolist() == want.indices.tolist()

@@ -1,0 +1,92 @@
+"""A large ``POST /recommend`` body read straight into columns by the native parser
+(:mod:`dpr.kernels.recommend_parse`), for the batching front (``http_front``).
+
+Why: a 512-request body (250 KB) cost the event loop about 2 ms holding the GIL (json.loads, the route's checks
+per request, a Part built from 21,000 id strings), and the engine's threads, which need the GIL between their
+steps, ran each batch 20-40% slower beside it (README, "Load test"). The parser reads the body, checks it and
+maps its ids to catalogue indices in one call without the GIL: about 0.5 ms on the 2-core VM, and the Part it
+gives is already in indices (``form="indices"``: the engine maps nothing).
+
+Semantics stay the Python path's: :func:`read` returns columns only for a body that path would accept with the
+same values, every id in the catalogue and every limit of the service kept; anything else (a decline, an unknown
+id, a limit crossed, k or exclude_history differing between the requests of one call) returns None, and the
+front takes the Python path (``lean.parse``, then the routes for a refusal), which answers exactly as before.
+Small bodies stay on that path too: below :data:`MIN_BYTES` json.loads is as fast (one request: 5 against 19 us)
+and a call that drops the GIL then waits to get it back behind the engine's threads.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import numpy as np
+
+from .columns import Part
+
+# The body size from which the native parser reads a call (measured on the 2-core VM, load-test bodies: 8 requests,
+# 4 KB: 23 us by lean.parse, 27 native; 64 requests, 33 KB: 171 against 92; 512, 250 KB: 1,594 against 505).
+MIN_BYTES = 8192
+
+_lock = threading.Lock()
+_indexes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+class Cols:
+    """One call's rows, read natively: a Part's columns plus what the front needs to answer the call."""
+
+    __slots__ = ("part", "single")
+
+    def __init__(self, part: Part, single: bool):
+        self.part = part
+        self.single = single
+
+    def __len__(self) -> int:
+        return len(self.part)
+
+
+def parser_index(engine):
+    """The id index the parser maps ``engine``'s ids through (its own, built once per engine: the engine's may be
+    closed by a reload on another thread while the event loop reads a body), or None when the library is not
+    built or the ids cannot be indexed."""
+    with _lock:
+        if engine in _indexes:
+            return _indexes[engine]
+    ix = None
+    try:
+        from dpr.kernels import id_index, recommend_parse
+
+        if recommend_parse.library() is not None:
+            ix = id_index.IdIndex(list(engine.item_ids))
+    except (ValueError, RuntimeError, ImportError):
+        ix = None                           # ids the index cannot hold (a NUL inside one): the Python path
+    with _lock:
+        return _indexes.setdefault(engine, ix)
+
+
+def read(body: bytes, engine, cfg) -> Cols | None:
+    """``body`` as one Part in catalogue indices of ``engine``, or None: let the Python path read it."""
+    if len(body) < MIN_BYTES:
+        return None
+    ix = parser_index(engine)
+    if ix is None:
+        return None
+    from dpr.kernels import recommend_parse
+
+    p = recommend_parse.parse(ix, body)
+    if p is None:
+        return None
+    n = len(p)
+    ks, lens = p.ks, np.diff(p.offsets)
+    # every limit the Python path checks (http_app._parts_from_requests, columns.check_limits): crossing one
+    # sends the call there, which words the refusal
+    if n > cfg.max_requests_per_call or not lens.all() or int(lens.max()) > cfg.max_history:
+        return None
+    k = int(ks[0])
+    ex = bool(p.exclude[0])
+    if not (ks == k).all() or not (p.exclude == ex).all() or k < 1 or k > cfg.max_k:
+        return None                         # a call mixing k or exclude_history is split by the Python path
+    if p.texts and (int(p.text_bytes.max()) > cfg.max_prompt_bytes or not all(t.strip() for t in p.texts)):
+        return None
+    part = Part(p.items, lens, p.prompts, p.negatives, k, ex, None, form="indices", origin=engine)
+    return Cols(part, p.single)

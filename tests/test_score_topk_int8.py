@@ -302,3 +302,21 @@ def test_engine_reports_the_screen_and_answers_alike_with_it_off(export_dir):
     finally:
         on.close()
         off.close()
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+@pytest.mark.parametrize("threads", [2, 3])
+def test_batch_sizes_around_the_row_split(threads, screen):
+    """Small batches split by rows from 5 rows per thread (even ranges, a tail tile each) and by catalogue parts
+    below (score_topk_cpu.cc, catalogue_parts): the same top-k on both sides of the switch and across the
+    whole-block split, with histories excluded."""
+    n, d, k = 3001, 64, 10
+    for b in (2 * threads + 1, 5 * threads - 1, 5 * threads, 5 * threads + 1, 23, 24, 25, 47, 48, 49):
+        table, q = make_case(n, d, b, seed=b * 7 + threads)
+        rng = np.random.default_rng(b)
+        exclude = [rng.integers(1, n + 1, int(rng.integers(0, 40))) for _ in range(b)]
+        got = run_int8(q, table, k, exclude, threads=threads, isa=screen)
+        check_exact(got, q, table, k, exclude)
+        check_same_as_fp32(got, run_fp32(q, table, k, exclude, threads=threads))
+        alone = run_int8(q, table, k, exclude, threads=1, isa=screen)
+        assert np.array_equal(got[0], alone[0]) and np.array_equal(got[1], alone[1])

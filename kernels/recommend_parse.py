@@ -87,7 +87,7 @@ def parse_status(index: "id_index.IdIndex", body: bytes) -> tuple[int, Parsed | 
         return status, None, where.value
     rows, n_ids, n_str, single = (int(c) for c in counts)
     so = str_offsets[:n_str + 1].tolist()
-    raw = str_bytes.raw
+    raw = ctypes.string_at(str_bytes, so[-1])                 # the strings' bytes only, not the whole buffer
     texts = [raw[so[i]:so[i + 1]].decode("utf-8") for i in range(n_str)]
     prompt, negative = prompt[:rows], negative[:rows]
     table = np.array(texts + [None], dtype=object)          # index -1: the last entry, None

@@ -61,15 +61,18 @@ def _column(parts: Sequence[Part], name: str) -> list | None:
 
 
 def join(parts: Sequence[Part]) -> Part:
-    """Parts of one key (and one ``origin``) as one Part: the batching front hands the calls of one event-loop
-    turn to the batcher as one."""
+    """Parts of one key (and one ``origin``) as one Part (plain list or array concatenation: no per-row objects):
+    the batching front hands the calls of one event-loop turn to the batcher as one, and :func:`merge` builds an
+    engine batch from it."""
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
-    if first.form == "indices":
+    if first.form == "indices":              # Parts of one key share a form (it is part of the key)
         flat = np.concatenate([np.asarray(p.flat, np.int64) for p in parts])
     else:
-        flat = [x for p in parts for x in p.flat]
+        flat = []
+        for p in parts:
+            flat.extend(p.flat)
     lens: list = []
     for p in parts:
         lens.extend(p.lens)
@@ -78,20 +81,15 @@ def join(parts: Sequence[Part]) -> Part:
 
 
 def merge(parts: Sequence[Part]) -> RequestBatch:
-    """Parts of one (k, exclude_history) as one RequestBatch (plain list concatenation: no per-row objects)."""
-    flat: list = []
-    lens: list = []
-    for p in parts:
-        flat.extend(p.flat)
-        lens.extend(p.lens)
-    offsets = np.zeros(len(lens) + 1, np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    filters = _column(parts, "filters")
-    make = RequestBatch.from_ids
-    if parts[0].form == "indices":           # Parts of one key share a form (it is part of the key)
-        flat, make = np.concatenate([np.asarray(p.flat, np.int64) for p in parts]), RequestBatch.from_indices
-    return make(flat, offsets, prompts=_column(parts, "prompts"), negative_prompts=_column(parts, "negatives"),
-                k=parts[0].k, exclude_history=parts[0].exclude_history, hard_filter=filters)
+    """Parts of one (k, exclude_history) as one RequestBatch."""
+    p = join(parts)
+    offsets = np.zeros(len(p.lens) + 1, np.int64)
+    np.cumsum(p.lens, out=offsets[1:])
+    flat, make = p.flat, RequestBatch.from_ids
+    if p.form == "indices":
+        flat, make = np.asarray(p.flat, np.int64), RequestBatch.from_indices
+    return make(flat, offsets, prompts=p.prompts, negative_prompts=p.negatives, k=p.k,
+                exclude_history=p.exclude_history, hard_filter=p.filters)
 
 
 def slice_result(res: ResultBatch, start: int, stop: int) -> ResultBatch:

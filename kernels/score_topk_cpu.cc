@@ -441,7 +441,7 @@ int dpr_score_topk_f32(const float* queries, int64_t batch, int64_t d, const flo
   if (!make_heaps(parts, batch, std::min(k, n_items), storage, tops)) return DPR_TOPK_OUT_OF_MEMORY;
 
   if (parts == 1) {
-    // contiguous row ranges, in whole query blocks, one per thread
+    // contiguous row ranges, one per thread (row_range: whole query blocks here)
     dpr_pool::parallel_for(threads, [&](int64_t t) {
       int64_t r0, r1;
       row_range(batch, rows_per_block, threads, t, &r0, &r1);

@@ -17,19 +17,14 @@ and a call that drops the GIL then waits to get it back behind the engine's thre
 
 from __future__ import annotations
 
-import threading
-import weakref
-
 import numpy as np
 
 from .columns import Part
+from .render import tables
 
 # The body size from which the native parser reads a call (measured on the 2-core VM, load-test bodies: 8 requests,
 # 4 KB: 23 us by lean.parse, 27 native; 64 requests, 33 KB: 171 against 92; 512, 250 KB: 1,594 against 505).
 MIN_BYTES = 8192
-
-_lock = threading.Lock()
-_indexes: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 class Cols:
@@ -45,30 +40,11 @@ class Cols:
         return len(self.part)
 
 
-def parser_index(engine):
-    """The id index the parser maps ``engine``'s ids through (its own, built once per engine: the engine's may be
-    closed by a reload on another thread while the event loop reads a body), or None when the library is not
-    built or the ids cannot be indexed."""
-    with _lock:
-        if engine in _indexes:
-            return _indexes[engine]
-    ix = None
-    try:
-        from dpr.kernels import id_index, recommend_parse
-
-        if recommend_parse.library() is not None:
-            ix = id_index.IdIndex(list(engine.item_ids))
-    except (ValueError, RuntimeError, ImportError):
-        ix = None                           # ids the index cannot hold (a NUL inside one): the Python path
-    with _lock:
-        return _indexes.setdefault(engine, ix)
-
-
 def read(body: bytes, engine, cfg) -> Cols | None:
     """``body`` as one Part in catalogue indices of ``engine``, or None: let the Python path read it."""
     if len(body) < MIN_BYTES:
         return None
-    ix = parser_index(engine)
+    ix = tables(engine).id_index()           # built with the engine's render tables (Service._build)
     if ix is None:
         return None
     from dpr.kernels import recommend_parse

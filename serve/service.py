@@ -19,7 +19,6 @@ from dpr.engine import Engine, RequestBatch
 from dpr.errors import InputError
 
 from .batcher import Batcher
-from .body_columns import parser_index
 from .columns import IdCheck, relabel_rows
 from .metrics import Metrics
 from .render import tables
@@ -67,8 +66,9 @@ class Service:
             if self.cfg.warmup:    # first-call costs (sessions, kernels, pools) are paid before "ready"
                 ex = engine.item_ids[:2] or ["?"]
                 engine.recommend_batch(RequestBatch.from_histories([ex, ex[:1]], prompts=["warm up", None], k=1))
-            tables(engine)         # /recommend's render tables: built here, not on the first request
-            parser_index(engine)   # and the id index its native body parser maps through
+            # /recommend's render tables and the id index its native body parser maps through: built here, not on
+            # the first request
+            tables(engine).id_index()
         except BaseException:
             engine.close()
             raise

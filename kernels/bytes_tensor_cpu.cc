@@ -1,4 +1,6 @@
-// Triton BYTES tensor splitter (bytes_tensor_api.h).
+// Triton BYTES tensors (bytes_tensor_api.h): the splitter and the gather.
+#include <cstring>
+
 #include "bytes_tensor_api.h"
 
 extern "C" {
@@ -45,6 +47,32 @@ int dpr_bytes_tensor_split(const uint8_t* buf, int64_t n, int64_t* starts, int64
   }
   *count = c;               // on an error: the whole elements before it
   return status;
+}
+
+int dpr_bytes_tensor_gather(const uint8_t* table, const int64_t* table_offsets, int64_t n_table,
+                            const int64_t* index, int64_t n, uint8_t* out, int64_t capacity, int64_t* out_offsets,
+                            int64_t* out_len) {
+  if (out_len == nullptr) return DPR_BYTES_NULL_POINTER;
+  *out_len = 0;
+  if (n < 0 || n_table < 0 || capacity < 0) return DPR_BYTES_BAD_ARGUMENT;
+  if (out_offsets == nullptr || (n > 0 && (table == nullptr || table_offsets == nullptr || index == nullptr)))
+    return DPR_BYTES_NULL_POINTER;
+  int64_t at = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t i = index[e];
+    if (i < 0 || i >= n_table) {
+      *out_len = e;
+      return DPR_BYTES_BAD_ARGUMENT;
+    }
+    const int64_t a = table_offsets[i], len = table_offsets[i + 1] - a;
+    if (len > capacity - at) return DPR_BYTES_TOO_MANY;
+    out_offsets[e] = at;
+    if (len > 0) std::memcpy(out + at, table + a, static_cast<size_t>(len));
+    at += len;
+  }
+  out_offsets[n] = at;
+  *out_len = at;
+  return DPR_BYTES_OK;
 }
 
 }  // extern "C"

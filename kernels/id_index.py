@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ctypes
 from itertools import chain
-from typing import Iterable, Sequence
+from typing import Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -18,6 +18,19 @@ from dpr.kernels import capi
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 KernelError = capi.KernelError
+# id_index_api.h's statuses of lookup_wire_rows that describe the input, not a failure
+_WIRE_PROBLEMS = {2: "malformed", 6: "unknown", 7: "hole"}
+
+
+class WireRows(NamedTuple):
+    """:meth:`IdIndex.lookup_wire_rows`'s answer: ``flat`` (int64 values 1..N of every row's ids, in order) and
+    ``lens`` (int64 ids per row); or ``problem`` ("unknown": element ``element`` is not an id; "hole": element
+    ``element`` is padding between two ids of its row; "malformed": the buffer does not hold the rows' elements)
+    with ``flat`` and ``lens`` None."""
+    flat: np.ndarray | None
+    lens: np.ndarray | None
+    problem: str | None
+    element: int
 
 
 def _configure(lib: ctypes.CDLL) -> None:
@@ -27,9 +40,10 @@ def _configure(lib: ctypes.CDLL) -> None:
     lib.dpr_id_index_build.argtypes = [ctypes.c_char_p, _P, _I64, ctypes.POINTER(_P)]
     lib.dpr_id_index_lookup.restype = ctypes.c_int
     lib.dpr_id_index_lookup.argtypes = [_P, ctypes.c_char_p, _I64, _P, _I64, ctypes.POINTER(_I64)]
-    if hasattr(lib, "dpr_id_index_lookup_wire"):
-        lib.dpr_id_index_lookup_wire.restype = ctypes.c_int
-        lib.dpr_id_index_lookup_wire.argtypes = [_P, ctypes.c_char_p, _I64, _P, _I64, ctypes.POINTER(_I64)]
+    if hasattr(lib, "dpr_id_index_lookup_wire_rows"):
+        lib.dpr_id_index_lookup_wire_rows.restype = ctypes.c_int
+        lib.dpr_id_index_lookup_wire_rows.argtypes = [_P, ctypes.c_char_p, _I64, _P, _I64, _P, _I64, _P,
+                                                      ctypes.POINTER(_I64), ctypes.POINTER(_I64)]
     lib.dpr_id_index_free.restype = None
     lib.dpr_id_index_free.argtypes = [_P]
     if hasattr(lib, "dpr_history_pad_left"):             # the same library holds the history padding
@@ -109,19 +123,29 @@ class IdIndex:
             raise KernelError(f"id index lookup failed: {self._lib.dpr_id_index_status_string(status).decode()}")
         return out
 
-    def lookup_wire(self, buf: bytes, count: int) -> np.ndarray | None:
-        """int64 ``(count,)`` values of the ``count`` elements of ``buf``, Triton's BYTES wire form (each element's
-        length as 4 little-endian bytes, then its bytes): 1..N for a key, 0 when it is not one, -1 for an empty
-        element. None when ``buf`` does not hold exactly ``count`` whole elements, or the library predates it."""
+    def lookup_wire_rows(self, buf: bytes, widths: np.ndarray) -> WireRows | None:
+        """A padded history tensor in Triton's BYTES wire form (each element's length as 4 little-endian bytes,
+        then its bytes), row r holding ``widths[r]`` elements, mapped and compacted (:class:`WireRows`): its ids'
+        values 1..N in order and each row's count, or the first problem (an unknown id, padding between two ids of
+        a row, or a buffer the widths do not describe). None when the library predates it."""
         if self._handle is None:
             raise KernelError("this IdIndex is closed")
-        if not hasattr(self._lib, "dpr_id_index_lookup_wire"):
+        if not hasattr(self._lib, "dpr_id_index_lookup_wire_rows"):
             return None
-        out = np.empty(count, np.int64)
-        n = _I64(0)
-        status = self._lib.dpr_id_index_lookup_wire(self._handle, buf, len(buf), out.ctypes.data, count,
-                                                     ctypes.byref(n))
-        return out if status == 0 and n.value == count else None
+        widths = np.ascontiguousarray(widths, np.int64)
+        cap = len(buf) // 5                          # a non-empty element takes 5 bytes or more
+        out = np.empty(cap, np.int64)
+        lens = np.empty(len(widths), np.int64)
+        n, bad = _I64(0), _I64(-1)
+        status = self._lib.dpr_id_index_lookup_wire_rows(self._handle, buf, len(buf), widths.ctypes.data, len(widths),
+                                                         out.ctypes.data, cap, lens.ctypes.data, ctypes.byref(n),
+                                                         ctypes.byref(bad))
+        if status == 0:
+            return WireRows(out[:n.value], lens, None, -1)
+        problem = _WIRE_PROBLEMS.get(status)
+        if problem is None:
+            raise KernelError(f"id index lookup failed: {self._lib.dpr_id_index_status_string(status).decode()}")
+        return WireRows(None, None, problem, bad.value)
 
     def lookup_many(self, rows: Sequence[Sequence[str]]) -> np.ndarray | None:
         """The ids of several rows, concatenated (see :meth:`lookup`)."""

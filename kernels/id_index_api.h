@@ -21,6 +21,8 @@ enum {
   DPR_IDX_DUPLICATE = 3,      // two catalogue ids with the same bytes
   DPR_IDX_SEPARATOR = 4,      // a catalogue id contains the separator byte (NUL)
   DPR_IDX_OUT_OF_MEMORY = 5,
+  DPR_IDX_UNKNOWN = 6,        // a looked-up element is not a key (lookup_wire_rows)
+  DPR_IDX_HOLE = 7,           // an empty element between two ids of a row (lookup_wire_rows)
 };
 
 typedef struct dpr_id_index dpr_id_index;
@@ -37,14 +39,18 @@ int dpr_id_index_build(const char* blob, const int64_t* offsets, int64_t n, dpr_
 int dpr_id_index_lookup(const dpr_id_index* index, const char* buf, int64_t len, int64_t* out, int64_t max_out,
                         int64_t* n_tokens);
 
-// The elements of buf[0 .. len) in Triton's BYTES wire form (each: its length as 4 little-endian bytes, then its
-// bytes). out[e] = the value of element e, 0 when it is not a key, -1 when it is empty (padding). *n_elements =
-// the number of elements; at most max_out are written (more: DPR_IDX_BAD_ARGUMENT, *n_elements still the count).
-// A length prefix that runs past len: DPR_IDX_BAD_ARGUMENT. Used by the native Triton backend, whose histories
-// then never become Python strings.
-int dpr_id_index_lookup_wire(const dpr_id_index* index, const char* buf, int64_t len, int64_t* out, int64_t max_out,
-                             int64_t* n_elements);
-
+// A padded history tensor in Triton's BYTES wire form (each element: its length as 4 little-endian bytes, then its
+// bytes), its rows one after the other, row r holding widths[r] elements; empty elements are padding, before or
+// after a row's ids. Mapped and compacted: out[] = the values of the non-empty elements in order, lens[r] = how
+// many row r holds, *n_out = how many in all (at most max_out are written). Used by the native Triton backend,
+// whose histories then never become Python strings. Stops at the first problem, *bad = its element (flat index):
+//   DPR_IDX_UNKNOWN: an element that is not a key;
+//   DPR_IDX_HOLE: an empty element between two ids of one row (a missing id, not padding);
+//   DPR_IDX_BAD_ARGUMENT: the buffer does not hold exactly sum(widths) whole elements (a length prefix runs past
+//     len, or elements are left over), a negative width, or more ids than max_out.
+int dpr_id_index_lookup_wire_rows(const dpr_id_index* index, const char* buf, int64_t len, const int64_t* widths,
+                                  int64_t rows, int64_t* out, int64_t max_out, int64_t* lens, int64_t* n_out,
+                                  int64_t* bad);
 void dpr_id_index_free(dpr_id_index* index);
 
 #ifdef __cplusplus

@@ -18,10 +18,12 @@ const char* dpr_id_index_status_string(int status) {
   switch (status) {
     case DPR_IDX_OK: return "ok";
     case DPR_IDX_NULL_POINTER: return "null pointer";
-    case DPR_IDX_BAD_ARGUMENT: return "bad argument (n < 0, offsets not increasing, or more tokens than max_out)";
+    case DPR_IDX_BAD_ARGUMENT: return "bad argument (n < 0, offsets not increasing, more tokens than max_out, or a wire buffer its widths do not describe)";
     case DPR_IDX_DUPLICATE: return "two catalogue ids have the same bytes";
     case DPR_IDX_SEPARATOR: return "a catalogue id contains a NUL byte (the lookup separator)";
     case DPR_IDX_OUT_OF_MEMORY: return "out of memory";
+    case DPR_IDX_UNKNOWN: return "an element is not a catalogue id";
+    case DPR_IDX_HOLE: return "an empty element between two ids of a row";
     default: return "unknown status";
   }
 }
@@ -103,25 +105,72 @@ int dpr_id_index_lookup(const dpr_id_index* index, const char* buf, int64_t len,
   return t > max_out ? DPR_IDX_BAD_ARGUMENT : DPR_IDX_OK;
 }
 
-int dpr_id_index_lookup_wire(const dpr_id_index* index, const char* buf, int64_t len, int64_t* out, int64_t max_out,
-                             int64_t* n_elements) {
-  if (index == nullptr || n_elements == nullptr || (buf == nullptr && len > 0) || (out == nullptr && max_out > 0))
+int dpr_id_index_lookup_wire_rows(const dpr_id_index* index, const char* buf, int64_t len, const int64_t* widths,
+                                  int64_t rows, int64_t* out, int64_t max_out, int64_t* lens, int64_t* n_out,
+                                  int64_t* bad) {
+  if (index == nullptr || n_out == nullptr || bad == nullptr || (buf == nullptr && len > 0) ||
+      (out == nullptr && max_out > 0) || ((widths == nullptr || lens == nullptr) && rows > 0))
     return DPR_IDX_NULL_POINTER;
-  if (len < 0 || max_out < 0) return DPR_IDX_BAD_ARGUMENT;
-  *n_elements = 0;
-  int64_t t = 0, off = 0;
-  while (off < len) {
-    if (len - off < 4) return DPR_IDX_BAD_ARGUMENT;
-    uint32_t n;
-    std::memcpy(&n, buf + off, 4);                  // little-endian, as x86-64 and aarch64 store it
-    off += 4;
-    if (static_cast<int64_t>(n) > len - off) return DPR_IDX_BAD_ARGUMENT;
-    if (t < max_out) out[t] = n == 0 ? int64_t{-1} : static_cast<int64_t>(index->find(buf + off, n, hash_bytes(buf + off, n)));
-    off += n;
-    ++t;
+  *n_out = 0;
+  *bad = -1;
+  if (len < 0 || max_out < 0 || rows < 0) return DPR_IDX_BAD_ARGUMENT;
+  // a group of ids is cut and hashed (their slots prefetched) before any is probed; probing writes their values
+  const char* starts[kGroup];
+  int64_t sizes[kGroup], elem[kGroup];
+  uint64_t hashes[kGroup];
+  int g = 0;
+  int64_t off = 0, e = 0, t = 0;
+  auto flush = [&]() -> bool {
+    for (int j = 0; j < g; ++j) {
+      const uint32_t v = index->find(starts[j], sizes[j], hashes[j]);
+      if (v == 0) {
+        *bad = elem[j];
+        return false;
+      }
+      out[t - g + j] = v;
+    }
+    g = 0;
+    return true;
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t w = widths[r];
+    if (w < 0) return DPR_IDX_BAD_ARGUMENT;
+    int state = 0;                                  // 0: padding before the ids, 1: in the ids, 2: padding after
+    int64_t count = 0;
+    for (int64_t c = 0; c < w; ++c, ++e) {
+      if (len - off < 4) return DPR_IDX_BAD_ARGUMENT;
+      uint32_t n;
+      std::memcpy(&n, buf + off, 4);                // little-endian, as x86-64 and aarch64 store it
+      off += 4;
+      if (static_cast<int64_t>(n) > len - off) return DPR_IDX_BAD_ARGUMENT;
+      if (n == 0) {
+        if (state == 1) state = 2;
+      } else {
+        if (state == 2) {
+          if (!flush()) return DPR_IDX_UNKNOWN;     // an unknown id before the hole is the first problem
+          *bad = e;
+          return DPR_IDX_HOLE;
+        }
+        state = 1;
+        if (t >= max_out) return DPR_IDX_BAD_ARGUMENT;
+        starts[g] = buf + off;
+        sizes[g] = n;
+        elem[g] = e;
+        hashes[g] = hash_bytes(buf + off, n);
+        index->prefetch(hashes[g]);
+        ++g;
+        ++t;
+        ++count;
+        if (g == kGroup && !flush()) return DPR_IDX_UNKNOWN;
+      }
+      off += n;
+    }
+    lens[r] = count;
   }
-  *n_elements = t;
-  return t > max_out ? DPR_IDX_BAD_ARGUMENT : DPR_IDX_OK;
+  if (!flush()) return DPR_IDX_UNKNOWN;
+  if (off != len) return DPR_IDX_BAD_ARGUMENT;      // elements left over: the widths do not describe the buffer
+  *n_out = t;
+  return DPR_IDX_OK;
 }
 
 void dpr_id_index_free(dpr_id_index* index) { delete index; }

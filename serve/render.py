@@ -27,6 +27,7 @@ class Tables:
         self._item_ids = ids
         self._native = None
         self._id_index = None
+        self._wire = None
 
     def native(self):
         """The fragments packed for the native renderer (``dpr.kernels.json_render``), or None when its library
@@ -52,6 +53,16 @@ class Tables:
                 ix = None
             self._id_index = ix if ix is not None else False
         return self._id_index or None
+
+
+    def wire_table(self):
+        """The item ids in Triton's BYTES wire form, gathered by index (index 0: the empty string): the native
+        Triton backend's ``item_ids`` output (``dpr.kernels.bytes_tensor.WireTable``)."""
+        if self._wire is None:
+            from dpr.kernels import bytes_tensor
+
+            self._wire = bytes_tensor.WireTable(self.ids_bytes.tolist())
+        return self._wire
 
 
 def tables(engine) -> Tables:

@@ -40,8 +40,9 @@ import numpy as np
 
 from dpr.errors import InputError
 
-from .columns import run_parts
-from .tensors import DEFAULT_K, PAD_SCORE, STACKABLE, padding_hole, parts_from_tensors, tensors_from_results
+from .columns import Part, run_parts
+from .render import tables
+from .tensors import DEFAULT_K, PAD_SCORE, STACKABLE, parts_from_tensors
 from .triton_model import Refusal, TritonModelCore, deserialize_bytes, model_parameters
 
 HERE = Path(__file__).resolve().parent
@@ -91,6 +92,23 @@ def request_tensors(names: tuple, data: tuple, meta: bytes) -> list:
     return out
 
 
+def _texts(raw: list, max_bytes: int) -> list | bool | None:
+    """A prompt column's elements (bytes, ``b""`` for none) as str-or-None per row, None when no row has one, or
+    False when one is not UTF-8, blank, or over ``max_bytes`` (``columns.check_limits`` words that refusal)."""
+    if max(map(len, raw), default=0) > max_bytes:
+        return False
+    try:                        # one decode for the column; a NUL inside a prompt splits it: decoded one by one
+        out = b"\0".join(raw).decode("utf-8").split("\0")
+        if len(out) != len(raw):
+            out = [x.decode("utf-8") for x in raw]
+    except UnicodeDecodeError:
+        return False
+    if not any(out):
+        return None
+    out = [x or None for x in out]
+    return out if all(x is None or x.strip() for x in out) else False
+
+
 class NativeModel:
     """One model instance for ``libtriton_dpr.so``: ``config_json`` is Triton's JSON form of ``config.pbtxt``,
     ``version_dir`` the model's version folder (``export_dir`` may be relative to it); ``instance``, Triton's
@@ -108,10 +126,11 @@ class NativeModel:
 
     def _execute_stacked(self, names: tuple, data: tuple, meta: bytes) -> tuple | None:
         """The batch as one engine batch built from the columns with no per-request Python (the stub-free
-        counterpart of ``tensors.stack_requests``): histories padded to the widest after their ids, an optional
-        input a request omits given its default in that request's rows; the history ids mapped to catalogue indices
-        from Triton's bytes. None, with nothing answered, when a request is not plain (another input, an unexpected
-        shape or datatype, an id not in the catalogue) or anything is refused or fails."""
+        counterpart of ``tensors.stack_requests``): the history ids mapped to catalogue indices and compacted from
+        Triton's bytes in one native call (``IdIndex.lookup_wire_rows``), an optional input a request omits given
+        its default in that request's rows, the answers' ids gathered in wire form by index. None, with nothing
+        answered, when a request is not plain (another input, an unexpected shape or datatype, an id not in the
+        catalogue, padding between two ids) or anything is refused or fails."""
         m = len(names)
         col = {name: j for j, name in enumerate(names)}
         if not m or "history" not in col or not col.keys() <= STACKABLE:
@@ -120,22 +139,13 @@ class NativeModel:
         h = tab[:, col["history"]]
         if (h[:, 0] != BYTES).any() or (h[:, 1] != 2).any() or (h[:, 2] < 1).any():
             return None
-        d0, d1 = h[:, 2], h[:, 3]
-        n, b, cells = len(h), int(d0.sum()), d0 * d1
+        d0 = h[:, 2]
+        n, b = len(h), int(d0.sum())
         core = self.core
         index = getattr(core.engine, "_id_index", None)
-        # the ids straight from Triton's bytes to catalogue indices (-1: padding, 0: not an id): no Python strings
-        vals = index.lookup_wire(data[col["history"]], int(cells.sum())) if index is not None else None
-        if vals is None or (vals == 0).any():      # an unknown id: the per-request path names it (or skips it)
-            return None
-        first = np.cumsum(d0) - d0                          # each request's first row
-        grid = np.full((b, int(d1.max())), -1, dtype=np.int64)
-        if len(vals):
-            owner = np.repeat(np.arange(n), cells)
-            at = np.arange(len(vals)) - np.repeat(np.cumsum(cells) - cells, cells)
-            grid[first[owner] + at // d1[owner], at % d1[owner]] = vals
-        keep = grid > 0
-        if padding_hole(keep) is not None:                         # padding between two ids: refused, per request
+        # the ids straight from Triton's bytes to catalogue indices, compacted per row: no Python strings
+        hist = index.lookup_wire_rows(data[col["history"]], np.repeat(h[:, 3], d0)) if index is not None else None
+        if hist is None or hist.problem is not None:     # an unknown id or a hole: the per-request path names it
             return None
         batch = {}
         for name, j in col.items():
@@ -143,21 +153,58 @@ class NativeModel:
                 return None
             elif name != "history":
                 batch[name] = c
-        try:
-            got = parts_from_tensors(batch, core.cfg, None, history=(grid[keep], keep.sum(axis=1).tolist()))
-        except InputError:
+        got = self._uniform_part(batch, hist, b)
+        if got is None:
+            try:
+                got = parts_from_tensors(batch, core.cfg, None, history=(hist.flat, hist.lens.tolist()))
+            except InputError:
+                return None
+        elif not got:
             return None
         results = run_parts(core.engine, [part for part, _ in got])
         if any(isinstance(r, BaseException) for r in results):
             return None
-        out = tensors_from_results(core.engine, b, got, results, as_bytes=True)
+        kmax = max(part.k for part, _ in got)
+        ix = np.zeros((b, kmax), np.int64)                  # catalogue index 0: the empty id of a short row
+        scores = np.full((b, kmax), PAD_SCORE, np.float32)
+        counts = np.zeros(b, np.int32)
         ks = np.zeros(b, np.int64)
-        for part, rows in got:
+        for (part, rows), res in zip(got, results):
+            kk = res.indices.shape[1]
+            ix[rows, :kk] = res.indices
+            scores[rows, :kk] = np.where(np.isfinite(res.scores), res.scores, PAD_SCORE)
+            counts[rows] = res.counts
             ks[rows] = part.k
+        first = np.cumsum(d0) - d0                          # each request's first row
         spans = np.stack([first, first + d0], axis=1)
+        ids, offsets = tables(core.engine).wire_table().gather(ix)
         # each request as many columns as its own largest k (what it would have got alone)
-        return self._columns([None] * n, spans, np.maximum.reduceat(ks, first), out["item_ids"], out["scores"],
-                             out["counts"].reshape(-1))
+        return ([None] * n, spans.tobytes(), np.maximum.reduceat(ks, first).tobytes(), kmax, ids, offsets.tobytes(),
+                scores.tobytes(), counts.tobytes())
+
+    def _uniform_part(self, batch: dict, hist, b: int) -> list | bool | None:
+        """The stacked batch as one Part when every row has the same k and exclude_history (the common case), with
+        every service limit checked on the columns (``body_columns.read`` does the same for ``/recommend``): ``[(Part,
+        all rows)]``; False when a row crosses a limit or its prompt is not UTF-8 (the per-request path words the
+        refusal); None when k or exclude_history differ between rows (``parts_from_tensors`` splits them)."""
+        cfg = self.core.cfg
+        k = batch.get("k")
+        ex = batch.get("exclude_history")
+        if (k is not None and (k != k[0, 0]).any()) or (ex is not None and (ex != ex[0, 0]).any()):
+            return None
+        k = int(k[0, 0]) if k is not None else DEFAULT_K
+        ex = bool(ex[0, 0]) if ex is not None else True
+        lens = hist.lens
+        if b > cfg.max_requests_per_call or not lens.all() or int(lens.max()) > cfg.max_history \
+                or not 1 <= k <= cfg.max_k:
+            return False
+        texts = []
+        for name in ("prompt", "negative_prompt"):
+            col = batch.get(name)
+            texts.append(None if col is None else _texts(col.ravel().tolist(), cfg.max_prompt_bytes))
+            if texts[-1] is False:
+                return False
+        return [(Part(hist.flat, lens, texts[0], texts[1], k, ex, None, form="indices"), slice(None))]
 
     @staticmethod
     def _stacked_column(name: str, t: np.ndarray, raw: bytes, d0: np.ndarray, b: int) -> np.ndarray | None:

@@ -55,25 +55,96 @@ def test_lookup_matches_the_dict_reference(n):
     assert idx.lookup([], 0).shape == (0,)
 
 
+def _wire(elems):
+    return b"".join(len(e).to_bytes(4, "little") + e for e in elems)
+
+
+def _rows_reference(ids, rows):
+    """lookup_wire_rows's specification: rows of bytes elements (b"" = padding) -> (flat values, lens), or the
+    first problem in element order: ("unknown" | "hole", flat element index)."""
+    ref = {a.encode(): i + 1 for i, a in enumerate(ids)}
+    flat, lens, e = [], [], 0
+    for row in rows:
+        seen_id = after = False
+        count = 0
+        for x in row:
+            if not x:
+                after = after or seen_id
+            elif after:
+                return ("hole", e)
+            else:
+                seen_id = True
+                if ref.get(x, 0) == 0:
+                    return ("unknown", e)
+                flat.append(ref[x])
+                count += 1
+            e += 1
+        lens.append(count)
+    return np.array(flat, np.int64), np.array(lens, np.int64)
+
+
 @pytest.mark.parametrize("n", [1, 7, 1000])
-def test_lookup_of_tritons_wire_form_matches_the_reference(n):
-    """lookup_wire (the native Triton backend's): elements in Triton's BYTES wire form, empty ones -1, unknown 0;
-    invalid UTF-8 and a NUL inside an element are just not ids; truncated data or a miscount gives None."""
+def test_lookup_of_tritons_wire_rows_matches_the_reference(n):
+    """lookup_wire_rows (the native Triton backend's): padded rows in Triton's BYTES wire form, compacted, with
+    each row's count; rows of odd widths (0 included), padding before and after the ids, more than one group of
+    32 ids; the first unknown id or hole found by element, also when the other problem comes later in its group;
+    invalid UTF-8 and a NUL inside an element are just not ids; a buffer its widths do not describe is malformed."""
     rng = np.random.default_rng(n + 1)
     ids = _catalogue(rng, n)
     idx = id_index.IdIndex(ids)
-    elems = [ids[int(i)].encode() for i in rng.integers(0, n, 2 * n + 3)]
-    elems += [b"", b"", ids[0].encode() + b"\0", b"\xff\xfe", ids[-1].encode()[:-1] + b"\xc3", b""]
-    elems = [elems[i] for i in rng.permutation(len(elems))]
-    wire = b"".join(len(e).to_bytes(4, "little") + e for e in elems)
-    want = _reference(ids, [e.decode("utf-8", "replace") if e else None for e in elems])
-    want[[i for i, e in enumerate(elems) if not e]] = -1
-    want[[i for i, e in enumerate(elems) if b"\0" in e or b"\xff" in e or e.endswith(b"\xc3")]] = 0
-    np.testing.assert_array_equal(idx.lookup_wire(wire, len(elems)), want)
-    assert idx.lookup_wire(wire[:-1], len(elems)) is None             # the last element cut short
-    assert idx.lookup_wire(wire + b"\x01\x00", len(elems) + 1) is None  # half a length prefix
-    assert idx.lookup_wire(wire, len(elems) - 1) is None               # more elements than asked for
-    assert idx.lookup_wire(b"", 0).shape == (0,)
+    rows = []
+    for _ in range(40):
+        w = int(rng.integers(0, 70))
+        c = int(rng.integers(0, w + 1))
+        lead = int(rng.integers(0, w - c + 1))
+        row = [b""] * w
+        row[lead:lead + c] = [ids[int(i)].encode() for i in rng.integers(0, n, c)]
+        rows.append(row)
+    widths = np.array([len(r) for r in rows], np.int64)
+    buf = _wire([x for r in rows for x in r])
+    got = idx.lookup_wire_rows(buf, widths)
+    want_flat, want_lens = _rows_reference(ids, rows)
+    assert got.problem is None and got.element == -1
+    np.testing.assert_array_equal(got.flat, want_flat)
+    np.testing.assert_array_equal(got.lens, want_lens)
+
+    long_rows = [r for r in rows if sum(map(bool, r)) > 5]
+    keys = {a.encode() for a in ids}
+    for bad in (ids[0].encode() + b"\0", b"\xff\xfe", ids[-1].encode()[:-1] + b"\xc3", b"no such id"):
+        for where in ("first", "last"):
+            if bad in keys:          # a cut id that happens to be another id
+                continue
+            case = [list(r) for r in long_rows]
+            r = case[len(case) // 2]
+            pos = [i for i, x in enumerate(r) if x][0 if where == "first" else -1]
+            r[pos] = bad
+            w = np.array([len(x) for x in case], np.int64)
+            got = idx.lookup_wire_rows(_wire([x for row in case for x in row]), w)
+            assert (got.problem, got.element) == _rows_reference(ids, case)
+            assert got.flat is None and got.lens is None
+    # a hole, and a hole after an unknown id in the same group of 32: the unknown id is the first problem
+    case = [list(r) for r in long_rows]
+    r = case[0]
+    at = [i for i, x in enumerate(r) if x]
+    r[at[2]] = b""
+    assert _rows_reference(ids, case)[0] == "hole"
+    got = idx.lookup_wire_rows(_wire([x for row in case for x in row]), [len(x) for x in case])
+    assert (got.problem, got.element) == _rows_reference(ids, case)
+    r[at[1]] = b"unknown!"
+    got = idx.lookup_wire_rows(_wire([x for row in case for x in row]), [len(x) for x in case])
+    assert (got.problem, got.element) == _rows_reference(ids, case) == ("unknown", at[1])
+
+    assert idx.lookup_wire_rows(buf[:-1], widths).problem == "malformed"          # the last element cut short
+    assert idx.lookup_wire_rows(buf + b"\x01\x00", widths).problem == "malformed"  # half a length prefix
+    assert idx.lookup_wire_rows(buf + _wire([b""]), widths).problem == "malformed"  # an element left over
+    short = widths.copy()
+    short[-1] += 1
+    assert idx.lookup_wire_rows(buf, short).problem == "malformed"                 # widths past the buffer
+    neg = widths.copy()
+    neg[0] = -1
+    assert idx.lookup_wire_rows(buf, neg).problem == "malformed"
+    empty = idx.lookup_wire_rows(b"", np.zeros(3, np.int64))
+    assert empty.problem is None and empty.flat.shape == (0,) and empty.lens.tolist() == [0, 0, 0]
 
 
 def test_keys_of_every_length_and_near_collisions():

@@ -119,3 +119,36 @@ def test_deserialize_refuses_truncated_data(ours, wire):
     if tm._split_native is not None:
         with pytest.raises(ValueError, match="truncated"):
             tm._split_native(wire)
+
+
+@pytest.mark.parametrize("n, shape", [(1, (1, 1)), (7, (3, 5)), (1000, (512, 10)), (300, (0, 4)), (50, (13,))])
+def test_wire_table_gather_is_tritons_serialization_of_the_gathered_tensor(n, shape):
+    """WireTable.gather (the native Triton backend's item_ids output): the wire form Triton's serialize_byte_tensor
+    writes for ``elements[index]``, odd shapes, empty and NUL-holding elements included; the native gather and its
+    numpy reference agree byte for byte, offsets included; an index outside the table is refused by element."""
+    from dpr.kernels import bytes_tensor
+
+    ref = _load("pristine_triton_utils")
+    rng = np.random.default_rng(n)
+    elements = [b""] + _random_bytes(rng, n - 1) + [b"a\0b"]
+    table = bytes_tensor.WireTable(elements)
+    index = rng.integers(0, len(elements), size=shape)
+    obj = np.empty(shape, dtype=object)
+    obj.reshape(-1)[:] = [elements[i] for i in index.reshape(-1)]
+    want = bytes(ref.serialize_byte_tensor(obj)) if obj.size else b""
+    got, offsets = table.gather(index)
+    ref_got, ref_offsets = table.gather_reference(index)
+    assert got == ref_got == want
+    np.testing.assert_array_equal(offsets, ref_offsets)
+    assert offsets[-1] == len(got) and len(offsets) == index.size + 1
+    for e, i in enumerate(index.reshape(-1)[:50]):
+        assert got[offsets[e]:offsets[e + 1]] == len(elements[i]).to_bytes(4, "little") + elements[i]
+    bad = index.reshape(-1).copy()
+    if bad.size:
+        bad[bad.size // 2] = len(elements)
+        for gather in (table.gather, table.gather_reference):
+            with pytest.raises(IndexError, match=f"element {bad.size // 2}: index {len(elements)}"):
+                gather(bad)
+        bad[bad.size // 2] = -1
+        with pytest.raises(IndexError, match="index -1 is outside"):
+            table.gather(bad)

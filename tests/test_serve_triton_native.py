@@ -159,6 +159,46 @@ def test_random_batches_odd_sizes(model, engine):
             check(g, alone(engine, t), [int(x[0]) for x in t["k"]] if "k" in t else [10] * len(t["history"]))
 
 
+def test_a_one_k_batch_is_one_part_checked_on_its_columns(model, engine, monkeypatch):
+    """A batch whose rows share k and exclude_history (the common case) becomes one Part without
+    parts_from_tensors, every limit checked on the columns: a request that crosses one (a blank, over-long or
+    non-UTF-8 prompt, a long history, k over max_k, a negative prompt alone) sends the batch to the per-request
+    path, which refuses that request alone, by name, and answers the others exactly."""
+    seen = []
+    real = tn.parts_from_tensors
+    monkeypatch.setattr(tn, "parts_from_tensors", lambda *a, **kw: seen.append(1) or real(*a, **kw))
+    plain = [request([["i3", "i5"]], ["something funny"], k=[7]),
+             request([["i9"], ["i10", "i11"]], [None, "no horror tonight"], k=[7, 7]),
+             tensor_request([["i4", "i8"]], negatives=["zombies"], k=[7], pad_before=2)]
+    fast, slow = both_paths(model, plain)
+    assert fast == slow and not seen
+    for t, g in zip(plain, decode(fast, len(plain))):
+        check(g, alone(engine, t) if "negative_prompt" not in t else
+              engine.recommend([["i4", "i8"]], negative_prompts=["zombies"], k=7), [7] * len(t["history"]))
+    fast, slow = both_paths(model, plain + [request([["i3"]], k=[2])])       # another k: split by parts_from_tensors
+    assert fast == slow and seen
+
+    cfg = model.core.cfg
+    bad_utf8 = request([["i4"]], ["x"], k=[7])
+    bad_utf8["prompt"] = np.array([[b"\xff\xfe"]], dtype=object)
+    crossing = {"is empty or whitespace only": request([["i4"]], ["   "], k=[7]),
+                f"the limit is {cfg.max_prompt_bytes}": request([["i4"]], ["x" * (cfg.max_prompt_bytes + 1)], k=[7]),
+                "not valid UTF-8": bad_utf8,
+                f"the limit is {cfg.max_history}": request([[f"i{1 + i % 250}" for i in range(cfg.max_history + 1)]],
+                                                           k=[7])}
+    for words, bad in crossing.items():
+        reqs = [plain[0], bad, plain[1]]
+        fast, slow = both_paths(model, reqs)
+        assert fast == slow
+        got = decode(fast, len(reqs))
+        assert got[1][:2] == ("error", 3) and words in got[1][2], (words, got[1])
+        check(got[0], alone(engine, plain[0]), [7])
+        check(got[2], alone(engine, plain[1]), [7, 7])
+    over = [request([["i3"]], k=[cfg.max_k + 1]), request([["i5"]], k=[cfg.max_k + 1])]
+    got = decode(model.execute(*columns(over)), 2)
+    assert all(g[:2] == ("error", 3) and f"over the limit of {cfg.max_k}" in g[2] for g in got), got
+
+
 def test_a_bad_request_fails_alone_and_names_its_problem(model, engine):
     good = request([["i3", "i5"]], ["something funny"], k=[4])
     reqs = [good, request([["i3", "no-such-id"]]), request([["i7"]], k=[0]), request([["i1"]], k=[51]),

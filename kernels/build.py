@@ -7,7 +7,7 @@ name               file                        needs
 =================  ==========================  =====================================================
 ``cpu_lib``        ``libdpr_kernels.so``       g++ (always): the CPU twin's C ABI, loaded by ctypes
 ``topk_lib``       ``libdpr_score_topk.so``    g++ (always): fused score + top-k retrieval (CPU), ctypes
-``ids_lib``        ``libdpr_id_index.so``      g++ (always): item-id index, /recommend body parser, history padding, HTTP answer renderer, Triton BYTES splitter (CPU)
+``ids_lib``        ``libdpr_id_index.so``      g++ (always): item-id index, /recommend body parser, history padding, HTTP answer renderer, Triton BYTES splitter and gather (CPU)
 ``ort_lib``        ``libdpr_ort_ops.so``       g++ + ONNX Runtime headers: custom op, CPU EP
 ``cuda_lib``       ``libdpr_kernels_cuda.so``  nvcc: the CUDA launchers (sm_80, sm_90 SASS + PTX)
 ``ort_cuda_lib``   ``libdpr_ort_ops_cuda.so``  nvcc + ORT headers: custom op, CPU and CUDA EPs

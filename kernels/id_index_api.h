@@ -51,6 +51,7 @@ int dpr_id_index_lookup(const dpr_id_index* index, const char* buf, int64_t len,
 int dpr_id_index_lookup_wire_rows(const dpr_id_index* index, const char* buf, int64_t len, const int64_t* widths,
                                   int64_t rows, int64_t* out, int64_t max_out, int64_t* lens, int64_t* n_out,
                                   int64_t* bad);
+
 void dpr_id_index_free(dpr_id_index* index);
 
 #ifdef __cplusplus

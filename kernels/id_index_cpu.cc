@@ -18,7 +18,9 @@ const char* dpr_id_index_status_string(int status) {
   switch (status) {
     case DPR_IDX_OK: return "ok";
     case DPR_IDX_NULL_POINTER: return "null pointer";
-    case DPR_IDX_BAD_ARGUMENT: return "bad argument (n < 0, offsets not increasing, more tokens than max_out, or a wire buffer its widths do not describe)";
+    case DPR_IDX_BAD_ARGUMENT:
+      return "bad argument (n < 0, offsets not increasing, more tokens than max_out, or a wire buffer its widths do "
+             "not describe)";
     case DPR_IDX_DUPLICATE: return "two catalogue ids have the same bytes";
     case DPR_IDX_SEPARATOR: return "a catalogue id contains a NUL byte (the lookup separator)";
     case DPR_IDX_OUT_OF_MEMORY: return "out of memory";

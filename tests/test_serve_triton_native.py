@@ -160,10 +160,11 @@ def test_random_batches_odd_sizes(model, engine):
 
 
 def test_a_one_k_batch_is_one_part_checked_on_its_columns(model, engine, monkeypatch):
-    """A batch whose rows share k and exclude_history (the common case) becomes one Part without
-    parts_from_tensors, every limit checked on the columns: a request that crosses one (a blank, over-long or
-    non-UTF-8 prompt, a long history, k over max_k, a negative prompt alone) sends the batch to the per-request
-    path, which refuses that request alone, by name, and answers the others exactly."""
+    """A batch whose rows share k and exclude_history (the common case; a request with only a negative prompt and
+    a history padded before its ids included) becomes one Part without parts_from_tensors, every limit checked on
+    the columns: a request that crosses one (a blank, over-long or non-UTF-8 prompt, a long history, k over max_k)
+    sends the batch to the per-request path, which refuses that request alone, by name, and answers the others
+    exactly. So does padding between two ids or an unknown id, which the native history lookup finds."""
     seen = []
     real = tn.parts_from_tensors
     monkeypatch.setattr(tn, "parts_from_tensors", lambda *a, **kw: seen.append(1) or real(*a, **kw))
@@ -184,6 +185,8 @@ def test_a_one_k_batch_is_one_part_checked_on_its_columns(model, engine, monkeyp
     crossing = {"is empty or whitespace only": request([["i4"]], ["   "], k=[7]),
                 f"the limit is {cfg.max_prompt_bytes}": request([["i4"]], ["x" * (cfg.max_prompt_bytes + 1)], k=[7]),
                 "not valid UTF-8": bad_utf8,
+                "empty string at position 1 between item ids": request([["i1", "", "i2"]], k=[7]),   # a hole
+                "unknown item id 'no-such-id'": request([["i3", "no-such-id"]], k=[7]),
                 f"the limit is {cfg.max_history}": request([[f"i{1 + i % 250}" for i in range(cfg.max_history + 1)]],
                                                            k=[7])}
     for words, bad in crossing.items():

@@ -174,6 +174,41 @@ def check_limits(lens: list[int], prompts, negatives, k: int, cfg, label) -> Non
                                      f"(--max-prompt-bytes)")
 
 
+def prompt_texts(raw: list, max_bytes: int) -> list | bool | None:
+    """A prompt column's elements (bytes, ``b""`` for none) as str-or-None per row, None when no row has one, or
+    False when one is not UTF-8, blank, or over ``max_bytes`` (:func:`check_limits` words that refusal)."""
+    if max(map(len, raw), default=0) > max_bytes:
+        return False
+    try:                        # one decode for the column; a NUL inside a prompt splits it: decoded one by one
+        out = b"\0".join(raw).decode("utf-8").split("\0")
+        if len(out) != len(raw):
+            out = [x.decode("utf-8") for x in raw]
+    except UnicodeDecodeError:
+        return False
+    if not any(out):
+        return None
+    out = [x or None for x in out]
+    return out if all(x is None or x.strip() for x in out) else False
+
+
+def one_k_part(flat: np.ndarray, lens: np.ndarray, k: int, exclude_history: bool, prompts: list | None,
+               negatives: list | None, cfg, origin=None) -> Part | None:
+    """A call whose rows share one k and exclude_history, already in catalogue indices (``flat`` 1..N, ``lens``
+    per row), as one Part, with every limit of :func:`check_limits` checked on the columns; ``prompts`` /
+    ``negatives``: each row's prompt bytes (``b""``: none), or None. None when a limit is crossed or a prompt is not
+    UTF-8: the caller's checked path then words the refusal (the native Triton backend's and the v2 route's
+    binary-tensor fast paths; ``body_columns.read`` checks ``/recommend`` bodies the same way)."""
+    if len(lens) > cfg.max_requests_per_call or not lens.all() or int(lens.max()) > cfg.max_history \
+            or not 1 <= k <= cfg.max_k:
+        return None
+    texts = []
+    for raw in (prompts, negatives):
+        texts.append(None if raw is None else prompt_texts(raw, cfg.max_prompt_bytes))
+        if texts[-1] is False:
+            return None
+    return Part(flat, lens, texts[0], texts[1], int(k), bool(exclude_history), None, form="indices", origin=origin)
+
+
 def rebase(part: Part, engine) -> Part:
     """``part`` for ``engine``: as it is, or, when its indices were mapped against another engine's catalogue
     (``origin``: a reload swapped engines while it queued), as that catalogue's ids, which ``engine`` maps (and

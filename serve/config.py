@@ -45,9 +45,10 @@ class ServeConfig:
     # ahead of ASGI (serve/http_front.py; 64 single-request clients: README "Load test"), "asgi" sends every call
     # through the ASGI app (uvicorn's own protocol). Same answers, byte for byte.
     http_front: str = "batched"
-    # how the batching front reads a /recommend body of body_columns.MIN_BYTES or more: "native" (one C call without
-    # the GIL, ids mapped to catalogue indices as read; serve/body_columns.py; 512-request calls: README "Load test")
-    # or "python" (json.loads and per-request checks, as smaller bodies always are). Same answers, byte for byte.
+    # how a body of body_columns.MIN_BYTES or more is read: "native" (the history ids mapped to catalogue indices in
+    # one C call without the GIL: a /recommend body by the batching front, serve/body_columns.py, and a v2 infer call
+    # in binary tensors, serve/v2_columns.py; 512-request calls: README "Load test") or "python" (json.loads or the
+    # v2 decoder, then per-request checks, as smaller bodies always are). Same answers, byte for byte.
     http_body_parser: str = "native"
     # the serving process's GIL switch interval (sys.setswitchinterval), in microseconds; 0 keeps Python's 5,000. The
     # event loop drops the GIL on every poll and then waits up to the interval for the engine's threads to give it

@@ -38,7 +38,7 @@ from dpr.engine import ClosedError, OverloadedError
 from dpr.errors import InputError
 
 from .batcher import BatchTimeoutError
-from . import lean
+from . import lean, v2_columns
 from .columns import LimitError, Part, check_limits, split_rows
 from .http_front import BatchFront
 from .render import recommend_body, recommend_json
@@ -170,6 +170,7 @@ class ServeApp(FastAPI):
 
 def create_app(service: Service, load_in_background: bool = True) -> ServeApp:
     svc = service
+    native_bodies = svc.cfg.http_body_parser == "native"      # large bodies read natively (body_columns, v2_columns)
     name = svc.cfg.model_name
 
     @asynccontextmanager
@@ -328,9 +329,14 @@ def create_app(service: Service, load_in_background: bool = True) -> ServeApp:
         """The v2 infer route once its model name is checked (reached from the route, or from ``ServeApp``)."""
         if not svc.ready:
             return _not_ready(svc.load_error or "the engine is loading")
+        fast = v2_columns.read(body, header_length, svc.engine, svc.cfg) if native_bodies else None
         try:
-            req = decode_infer_request(body, header_length)
-            parts = parts_from_tensors(req.inputs, svc.cfg, None)      # ids: the engine's check (run_parts)
+            if fast is not None:        # binary tensors read natively: one Part in catalogue indices
+                part, req = fast
+                parts = [(part, range(len(part)))]
+            else:
+                req = decode_infer_request(body, header_length)
+                parts = parts_from_tensors(req.inputs, svc.cfg, None)      # ids: the engine's check (run_parts)
         except LimitError as exc:
             return _error(exc.status, str(exc))
         except InputError as exc:

@@ -8,7 +8,8 @@ Scenarios (each bounded by ``--requests`` and ``--duration-s``; it stops by itse
 * ``single``: one request per call from ``--clients`` concurrent clients (64).
 
 Targets: ``http`` (``POST /recommend``, JSON), ``http-v2`` (the dpr service's KServe v2 infer route, JSON
-tensors), ``triton-http`` (the hand-written client below with tritonclient's binary-tensor bodies;
+tensors), ``http-v2-binary`` (the same route with the bodies ``tritonclient.http`` sends by default: Triton's binary
+tensor extension, outputs asked for as binary), ``triton-http`` (the hand-written client below with tritonclient's binary-tensor bodies;
 ``--triton-http-client tritonclient`` for its asyncio client) and ``triton-grpc`` (the request messages
 tritonclient builds, made once and sent by a hand-written HTTP/2 client, :mod:`dpr.serve.raw_grpc`;
 ``--triton-grpc-client grpcio`` sends them on one grpc.aio channel, ``tritonclient`` uses its asyncio client,
@@ -51,7 +52,7 @@ class LoadConfig:
     clients: int = 64
     k: int = 10
     prompts: str = "templates"           # templates | unique | none (dpr-bench's workload)
-    targets: str = "http,http-v2,triton-http,triton-grpc"
+    targets: str = "http,http-v2,http-v2-binary,triton-http,triton-grpc"
     scenarios: str = "batched,single"
     max_queue_delay_us: int = 0          # ServeConfig's default
     http_client: str = "raw"             # raw (keep-alive HTTP/1.1, hand-written: cheap) | aiohttp
@@ -526,6 +527,11 @@ def _scenario(target: str, sc: str, url: str, batches, cfg: LoadConfig, mark=Non
     elif target == "http-v2":
         out = asyncio.run(run_http(url, "/v2/models/dpr/infer", v2_json_payloads(chunks, cfg.k), size, conc, cfg,
                                    mark, warm=warm))
+    elif target == "http-v2-binary":     # tritonclient.http's default body (binary tensors), to the dpr service
+        import tritonclient.http as th
+
+        bodies = triton_http_bodies(th, triton_inputs(th, chunks, cfg.k))
+        out = asyncio.run(run_triton_raw(url, bodies, size, conc, cfg, mark, warm=warm))
     elif target == "triton-http" and cfg.triton_http_client == "raw":
         import tritonclient.http as th
 

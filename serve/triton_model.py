@@ -42,53 +42,6 @@ def model_parameters(config: dict) -> dict:
     return {k: v.get("string_value", "") for k, v in (config.get("parameters") or {}).items()}
 
 
-def deserialize_bytes(b: bytes) -> np.ndarray:
-    """A Triton BYTES tensor's wire form (each element's length as 4 little-endian bytes, then the element) as a
-    flat object array of bytes: by the native splitter, else a loop without a format string and two struct calls
-    per element. A padded 512-row history of the load test holds 102,400 elements, 21,000 of them ids. Truncated
-    data raises ``ValueError``."""
-    if _split_native is not None and len(b) >= NATIVE_MIN_BYTES:
-        return _split_native(b)
-    out = _split_python(b)
-    arr = np.empty(len(out), dtype=np.object_)
-    arr[:] = out
-    return arr
-
-
-# Below this many bytes the loop is the faster (the native call's fixed cost is ~7 us; 2-core VM: 10 elements 2.1
-# us in the loop, 9.8 native; 200 elements 44 and 32 us; a single request's prompt is one element)
-NATIVE_MIN_BYTES = 1024
-
-
-def _split_python(b: bytes) -> list:
-    n, off, out = len(b), 0, []
-    app, frm, empty = out.append, int.from_bytes, b""
-    while off < n:
-        if off + 4 > n:
-            raise ValueError(f"BYTES tensor data is truncated: a length prefix at byte {off} of {n}")
-        ln = frm(b[off:off + 4], "little")
-        off += 4
-        if ln:
-            if off + ln > n:
-                raise ValueError(f"BYTES tensor data is truncated: an element of {ln} bytes at byte {off} of {n}")
-            app(b[off:off + ln])
-            off += ln
-        else:                   # padding: the empty string
-            app(empty)
-    return out
-
-
-def _native_splitter():
-    try:
-        from dpr.kernels import bytes_tensor
-        return bytes_tensor.split if bytes_tensor.library() is not None else None
-    except Exception:  # noqa: BLE001 - the Python loop answers the same
-        return None
-
-
-_split_native = _native_splitter()
-
-
 class TritonModelCore:
     """The engine bound as one Triton model instance. ``params``: the model's parameters (``export_dir``, absolute
     or relative to ``version_dir``; ``backend``, ``retriever``, ``unknown_items`` and the limits of

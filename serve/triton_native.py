@@ -40,10 +40,11 @@ import numpy as np
 
 from dpr.errors import InputError
 
-from .columns import Part, run_parts
+from .columns import one_k_part, run_parts
 from .render import tables
 from .tensors import DEFAULT_K, PAD_SCORE, STACKABLE, parts_from_tensors
-from .triton_model import Refusal, TritonModelCore, deserialize_bytes, model_parameters
+from .bytes_wire import deserialize_bytes
+from .triton_model import Refusal, TritonModelCore, model_parameters
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("triton_backend.cc", "triton_backend_api.h")
@@ -92,23 +93,6 @@ def request_tensors(names: tuple, data: tuple, meta: bytes) -> list:
     return out
 
 
-def _texts(raw: list, max_bytes: int) -> list | bool | None:
-    """A prompt column's elements (bytes, ``b""`` for none) as str-or-None per row, None when no row has one, or
-    False when one is not UTF-8, blank, or over ``max_bytes`` (``columns.check_limits`` words that refusal)."""
-    if max(map(len, raw), default=0) > max_bytes:
-        return False
-    try:                        # one decode for the column; a NUL inside a prompt splits it: decoded one by one
-        out = b"\0".join(raw).decode("utf-8").split("\0")
-        if len(out) != len(raw):
-            out = [x.decode("utf-8") for x in raw]
-    except UnicodeDecodeError:
-        return False
-    if not any(out):
-        return None
-    out = [x or None for x in out]
-    return out if all(x is None or x.strip() for x in out) else False
-
-
 class NativeModel:
     """One model instance for ``libtriton_dpr.so``: ``config_json`` is Triton's JSON form of ``config.pbtxt``,
     ``version_dir`` the model's version folder (``export_dir`` may be relative to it); ``instance``, Triton's
@@ -153,7 +137,7 @@ class NativeModel:
                 return None
             elif name != "history":
                 batch[name] = c
-        got = self._uniform_part(batch, hist, b)
+        got = self._uniform_part(batch, hist)
         if got is None:
             try:
                 got = parts_from_tensors(batch, core.cfg, None, history=(hist.flat, hist.lens.tolist()))
@@ -182,29 +166,19 @@ class NativeModel:
         return ([None] * n, spans.tobytes(), np.maximum.reduceat(ks, first).tobytes(), kmax, ids, offsets.tobytes(),
                 scores.tobytes(), counts.tobytes())
 
-    def _uniform_part(self, batch: dict, hist, b: int) -> list | bool | None:
+    def _uniform_part(self, batch: dict, hist) -> list | bool | None:
         """The stacked batch as one Part when every row has the same k and exclude_history (the common case), with
         every service limit checked on the columns (``body_columns.read`` does the same for ``/recommend``): ``[(Part,
         all rows)]``; False when a row crosses a limit or its prompt is not UTF-8 (the per-request path words the
         refusal); None when k or exclude_history differ between rows (``parts_from_tensors`` splits them)."""
-        cfg = self.core.cfg
         k = batch.get("k")
         ex = batch.get("exclude_history")
         if (k is not None and (k != k[0, 0]).any()) or (ex is not None and (ex != ex[0, 0]).any()):
             return None
-        k = int(k[0, 0]) if k is not None else DEFAULT_K
-        ex = bool(ex[0, 0]) if ex is not None else True
-        lens = hist.lens
-        if b > cfg.max_requests_per_call or not lens.all() or int(lens.max()) > cfg.max_history \
-                or not 1 <= k <= cfg.max_k:
-            return False
-        texts = []
-        for name in ("prompt", "negative_prompt"):
-            col = batch.get(name)
-            texts.append(None if col is None else _texts(col.ravel().tolist(), cfg.max_prompt_bytes))
-            if texts[-1] is False:
-                return False
-        return [(Part(hist.flat, lens, texts[0], texts[1], k, ex, None, form="indices"), slice(None))]
+        prompts, negatives = (batch[n].ravel().tolist() if n in batch else None for n in ("prompt", "negative_prompt"))
+        part = one_k_part(hist.flat, hist.lens, int(k[0, 0]) if k is not None else DEFAULT_K,
+                          bool(ex[0, 0]) if ex is not None else True, prompts, negatives, self.core.cfg)
+        return [(part, slice(None))] if part is not None else False
 
     @staticmethod
     def _stacked_column(name: str, t: np.ndarray, raw: bytes, d0: np.ndarray, b: int) -> np.ndarray | None:

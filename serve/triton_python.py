@@ -24,12 +24,13 @@ import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend
 
 from .tensors import INPUTS
-from .triton_model import Refusal, TritonModelCore, deserialize_bytes, model_parameters
+from .bytes_wire import deserialize_bytes
+from .triton_model import Refusal, TritonModelCore, model_parameters
 _INPUT_SET = frozenset(INPUTS)
 
 
 def _deserialize_bytes_tensor(encoded):
-    """Triton's ``deserialize_bytes_tensor`` (the same objects out), by ``triton_model.deserialize_bytes``: the
+    """Triton's ``deserialize_bytes_tensor`` (the same objects out), by ``bytes_wire.deserialize_bytes``: the
     native splitter (``dpr.kernels.bytes_tensor``: 13.7 ms of a 512-row call's Python was Triton's loop), else a
     loop without a format string and two struct calls per element. The backend stub calls it for every BYTES
     input. Truncated data raises ``ValueError`` (Triton's: ``struct.error``)."""

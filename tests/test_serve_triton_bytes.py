@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpr.serve import triton_model as tm  # the splitters live with the model's core
+from dpr.serve import bytes_wire as tm  # the BYTES codec the Triton bindings and the v2 route share
 
 REPO = Path(__file__).resolve().parents[1]
 UTILS = sorted(REPO.glob(".venv-triton/lib/python3*/site-packages/pytriton/tritonserver/backends/python/"

@@ -1,0 +1,122 @@
+"""A large KServe v2 infer call in Triton's binary tensor extension (the body ``tritonclient.http`` sends by
+default) read straight into one Part in catalogue indices, for the HTTP service's v2 route.
+
+Why: the checked path (``v2.decode_infer_request``, then ``tensors.parts_from_tensors``) turns a 512-row call's
+history (102,400 elements, 21,000 of them ids) into bytes objects, an object array, strings and a Part of id strings
+that the engine maps again: about 7 ms per call on the event loop, holding the GIL, beside an 18 ms engine call
+(2-core VM). Here the history goes from its wire bytes to catalogue indices and row counts in one native call
+without the GIL (``IdIndex.lookup_wire_rows``, as in the native Triton backend), and only the small inputs become
+Python objects.
+
+Semantics stay the checked path's: :func:`read` returns a Part only for a call that path would answer with the same
+values: only the model's plain inputs (``history``, ``prompt``, ``negative_prompt``, ``k``, ``exclude_history``),
+each sent as binary, in the shapes and datatypes ``parts_from_tensors`` takes; every history id in the catalogue
+and no padding between two ids of a row; one ``k`` and ``exclude_history`` for all rows; every service limit kept
+(``columns.one_k_part``). Anything else returns None and the route takes the checked path, which answers, or
+refuses, exactly as before. Bodies under :data:`MIN_BYTES` stay on that path too (``body_columns`` measured why).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .body_columns import MIN_BYTES
+from .bytes_wire import deserialize_bytes
+from .columns import Part, one_k_part
+from .render import tables
+from .tensors import DEFAULT_K, STACKABLE
+from .v2 import NUMPY, InferRequest, answer_form
+
+__all__ = ["MIN_BYTES", "read"]
+
+
+def read(body: bytes, header_length: str | None, engine, cfg) -> tuple[Part, InferRequest] | None:
+    """``body`` (with its ``Inference-Header-Content-Length``) as one Part in catalogue indices of ``engine`` and
+    the answer's form (:func:`v2.answer_form`: id, outputs, binary), or None: let the checked path read it."""
+    if header_length is None or len(body) < MIN_BYTES:
+        return None
+    try:
+        hl = int(header_length)
+    except ValueError:
+        return None
+    if not 0 < hl <= len(body):
+        return None
+    try:
+        req = json.loads(body[:hl])
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
+        return None
+    rest, pos, raw = memoryview(body)[hl:], 0, {}
+    for inp in req["inputs"]:
+        if not isinstance(inp, dict) or "data" in inp:
+            return None
+        name, shape, params = inp.get("name"), inp.get("shape"), inp.get("parameters")
+        if name not in STACKABLE or name in raw or not isinstance(params, dict):
+            return None
+        size = params.get("binary_data_size")
+        if type(size) is not int or size < 0 or pos + size > len(rest):
+            return None
+        if not isinstance(shape, list) or len(shape) != 2 or not all(type(d) is int and d >= 0 for d in shape):
+            return None
+        raw[name] = (inp.get("datatype"), shape, rest[pos:pos + size])
+        pos += size
+    if "history" not in raw:
+        return None
+    dt, (b, width), chunk = raw["history"]
+    if dt != "BYTES" or b < 1 or any(shape != [b, 1] for n, (_, shape, _) in raw.items() if n != "history"):
+        return None
+    ix = tables(engine).id_index()          # the front's own (a reload may close the engine's under this call)
+    hist = ix.lookup_wire_rows(bytes(chunk), np.full(b, width, np.int64)) if ix is not None else None
+    if hist is None or hist.problem is not None:
+        return None
+    k, ex = _one_value(raw.get("k"), b, DEFAULT_K), _one_value(raw.get("exclude_history"), b, True)
+    prompts, negatives = _prompts(raw.get("prompt"), b), _prompts(raw.get("negative_prompt"), b)
+    if k is None or ex is None or prompts is False or negatives is False:
+        return None
+    part = one_k_part(hist.flat, hist.lens, k, ex, prompts, negatives, cfg, origin=engine)
+    if part is None:
+        return None
+    try:
+        return part, answer_form(req, {})
+    except Exception:  # noqa: BLE001 - a malformed outputs list: the checked path words it
+        return None
+
+
+def _one_value(got, b: int, default):
+    """The value every row of a [b, 1] k (any integer type) or exclude_history (BOOL) input holds, the default when
+    the input is absent, or None: rows differ, or the datatype or size is not one the checked path takes alike."""
+    if got is None:
+        return default
+    dt, _, chunk = got
+    if default is True:
+        if dt != "BOOL":
+            return None
+        t = np.dtype(np.bool_)
+    else:
+        t = NUMPY.get(dt) if isinstance(dt, str) else None
+        if t is None or not np.issubdtype(t, np.integer):
+            return None
+        t = np.dtype(t)
+    if len(chunk) != b * t.itemsize:
+        return None
+    vals = np.frombuffer(chunk, t)
+    if not (vals == vals[0]).all():
+        return None
+    return bool(vals[0]) if default is True else int(vals[0])
+
+
+def _prompts(got, b: int) -> list | bool | None:
+    """A [b, 1] BYTES prompt input's elements (bytes), None when absent, False when not that."""
+    if got is None:
+        return None
+    dt, _, chunk = got
+    if dt != "BYTES":
+        return False
+    try:
+        vals = deserialize_bytes(bytes(chunk))
+    except ValueError:
+        return False
+    return vals.tolist() if len(vals) == b else False

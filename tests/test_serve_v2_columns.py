@@ -1,0 +1,232 @@
+"""The v2 route's native reader of binary-tensor calls (serve/v2_columns.py) against its specification, the checked
+path (``v2.decode_infer_request`` + ``tensors.parts_from_tensors``): on bodies built by tritonclient.http itself, a
+plain call becomes one Part in catalogue indices holding exactly the checked path's rows (its ids mapped), prompts,
+k and exclude_history, and answers alike; every call the checked path would answer differently or refuse (an
+unknown id, a hole, mixed k, a crossed limit, a JSON or filter input, a bad header) is declined, so that path still
+words it."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import urllib.request
+
+import numpy as np
+import pytest
+
+from dpr.serve import v2_columns
+from dpr.serve.columns import merge
+from dpr.serve.config import ServeConfig
+from dpr.serve.procs import Server, free_port, port_open
+from dpr.serve.tensors import parts_from_tensors
+from dpr.serve.v2 import decode_infer_request
+
+th = pytest.importorskip("tritonclient.http")
+pytest.importorskip("fastapi", reason='needs the [serve] extra: pip install -e ".[serve]"')
+
+CFG = ServeConfig(max_k=20, max_history=60, max_prompt_bytes=200, max_requests_per_call=300)
+PROMPTS = [None, "something funny", "no horror tonight", "é 漢 🙂", "a\0b"]
+
+
+def tensors(rng, rows, ids, *, k=None, pad_before=False, prompts=True, negatives=False, excl=None):
+    """A plain call's tensors: histories padded with b"" after (or before) their ids, optional [rows, 1] inputs."""
+    hist = [[ids[int(i)] for i in rng.integers(0, len(ids), int(rng.integers(1, 40)))] for _ in range(rows)]
+    width = max(map(len, hist)) + 3
+    h = np.full((rows, width), b"", dtype=object)
+    for r, row in enumerate(hist):
+        at = width - len(row) if pad_before and r % 2 else 0
+        h[r, at:at + len(row)] = [x.encode() for x in row]
+    t = {"history": h}
+    if prompts:
+        t["prompt"] = np.array([[(PROMPTS[int(i)] or "").encode()] for i in rng.integers(0, len(PROMPTS), rows)],
+                               dtype=object)
+    if negatives:
+        t["negative_prompt"] = np.array([[b"horror" if r % 3 == 0 else b""] for r in range(rows)], dtype=object)
+    if k is not None:
+        t["k"] = np.asarray(k, np.int32).reshape(rows, 1) if not isinstance(k, np.ndarray) else k
+    if excl is not None:
+        t["exclude_history"] = np.full((rows, 1), excl, np.bool_)
+    return t
+
+
+def body(t: dict, outputs=None) -> tuple[bytes, str]:
+    """The request tritonclient.http sends for these tensors (binary tensor extension)."""
+    dts = {np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
+           np.dtype(np.bool_): "BOOL", np.dtype(np.float32): "FP32"}
+    ins = []
+    for name, arr in t.items():
+        i = th.InferInput(name, list(arr.shape), dts[arr.dtype])
+        i.set_data_from_numpy(arr)
+        ins.append(i)
+    data, json_size = th.InferenceServerClient.generate_request_body(ins, outputs=outputs)
+    return bytes(data), str(json_size)
+
+
+def checked(data: bytes, hl: str):
+    return parts_from_tensors(decode_infer_request(data, hl).inputs, CFG, None)
+
+
+@pytest.fixture(scope="module")
+def ids(engine):
+    return list(engine.item_ids)
+
+
+def test_a_plain_call_is_the_checked_paths_part_in_indices(engine, ids):
+    rng = np.random.default_rng(0)
+    index = {a: i + 1 for i, a in enumerate(ids)}
+    for case in range(12):
+        rows = int(rng.integers(40, 120))
+        t = tensors(rng, rows, ids, k=[int(rng.integers(1, 20))] * rows if case % 3 else None,
+                    pad_before=case % 2 == 1, prompts=case % 4 != 3, negatives=case % 5 == 0,
+                    excl=bool(case % 2) if case % 3 == 0 else None)
+        data, hl = body(t)
+        assert len(data) >= v2_columns.MIN_BYTES
+        got = v2_columns.read(data, hl, engine, CFG)
+        assert got is not None, case
+        part, form = got
+        (want, rows_of), = checked(data, hl)
+        assert list(rows_of) == list(range(rows))
+        assert part.form == "indices" and part.origin is engine
+        np.testing.assert_array_equal(part.flat, [index[x] for x in want.flat])
+        assert list(part.lens) == list(want.lens)
+        assert (part.prompts, part.negatives, part.k, part.exclude_history) == \
+               (want.prompts, want.negatives, want.k, want.exclude_history)
+        assert form.outputs is None and form.binary == {"*"}         # tritonclient asks for every output, binary
+        a, b = engine.recommend_batch(merge([part])), engine.recommend_batch(merge([want]))
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_array_equal(a.counts, b.counts)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6, atol=1e-6)
+
+
+def test_the_answer_form_follows_the_header(engine, ids):
+    t = tensors(np.random.default_rng(1), 80, ids, k=[5] * 80)
+    outs = [th.InferRequestedOutput("item_ids", binary_data=False), th.InferRequestedOutput("counts")]
+    data, hl = body(t, outputs=outs)
+    part, form = v2_columns.read(data, hl, engine, CFG)
+    want = decode_infer_request(data, hl)
+    assert (form.id, form.outputs, form.binary) == (want.id, want.outputs, want.binary) == (None, ["item_ids",
+                                                                                                     "counts"], {"counts"})
+
+
+def _edit_header(data: bytes, hl: str, fn) -> tuple[bytes, str]:
+    head = json.loads(data[:int(hl)])
+    fn(head)
+    new = json.dumps(head).encode()
+    return new + data[int(hl):], str(len(new))
+
+
+def declines(engine, ids):
+    """(what, body, header length): calls the reader must leave to the checked path."""
+    rng = np.random.default_rng(2)
+    out = []
+
+    def plain(**kw):
+        return tensors(random_rng(), 80, ids, **{"k": [7] * 80, **kw})
+
+    def random_rng():
+        return np.random.default_rng(int(rng.integers(1 << 30)))
+
+    t = plain()
+    out.append(("small body", *body(tensors(rng, 2, ids, k=[7, 7]))))
+    data, hl = body(t)
+    out.append(("no header length", data, None))
+    out.append(("header length not a number", data, "12x"))
+    out.append(("header length past the body", data, str(len(data) + 1)))
+    out.append(("header not JSON", b"[" + data[1:], hl))
+    t2 = plain()
+    t2["history"][5, 1] = b"no-such-id"
+    out.append(("unknown id", *body(t2)))
+    t3 = plain()
+    row = [x for x in t3["history"][6] if x]
+    t3["history"][6, :] = b""
+    t3["history"][6, 0], t3["history"][6, 2] = row[0], (row + row)[1]
+    out.append(("hole", *body(t3)))
+    t4 = plain()
+    t4["k"][3, 0] = 8
+    out.append(("mixed k", *body(t4)))
+    out.append(("k = 0", *body(plain(k=[0] * 80))))
+    out.append(("k over max_k", *body(plain(k=[CFG.max_k + 1] * 80))))
+    t5 = plain()
+    t5["exclude_history"] = np.array([[r % 2 == 0] for r in range(80)], np.bool_)
+    out.append(("mixed exclude_history", *body(t5)))
+    t6 = plain()
+    t6["prompt"][4, 0] = b"   "
+    out.append(("blank prompt", *body(t6)))
+    t7 = plain()
+    t7["prompt"][4, 0] = b"\xff\xfe"
+    out.append(("prompt not UTF-8", *body(t7)))
+    t8 = plain()
+    t8["prompt"][4, 0] = b"x" * (CFG.max_prompt_bytes + 1)
+    out.append(("prompt over the limit", *body(t8)))
+    t9 = plain()
+    t9["history"] = np.concatenate([t9["history"], np.full((80, CFG.max_history), ids[0].encode(), object)], axis=1)
+    out.append(("history over the limit", *body(t9)))
+    t10 = plain()
+    t10["history"][9, :] = b""
+    out.append(("empty history", *body(t10)))
+    t11 = plain()
+    t11["k"] = np.full((80, 1), 7.0, np.float32)
+    out.append(("k not an integer", *body(t11)))
+    t12 = plain()
+    t12["include_tags"] = np.full((80, 1), b"comedy", object)
+    out.append(("a filter input", *body(t12)))
+    t13 = plain()
+    t13["prompt"] = np.concatenate([t13["prompt"], t13["prompt"]], axis=1)
+    out.append(("prompt of shape [b, 2]", *body(t13)))
+    big = tensors(random_rng(), CFG.max_requests_per_call + 1, ids, k=[7] * (CFG.max_requests_per_call + 1))
+    out.append(("more rows than one call may hold", *body(big)))
+    data, hl = body(plain())
+    out.append(("history bytes cut short", *_edit_header(
+        data, hl, lambda h: h["inputs"][0]["parameters"].update(binary_data_size=h["inputs"][0]["parameters"]
+                                                                ["binary_data_size"] - 3))))
+    out.append(("an input given twice", *_edit_header(data, hl, lambda h: h["inputs"].append(h["inputs"][-1]))))
+    out.append(("a JSON data input", *_edit_header(data, hl, lambda h: h["inputs"][-1].update(data=[7] * 80))))
+    out.append(("outputs not objects", *_edit_header(data, hl, lambda h: h.update(outputs=["item_ids"]))))
+    return out
+
+
+def test_every_call_the_checked_path_would_word_is_declined(engine, ids):
+    cases = declines(engine, ids)
+    assert len(cases) == 24
+    for what, data, hl in cases:
+        assert v2_columns.read(data, hl, engine, CFG) is None, what
+
+
+def test_the_route_answers_binary_calls_as_the_engine_does(export_dir, engine, ids, tmp_path):
+    """Through the service: a large plain binary call (the native reader) and one it declines (mixed k) both
+    answer as ``Engine.recommend``; ``--http-body-parser python`` answers the first with the same bytes."""
+    rnd = random.Random(3)
+    rows = 90
+    hist = [rnd.sample(ids, rnd.randint(1, 30)) for _ in range(rows)]
+    prompts = [rnd.choice(PROMPTS[:3]) for _ in range(rows)]
+    width = max(map(len, hist))
+    t = {"history": np.array([[x.encode() for x in r] + [b""] * (width - len(r)) for r in hist], dtype=object),
+         "prompt": np.array([[(p or "").encode()] for p in prompts], dtype=object),
+         "k": np.full((rows, 1), 6, np.int32)}
+    mixed = {**t, "k": np.array([[6 if r % 2 else 4] for r in range(rows)], np.int32)}
+    answers = {}
+    for parser in ("native", "python"):
+        port = free_port()
+        s = Server([sys.executable, "-P", "-m", "dpr.serve.cli", str(export_dir), "--port", str(port), "--log-level",
+                    "warning", "--backend", "onnxruntime", "--retriever", "onnxruntime", "--http-body-parser", parser],
+                   port, log_path=tmp_path / f"{parser}.log").start()
+        try:
+            for name, tt in (("plain", t), ("mixed", mixed)):
+                data, hl = body(tt)
+                req = urllib.request.Request(s.url + "/v2/models/dpr/infer", data=data, method="POST", headers={
+                    "Inference-Header-Content-Length": hl, "Content-Type": "application/octet-stream"})
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    answers[parser, name] = (r.read(), r.headers["Inference-Header-Content-Length"])
+        finally:
+            assert s.stop() == 0, s.log()
+            assert not port_open(port) and not s.leftover
+    assert answers["native", "plain"] == answers["python", "plain"]
+    for name, tt in (("plain", t), ("mixed", mixed)):
+        raw, hl = answers["native", name]
+        res = th.InferenceServerClient.parse_response_body(raw, header_length=int(hl))
+        ks = tt["k"].ravel().tolist()
+        want = engine.recommend(hist, prompts=prompts, k=ks)
+        got = [[x.decode() for x in row] for row in res.as_numpy("item_ids")]
+        assert [g[:k] for g, k in zip(got, ks)] == want.item_ids
+        assert res.as_numpy("counts").ravel().tolist() == list(want.counts)

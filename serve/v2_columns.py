@@ -72,7 +72,7 @@ def read(body: bytes, header_length: str | None, engine, cfg) -> tuple[Part, Inf
     hist = ix.lookup_wire_rows(bytes(chunk), np.full(b, width, np.int64)) if ix is not None else None
     if hist is None or hist.problem is not None:
         return None
-    k, ex = _one_value(raw.get("k"), b, DEFAULT_K), _one_value(raw.get("exclude_history"), b, True)
+    k, ex = _one_k(raw.get("k"), b), _one_exclude(raw.get("exclude_history"), b)
     prompts, negatives = _prompts(raw.get("prompt"), b), _prompts(raw.get("negative_prompt"), b)
     if k is None or ex is None or prompts is False or negatives is False:
         return None
@@ -85,27 +85,32 @@ def read(body: bytes, header_length: str | None, engine, cfg) -> tuple[Part, Inf
         return None
 
 
-def _one_value(got, b: int, default):
-    """The value every row of a [b, 1] k (any integer type) or exclude_history (BOOL) input holds, the default when
-    the input is absent, or None: rows differ, or the datatype or size is not one the checked path takes alike."""
+def _one_value(got, b: int, dtype: np.dtype):
+    """The value every row of a [b, 1] input of ``dtype`` holds, or None: rows differ, or the size is not b."""
+    _, _, chunk = got
+    if len(chunk) != b * dtype.itemsize:
+        return None
+    vals = np.frombuffer(chunk, dtype)
+    return vals[0] if (vals == vals[0]).all() else None
+
+
+def _one_k(got, b: int) -> int | None:
+    """The k of every row (any integer datatype, as the checked path takes), the default when absent, or None."""
     if got is None:
-        return default
-    dt, _, chunk = got
-    if default is True:
-        if dt != "BOOL":
-            return None
-        t = np.dtype(np.bool_)
-    else:
-        t = NUMPY.get(dt) if isinstance(dt, str) else None
-        if t is None or not np.issubdtype(t, np.integer):
-            return None
-        t = np.dtype(t)
-    if len(chunk) != b * t.itemsize:
+        return DEFAULT_K
+    t = NUMPY.get(got[0]) if isinstance(got[0], str) else None
+    if t is None or not np.issubdtype(t, np.integer):
         return None
-    vals = np.frombuffer(chunk, t)
-    if not (vals == vals[0]).all():
-        return None
-    return bool(vals[0]) if default is True else int(vals[0])
+    v = _one_value(got, b, np.dtype(t))
+    return None if v is None else int(v)
+
+
+def _one_exclude(got, b: int) -> bool | None:
+    """The exclude_history of every row (BOOL), True when absent, or None."""
+    if got is None:
+        return True
+    v = _one_value(got, b, np.dtype(np.bool_)) if got[0] == "BOOL" else None
+    return None if v is None else bool(v)
 
 
 def _prompts(got, b: int) -> list | bool | None:

@@ -219,14 +219,14 @@ def triton_server(export_dir, workdir, backend: str = "onnxruntime", retriever: 
     yields the :class:`Server` with ``triton_pid`` (the tritonserver process, a child of the launcher) and stops it
     on exit. ``triton_backend``: ServeConfig's (auto: the native backend where it builds for the Triton venv)."""
     from dpr.serve.config import ServeConfig
-    from dpr.serve.procs import Server, free_port
+    from dpr.serve.procs import Server, free_ports
     from dpr.serve.triton_repo import write_repository
 
     workdir = Path(workdir)
     cfg = ServeConfig(backend=backend, retriever=retriever, max_batch_size=max_batch, preferred_batch_size=max_batch,
                       max_queue_delay_us=int(max_delay_ms * 1000), triton_backend=triton_backend)
     write_repository(workdir / "repo", export_dir, cfg, copy_export=False, python=triton_python())
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = free_ports(3)
     cmd = [str(triton_python()), "-P", "-m", "dpr.serve.triton_server", str(workdir / "repo"), "--port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .procs import Server, free_port, group_cpu_seconds
+from .procs import Server, free_port, free_ports, group_cpu_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -491,7 +491,7 @@ def run(cfg: LoadConfig) -> dict:
             if not Path(cfg.triton_python).exists():
                 log(f"skipping Triton: no {cfg.triton_python} (make triton-env)")
             else:
-                http, grpc, metrics = free_port(), free_port(), free_port()
+                http, grpc, metrics = free_ports(3)
                 cmd = [cfg.triton_python, "-P", "-m", "dpr.serve.cli", "--triton", str(export_dir), "--port",
                        str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
                        "--instances", str(cfg.triton_instances), "--triton-backend", cfg.triton_backend, *qd]

@@ -18,6 +18,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> tuple[int, ...]:
+    """``n`` distinct free ports (a server's HTTP, gRPC and metrics ports): every socket is held until all are
+    chosen, so the kernel cannot hand the same port out twice (``free_port`` three times in a row can, and then
+    tritonserver fails to bind its second front end)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return tuple(s.getsockname()[1] for s in socks)
+    finally:
+        for s in socks:
+            s.close()
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)

@@ -24,7 +24,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dpr.serve.procs import Server, free_port
+from dpr.serve.procs import Server, free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 TRITON_PY = Path(os.environ.get("DPR_TRITON_PYTHON", REPO / ".venv-triton" / "bin" / "python"))
@@ -86,7 +86,7 @@ def start_triton(export_dir, d):
                       max_prompt_bytes=MAX_PROMPT, max_requests_per_call=MAX_CALL, max_batch_size=MAX_BATCH,
                       preferred_batch_size=MAX_BATCH)
     write_repository(d / "repo", export_dir, cfg, copy_export=False, python=TRITON_PY)
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = free_ports(3)
     cmd = [str(TRITON_PY), "-P", "-m", "dpr.serve.triton_server", str(d / "repo"), "--port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

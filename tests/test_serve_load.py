@@ -195,3 +195,45 @@ def test_lean_parse_of_a_list_checks_every_id_even_on_the_fast_path():
     slash = b'[{"history": ["a\\\\ud800"]}, {"history": ["i2"]}]'              # an escaped backslash, then text
     got = lean.parse(slash, b"application/json")
     assert got is not None and got[0][0].history == ["a\\ud800"]
+
+
+def test_free_ports_are_distinct_and_bindable(monkeypatch):
+    """A server's ports are chosen together: never the same port twice, even from a kernel that hands out the
+    lowest free port again as soon as it is released (three free_port calls in a row then repeat one, and
+    tritonserver fails to bind its second front end); and each is free to bind."""
+    import socket
+
+    from dpr.serve import procs
+
+    real = procs.free_ports(3)
+    assert len(set(real)) == 3
+    for p in real:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+    class LowestFirst:                         # bind(port 0) -> the lowest port not bound now
+        bound: set = set()
+
+        def __init__(self, *a):
+            self.port = None
+
+        def bind(self, addr):
+            self.port = min(set(range(40000, 40010)) - LowestFirst.bound)
+            LowestFirst.bound.add(self.port)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+        def close(self):
+            LowestFirst.bound.discard(self.port)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.close()
+
+    monkeypatch.setattr(procs.socket, "socket", LowestFirst)
+    assert (procs.free_port(), procs.free_port()) == (40000, 40000)       # what a port chosen alone risks
+    assert procs.free_ports(3) == (40000, 40001, 40002)
+    assert not LowestFirst.bound                                            # every socket released

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpr.serve.procs import Server, free_port, port_open
+from dpr.serve.procs import Server, free_ports, port_open
 
 REPO = Path(__file__).resolve().parents[1]
 TRITON_PY = Path(os.environ.get("DPR_TRITON_PYTHON", REPO / ".venv-triton" / "bin" / "python"))
@@ -30,7 +30,7 @@ tg = pytest.importorskip("tritonclient.grpc", reason='needs the [serve] extra (t
 
 
 def ports():
-    return free_port(), free_port(), free_port()
+    return free_ports(3)
 
 
 def triton_env():

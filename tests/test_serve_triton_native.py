@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from dpr.serve import triton_native as tn
-from dpr.serve.procs import Server, free_port, port_open
+from dpr.serve.procs import Server, free_ports, port_open
 from dpr_tests_serve_answers import tensor_request  # noqa: E402 - tests/serve_answers.py (conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -306,7 +306,7 @@ def test_auto_falls_back_to_the_python_backend_and_says_why(monkeypatch):
 def test_native_backend_in_tritonserver(export_dir, engine, tmp_path):
     th = pytest.importorskip("tritonclient.http", reason="needs the [serve] extra (tritonclient)")
     tg = pytest.importorskip("tritonclient.grpc", reason="needs the [serve] extra (tritonclient)")
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = free_ports(3)
     cmd = [str(TRITON_PY), "-P", "-m", "dpr.serve.cli", "--triton", str(export_dir), "--triton-backend", "native",
            "--port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
            "--backend", "onnxruntime", "--retriever", "onnxruntime", "--max-batch-size", "64",
@@ -393,7 +393,7 @@ def test_the_embedded_python_never_has_the_repository_root_on_sys_path(export_di
     probe.mkdir()
     (probe / "sitecustomize.py").write_text(PROBE_SITE)
     out = tmp_path / "probe.json"
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = free_ports(3)
     cmd = [str(TRITON_PY), "-P", "-m", "dpr.serve.cli", "--triton", str(export_dir), "--triton-backend", "native",
            "--port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
     env = dict({k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, PYTHONPATH=str(probe),

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .columns import Part
+from .columns import Part, rows_within_limits
 from .render import tables
 
 # The body size from which the native parser reads a call (measured on the 2-core VM, load-test bodies: 8 requests,
@@ -52,16 +52,15 @@ def read(body: bytes, engine, cfg) -> Cols | None:
     p = recommend_parse.parse(ix, body)
     if p is None:
         return None
-    n = len(p)
     ks, lens = p.ks, np.diff(p.offsets)
     # every limit the Python path checks (http_app._parts_from_requests, columns.check_limits): crossing one
     # sends the call there, which words the refusal
-    if n > cfg.max_requests_per_call or not lens.all() or int(lens.max()) > cfg.max_history:
-        return None
     k = int(ks[0])
     ex = bool(p.exclude[0])
-    if not (ks == k).all() or not (p.exclude == ex).all() or k < 1 or k > cfg.max_k:
+    if not (ks == k).all() or not (p.exclude == ex).all():
         return None                         # a call mixing k or exclude_history is split by the Python path
+    if not rows_within_limits(lens, k, cfg):
+        return None
     if p.texts and (int(p.text_bytes.max()) > cfg.max_prompt_bytes or not all(t.strip() for t in p.texts)):
         return None
     part = Part(p.items, lens, p.prompts, p.negatives, k, ex, None, form="indices", origin=engine)

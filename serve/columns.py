@@ -174,6 +174,13 @@ def check_limits(lens: list[int], prompts, negatives, k: int, cfg, label) -> Non
                                      f"(--max-prompt-bytes)")
 
 
+def rows_within_limits(lens: np.ndarray, k: int, cfg) -> bool:
+    """:func:`check_limits` on a call's columns, but for its prompts: rows per call, no empty history, none over the
+    history limit, k in 1..max_k (True: within every one)."""
+    return (len(lens) <= cfg.max_requests_per_call and bool(lens.all()) and int(lens.max()) <= cfg.max_history
+            and 1 <= k <= cfg.max_k)
+
+
 def prompt_texts(raw: list, max_bytes: int) -> list | bool | None:
     """A prompt column's elements (bytes, ``b""`` for none) as str-or-None per row, None when no row has one, or
     False when one is not UTF-8, blank, or over ``max_bytes`` (:func:`check_limits` words that refusal)."""
@@ -198,8 +205,7 @@ def one_k_part(flat: np.ndarray, lens: np.ndarray, k: int, exclude_history: bool
     ``negatives``: each row's prompt bytes (``b""``: none), or None. None when a limit is crossed or a prompt is not
     UTF-8: the caller's checked path then words the refusal (the native Triton backend's and the v2 route's
     binary-tensor fast paths; ``body_columns.read`` checks ``/recommend`` bodies the same way)."""
-    if len(lens) > cfg.max_requests_per_call or not lens.all() or int(lens.max()) > cfg.max_history \
-            or not 1 <= k <= cfg.max_k:
+    if not rows_within_limits(lens, k, cfg):
         return None
     texts = []
     for raw in (prompts, negatives):

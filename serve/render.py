@@ -39,9 +39,9 @@ class Tables:
         return self._native or None
 
     def id_index(self):
-        """The catalogue's id index for the native ``/recommend`` body parser (``serve/body_columns.py``), or None
-        when its library is not built or the ids cannot be indexed (a NUL inside one). Its own, not the engine's:
-        a reload may close the engine's on another thread while the event loop reads a body."""
+        """The catalogue's id index for the native body readers (``serve/body_columns.py``, ``serve/v2_columns.py``),
+        or None when its library is not built or the ids cannot be indexed (a NUL inside one). Its own, not the
+        engine's: a reload may close the engine's on another thread while the event loop reads a body."""
         if self._id_index is None:
             ix = None
             try:

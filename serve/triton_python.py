@@ -24,7 +24,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend
 
 from .tensors import INPUTS
-from .bytes_wire import deserialize_bytes
+from .bytes_wire import deserialize_bytes, serialize_bytes
 from .triton_model import Refusal, TritonModelCore, model_parameters
 _INPUT_SET = frozenset(INPUTS)
 
@@ -50,12 +50,7 @@ def _serialize_byte_tensor(input_tensor):
         items = input_tensor.ravel(order="C").tolist()      # trailing NULs dropped, as .item() drops them
     else:
         return None
-    parts = []
-    app = parts.append
-    for x in items:
-        app(len(x).to_bytes(4, "little"))
-        app(x)
-    return b"".join(parts)
+    return serialize_bytes(items)
 
 
 if os.environ.get("DPR_TRITON_FAST_BYTES", "1") == "1":

@@ -78,7 +78,9 @@ def _bytes_elements(buf: memoryview, name: str) -> np.ndarray:
         raise InputError(f"input '{name}': binary BYTES data is truncated") from None
 
 
-def decode_infer_request(body: bytes, header_len: str | None = None) -> InferRequest:
+def split_request(body: bytes, header_len: str | None = None) -> tuple[dict, memoryview]:
+    """A v2 inference body as (its JSON header, parsed; the binary tensor data after it). Raises InputError naming
+    what is wrong with the header length or the JSON."""
     if header_len is not None:
         try:
             hl = int(header_len)
@@ -95,6 +97,11 @@ def decode_infer_request(body: bytes, header_len: str | None = None) -> InferReq
         raise InputError(f"the request body is not valid JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise InputError('the request must be a JSON object with an "inputs" list (KServe v2 inference request)')
+    return req, rest
+
+
+def decode_infer_request(body: bytes, header_len: str | None = None) -> InferRequest:
+    req, rest = split_request(body, header_len)
     inputs, pos = {}, 0
     for inp in req["inputs"]:
         if not isinstance(inp, dict) or not isinstance(inp.get("name"), str):

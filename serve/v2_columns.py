@@ -18,16 +18,16 @@ refuses, exactly as before. Bodies under :data:`MIN_BYTES` stay on that path too
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
+
+from dpr.errors import InputError
 
 from .body_columns import MIN_BYTES
 from .bytes_wire import deserialize_bytes
 from .columns import Part, one_k_part
 from .render import tables
 from .tensors import DEFAULT_K, STACKABLE
-from .v2 import NUMPY, InferRequest, answer_form
+from .v2 import NUMPY, InferRequest, answer_form, split_request
 
 __all__ = ["MIN_BYTES", "read"]
 
@@ -38,18 +38,10 @@ def read(body: bytes, header_length: str | None, engine, cfg) -> tuple[Part, Inf
     if header_length is None or len(body) < MIN_BYTES:
         return None
     try:
-        hl = int(header_length)
-    except ValueError:
+        req, rest = split_request(body, header_length)
+    except InputError:
         return None
-    if not 0 < hl <= len(body):
-        return None
-    try:
-        req = json.loads(body[:hl])
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
-        return None
-    rest, pos, raw = memoryview(body)[hl:], 0, {}
+    pos, raw = 0, {}
     for inp in req["inputs"]:
         if not isinstance(inp, dict) or "data" in inp:
             return None
@@ -81,7 +73,7 @@ def read(body: bytes, header_length: str | None, engine, cfg) -> tuple[Part, Inf
         return None
     try:
         return part, answer_form(req, {})
-    except Exception:  # noqa: BLE001 - a malformed outputs list: the checked path words it
+    except InputError:              # a malformed outputs list: the checked path words it
         return None
 
 

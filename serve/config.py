@@ -34,6 +34,11 @@ class ServeConfig:
     # stub process per instance; portable to NVIDIA's container as written); "auto": native where it builds (g++ and
     # this Python's headers and libpython), else python, saying why.
     triton_backend: str = "auto"
+    # Triton: its HTTP front end's threads (tritonserver --http-thread-count; Triton's own default is 8). 0: one per
+    # two physical cores, at least 1 and at most 8. With one model instance the front's threads only parse and
+    # answer: on the 2-core VM, 64 single-request clients got 0.34-0.39 of the in-process engine with 1 thread
+    # against 0.32-0.35 with 8, 5 rounds of 5 alternated (README "Load test")
+    http_thread_count: int = 0
     max_queue: int = 4096                 # rows waiting beyond this: 503 + Retry-After (back-pressure)
     # limits on one HTTP call (each refusal names the limit)
     max_body_bytes: int = 8 << 20         # 413 beyond this
@@ -41,9 +46,9 @@ class ServeConfig:
     max_history: int = 4096               # item ids in one history (422)
     max_k: int = 1000                     # (422; k is also capped by the catalogue)
     max_prompt_bytes: int = 16384         # UTF-8 bytes of one prompt (422)
-    # the HTTP service's front for POST /recommend: "batched" answers plain valid calls a batch per event-loop turn
-    # ahead of ASGI (serve/http_front.py; 64 single-request clients: README "Load test"), "asgi" sends every call
-    # through the ASGI app (uvicorn's own protocol). Same answers, byte for byte.
+    # the HTTP service's front for POST /recommend and the v2 infer route: "batched" answers plain valid calls a batch
+    # per event-loop turn ahead of ASGI (serve/http_front.py; 64 single-request clients: README "Load test"), "asgi"
+    # sends every call through the ASGI app (uvicorn's own protocol). Same answers, byte for byte.
     http_front: str = "batched"
     # how a body of body_columns.MIN_BYTES or more is read: "native" (the history ids mapped to catalogue indices in
     # one C call without the GIL: a /recommend body by the batching front, serve/body_columns.py, and a v2 infer call
@@ -75,6 +80,9 @@ class ServeConfig:
                      "max_requests_per_call", "max_history", "max_k", "max_prompt_bytes", "instances"):
             if getattr(self, name) < 1:
                 raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.http_thread_count < 0:
+            raise InputError(f"http_thread_count must be >= 0 (0: one per two cores, at most 8), got "
+                             f"{self.http_thread_count}")
         if self.switch_interval_us < 0:
             raise InputError(f"switch_interval_us must be >= 0 (0: Python's default), got {self.switch_interval_us}")
         if self.max_queue_delay_us < 0:
@@ -86,3 +94,11 @@ class ServeConfig:
             raise InputError(f"preferred_batch_size ({self.preferred_batch_size}) exceeds max_batch_size "
                              f"({self.max_batch_size})")
         return self
+
+    def triton_http_threads(self) -> int:
+        """tritonserver's --http-thread-count: ``http_thread_count``, or for 0 one per two physical cores (1..8)."""
+        if self.http_thread_count:
+            return self.http_thread_count
+        from dpr.util import physical_cores
+
+        return max(1, min(8, physical_cores() // 2))

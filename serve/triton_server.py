@@ -58,6 +58,7 @@ def server_command(repo, backends: Path, cfg, model: str | None = None) -> list[
     binary, _, _ = _dist()
     return [str(binary), f"--model-repository={repo}", f"--backend-directory={backends}",
             f"--http-address={cfg.host}", f"--http-port={cfg.port}",
+            f"--http-thread-count={cfg.triton_http_threads()}",
             f"--grpc-address={cfg.host}", f"--grpc-port={cfg.grpc_port}",
             f"--metrics-address={cfg.host}", f"--metrics-port={cfg.metrics_port}",
             "--model-control-mode=explicit", f"--load-model={model or cfg.model_name}",

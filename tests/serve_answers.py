@@ -40,6 +40,24 @@ def tensor_request(hist_rows, prompts=None, negatives=None, k=None, excl=None, p
     return t
 
 
+def triton_inputs(mod, histories, prompts=None, k=None, pad=b""):
+    """tritonclient ``InferInput``s (``mod``: tritonclient.http or .grpc) of histories padded with ``pad``, optional
+    [B, 1] prompts and k."""
+    width = max(len(h) for h in histories)
+    h = np.array([[x.encode() for x in row] + [pad] * (width - len(row)) for row in histories], dtype=object)
+    out = [mod.InferInput("history", list(h.shape), "BYTES")]
+    out[0].set_data_from_numpy(h)
+    if prompts is not None:
+        p = np.array([[(x or "").encode()] for x in prompts], dtype=object)
+        out.append(mod.InferInput("prompt", list(p.shape), "BYTES"))
+        out[-1].set_data_from_numpy(p)
+    if k is not None:
+        kk = np.array([[x] for x in k], dtype=np.int32)
+        out.append(mod.InferInput("k", list(kk.shape), "INT32"))
+        out[-1].set_data_from_numpy(kk)
+    return out
+
+
 def assert_same(got: dict, want: dict) -> None:
     """The same items, ranks, titles, tags, count and reason; scores within float32 rounding (a request's scores
     may differ in their last bits with the rows it is batched with)."""

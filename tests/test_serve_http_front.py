@@ -1,5 +1,5 @@
-"""The batching HTTP front (``dpr.serve.http_front``) on a real uvicorn: plain valid ``POST /recommend`` calls are
-answered a batch per event-loop turn ahead of ASGI, everything else by the ASGI routes. Checked against a second
+"""The batching HTTP front (``dpr.serve.http_front``) on a real uvicorn: plain valid ``POST /recommend`` and v2 infer
+calls are answered a batch per event-loop turn ahead of ASGI, everything else by the ASGI routes. Checked against a second
 service with ``http_front="asgi"`` (every call through ASGI) on the same export, byte for byte, and against
 ``Engine.recommend``; plus what uvicorn's protocol guarantees and the front must keep: pipelined calls answered in
 order, HTTP/1.0 and ``Connection: close``, ``Expect: 100-continue``, chunked bodies, and one bad call among good
@@ -21,11 +21,16 @@ pytest.importorskip("httptools", reason="the batching front subclasses uvicorn's
 from dpr.serve.http_front import protocol_for  # noqa: E402
 
 from dpr_tests_serve_answers import REQUESTS as SHARED_REQUESTS  # noqa: E402 - tests/serve_answers.py
-from dpr_tests_serve_answers import assert_same, expected, live_service, metric  # noqa: E402
+from dpr_tests_serve_answers import assert_same, expected, live_service, metric, triton_inputs, v2_body  # noqa: E402
 
 WAIT = 60
 
 REQUESTS = SHARED_REQUESTS + [{"history": ["i3", "i1"], "prompt": "caf\u00e9 \u2603 \U0001f600", "k": 2}]
+
+
+class Fronts(tuple):
+    """(batched url, asgi url), and ``front``: the batching service's ``BatchFront``."""
+    front = None
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +38,9 @@ def fronts(export_dir):
     """(batched url, asgi url): the same export behind each front."""
     with live_service(export_dir) as (svc_b, url_b), live_service(export_dir, http_front="asgi") as (svc_a, url_a):
         assert svc_b.test_app.batch_front is not None and svc_a.test_app.batch_front is None
-        yield url_b, url_a
+        out = Fronts((url_b, url_a))
+        out.front = svc_b.test_app.batch_front
+        yield out
 
 
 def post_json(url: str, body):
@@ -344,3 +351,103 @@ def test_a_part_read_against_another_catalogue_is_mapped_again(engine):
     mine = Part(np.array([engine.item_ids.index(x) + 1 for x in flat], np.int64), [3, 1], ["something funny", None],
                 None, 4, form="indices", origin=engine)
     assert run_parts(engine, [mine])[0].indices.tolist() == want.indices.tolist()
+
+
+# ---- the v2 infer route ---------------------------------------------------------------------------------------
+def _v2_binary(rows: list, prompts=None, k=None, outputs=None) -> tuple[bytes, str]:
+    """The body tritonclient.http sends (binary tensors) and its Inference-Header-Content-Length."""
+    th = pytest.importorskip("tritonclient.http")
+    outs = [th.InferRequestedOutput(n, binary_data=b) for n, b in outputs] if outputs else None
+    body, json_size = th.InferenceServerClient.generate_request_body(triton_inputs(th, rows, prompts, k),
+                                                                     outputs=outs)
+    return bytes(body), str(json_size if json_size is not None else len(body))
+
+
+@pytest.fixture
+def fast_v2(fronts, monkeypatch):
+    """The v2 calls the batching front answers itself (its ``count`` callback, route and status), listed."""
+    front = fronts.front
+    seen = []
+    inner = front.count
+
+    def spy(metrics, route, code, t0):
+        seen.append((route, code))
+        inner(metrics, route, code, t0)
+    monkeypatch.setattr(front, "count", spy)
+    return seen
+
+
+def _v2_cases():
+    hist = [["i1", "i2", "i3"], ["i10"], ["i4", "i9", "i33", "i120", "i7"]]
+    many = [[f"i{1 + (7 * r + j) % 400}" for j in range(1 + r % 30)] for r in range(120)]
+    js = lambda b: (json.dumps(b).encode(), None)          # noqa: E731
+    return [  # (what, body, inference-header-content-length, answered by the front)
+        ("json, one row", *js(v2_body([["i1", "i2"]])), True),
+        ("json, rows with prompts, one k", *js(v2_body(hist, ["something funny", None, "caf\u00e9 \u2603"],
+                                                        k=[4, 4, 4])), True),
+        ("json, outputs asked for, one binary", *js(v2_body(hist, k=[3, 3, 3], outputs=[
+            {"name": "counts"}, {"name": "item_ids", "parameters": {"binary_data": True}}])), True),
+        ("json, binary_data_output", *js(v2_body(hist, parameters={"binary_data_output": True})), True),
+        ("binary, small", *_v2_binary(hist, ["more comedy", None, "no horror"], k=[5, 5, 5]), True),
+        ("binary, large (the native reader)", *_v2_binary(many, [None, "something funny"] * 60), True),
+        ("binary, json outputs", *_v2_binary(hist, outputs=[("item_ids", False), ("scores", False)]), True),
+        ("json, mixed k (the route splits it)", *js(v2_body(hist, k=[2, 3, 4])), False),
+        ("json, an unknown id", *js(v2_body([["i1", "no-such-item"]])), False),
+        ("json, k over max_k", *js(v2_body(hist, k=[5000] * 3)), False),
+        ("json, an unknown output", *js(v2_body(hist, outputs=[{"name": "nope"}])), False),
+        ("json, malformed", b'{"inputs": [', None, False),
+    ]
+
+
+def test_v2_calls_are_answered_by_the_front_as_by_the_asgi_route(fronts, engine, fast_v2):
+    """Each v2 call: the same status, headers and bytes from both fronts; the plain ones answered by the batching
+    front itself (a refusal, a call the tensors split, an unknown output: by the route, as before)."""
+    url_b, url_a = fronts
+    path = "/v2/models/dpr/infer"
+    statuses = []
+    for what, body, hl, fast in _v2_cases():
+        extra = f"inference-header-content-length: {hl}\r\n" if hl is not None else ""
+        ctype = "application/octet-stream" if hl is not None else "application/json"
+        before = len(fast_v2)
+        (b,), _ = exchange(url_b, post(path, body, ctype, extra), 1)
+        (a,), _ = exchange(url_a, post(path, body, ctype, extra), 1)
+        assert (b[0], b[2]) == (a[0], a[2]), what
+        for h in ("content-type", "inference-header-content-length", "content-length"):
+            assert b[1].get(h) == a[1].get(h), (what, h)
+        assert fast_v2[before:] == ([("/v2/models/{model}/infer", 200)] if fast else []), what
+        statuses.append(b[0])
+    assert statuses == [200] * 8 + [422] * 4, statuses
+    # the answers are the engine's: the JSON case with prompts
+    hist, prompts = [["i1", "i2", "i3"], ["i10"], ["i4", "i9", "i33", "i120", "i7"]], ["something funny", None,
+                                                                                     "caf\u00e9 \u2603"]
+    with httpx.Client(base_url=url_b, timeout=WAIT) as c:
+        out = {o["name"]: o for o in c.post(path, json=v2_body(hist, prompts, k=[4, 4, 4])).json()["outputs"]}
+    for i, (h, p) in enumerate(zip(hist, prompts)):
+        want = engine.recommend([h], prompts=[p], k=4)[0]
+        assert out["item_ids"]["data"][4 * i:4 * i + 4] == want.item_ids
+
+
+def test_concurrent_v2_and_recommend_calls_share_turns_and_get_their_own_rows(fronts, engine, fast_v2):
+    """v2 and /recommend calls arriving together (one turn may hold both: two Parts, two batches) each get their
+    own rows; an unknown id in one v2 call fails that call alone."""
+    url_b, _ = fronts
+    hist = [[f"i{1 + (5 * j + t) % 400}" for t in range(1 + j % 6)] for j in range(48)]
+
+    def call(j):
+        with httpx.Client(base_url=url_b, timeout=WAIT) as c:
+            if j % 3 == 0:
+                return c.post("/recommend", json={"history": hist[j], "k": 4})
+            h = hist[j] if j != 20 else ["i1", "missing-id"]
+            return c.post("/v2/models/dpr/infer", json=v2_body([h], k=[4]))
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(call, range(48)))
+    for j, r in enumerate(answers):
+        want = engine.recommend([hist[j]], k=4)[0].item_ids
+        if j == 20:
+            assert r.status_code == 422 and "missing-id" in r.json()["error"]
+        elif j % 3 == 0:
+            assert r.status_code == 200 and [i["id"] for i in r.json()["items"]] == want
+        else:
+            assert r.status_code == 200
+            assert {o["name"]: o for o in r.json()["outputs"]}["item_ids"]["data"] == want
+    assert sum(1 for route, code in fast_v2 if route == "/v2/models/{model}/infer" and code == 200) == 31

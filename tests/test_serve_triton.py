@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from dpr.serve.procs import Server, free_ports, port_open
+from dpr_tests_serve_answers import triton_inputs as inputs  # noqa: E402 - tests/serve_answers.py (conftest.py)
 
 REPO = Path(__file__).resolve().parents[1]
 TRITON_PY = Path(os.environ.get("DPR_TRITON_PYTHON", REPO / ".venv-triton" / "bin" / "python"))
@@ -45,22 +46,6 @@ def stop_clean(s: Server) -> None:
     for p in s.ports:
         assert not port_open(p), f"port {p} still open after tritonserver stopped"
     assert not s.leftover, "a backend stub outlived tritonserver"
-
-
-def inputs(mod, histories, prompts=None, k=None, pad=b""):
-    width = max(len(h) for h in histories)
-    h = np.array([[x.encode() for x in row] + [pad] * (width - len(row)) for row in histories], dtype=object)
-    out = [mod.InferInput("history", list(h.shape), "BYTES")]
-    out[0].set_data_from_numpy(h)
-    if prompts is not None:
-        p = np.array([[(x or "").encode()] for x in prompts], dtype=object)
-        out.append(mod.InferInput("prompt", list(p.shape), "BYTES"))
-        out[-1].set_data_from_numpy(p)
-    if k is not None:
-        kk = np.array([[x] for x in k], dtype=np.int32)
-        out.append(mod.InferInput("k", list(kk.shape), "INT32"))
-        out[-1].set_data_from_numpy(kk)
-    return out
 
 
 def check(result, engine, histories, prompts, k):

@@ -410,3 +410,18 @@ def test_the_embedded_python_never_has_the_repository_root_on_sys_path(export_di
     ours = os.path.join(root, "kernels") + os.sep                # not the venvs beside it under the root
     assert seen["kernels"] is None or not os.path.realpath(seen["kernels"]).startswith(ours), seen
     assert os.path.realpath(seen["cwd"]) != root, seen
+
+
+def test_tritonserver_http_threads_follow_the_cores(monkeypatch):
+    """``--http-thread-count``: the configured count, or for 0 one per two physical cores (at least 1, at most
+    Triton's own default 8); a negative count is refused by name."""
+    import dpr.util
+    from dpr.errors import InputError
+    from dpr.serve.config import ServeConfig
+
+    assert ServeConfig(http_thread_count=3).check().triton_http_threads() == 3
+    for cores, want in ((1, 1), (2, 1), (3, 1), (4, 2), (16, 8), (64, 8)):
+        monkeypatch.setattr(dpr.util, "physical_cores", lambda c=cores: c)
+        assert ServeConfig().check().triton_http_threads() == want, cores
+    with pytest.raises(InputError, match="http_thread_count"):
+        ServeConfig(http_thread_count=-1).check()

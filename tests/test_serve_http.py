@@ -273,6 +273,18 @@ def test_overload_answers_503_and_never_hangs(export_dir, tmp_path):
         busy = next(r for r in got if r.status_code == 503)
         assert busy.headers["retry-after"] == "1"
         assert "queue is full" in busy.json()["error"] and "--max-queue" in busy.json()["error"]
+
+        # the v2 route's plain calls (answered by the batching front) are refused the same way
+        with httpx.Client(base_url=s.url, timeout=60) as c, ThreadPoolExecutor(16) as pool:
+            got = list(pool.map(lambda j: c.post("/v2/models/dpr/infer", json=v2_body([["i1", f"i{j + 2}"]], k=[3])),
+                                range(16)))
+            text = c.get("/metrics").text
+        codes = [r.status_code for r in got]
+        assert set(codes) <= {200, 503} and codes.count(503) >= 1 and codes.count(200) >= 4, codes
+        busy = next(r for r in got if r.status_code == 503)
+        assert busy.headers["retry-after"] == "1" and "queue is full" in busy.json()["error"]
+        assert f'dpr_http_requests_total{{route="/v2/models/{{model}}/infer",status="503"}} {float(codes.count(503))}' \
+            in text
     finally:
         stop_clean(s)
 

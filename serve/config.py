@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from dpr import util
 from dpr.errors import InputError
 
 
@@ -99,6 +100,4 @@ class ServeConfig:
         """tritonserver's --http-thread-count: ``http_thread_count``, or for 0 one per two physical cores (1..8)."""
         if self.http_thread_count:
             return self.http_thread_count
-        from dpr.util import physical_cores
-
-        return max(1, min(8, physical_cores() // 2))
+        return max(1, min(8, util.physical_cores() // 2))

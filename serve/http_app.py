@@ -43,8 +43,7 @@ from .columns import LimitError, Part, check_limits, split_rows
 from .http_front import BatchFront
 from .render import recommend_body, recommend_json
 from .service import NotReady, Service
-from .tensors import INPUTS, OUTPUTS, parts_from_tensors, tensors_from_results
-from .v2 import decode_infer_request, encode_infer_response
+from .tensors import INPUTS, OUTPUTS
 
 # ---- the /recommend schema (OpenAPI documents it) ----------------------------------------------------
 # strict: every field type-checked, never coerced, as the engine checks its options (lax pydantic would take
@@ -329,14 +328,8 @@ def create_app(service: Service, load_in_background: bool = True) -> ServeApp:
         """The v2 infer route once its model name is checked (reached from the route, or from ``ServeApp``)."""
         if not svc.ready:
             return _not_ready(svc.load_error or "the engine is loading")
-        fast = v2_columns.read(body, header_length, svc.engine, svc.cfg) if native_bodies else None
         try:
-            if fast is not None:        # binary tensors read natively: one Part in catalogue indices
-                part, req = fast
-                parts = [(part, range(len(part)))]
-            else:
-                req = decode_infer_request(body, header_length)
-                parts = parts_from_tensors(req.inputs, svc.cfg, None)      # ids: the engine's check (run_parts)
+            parts, req = v2_columns.read_call(body, header_length, svc.engine, svc.cfg, native_bodies)
         except LimitError as exc:
             return _error(exc.status, str(exc))
         except InputError as exc:
@@ -345,12 +338,10 @@ def create_app(service: Service, load_in_background: bool = True) -> ServeApp:
         if err is not None:
             return err
         engine, results = results
-        out = tensors_from_results(engine, sum(len(rows) for _, rows in parts), parts, results, as_bytes=False)
         try:
-            content, headers = encode_infer_response(name, req, out)
+            return v2_columns.response(name, engine, req, parts, results)
         except InputError as exc:
             return _error(422, str(exc))
-        return Response(content, headers=headers, media_type=None if headers else "application/json")
 
     @app.post("/recommend", tags=["recommend"],
               responses={200: {"model": Union[RecommendResponse, list[RecommendResponse]]},

@@ -10,12 +10,11 @@ submission, one rendering with each call's rows cut out of it).
 What takes the fast path: ``POST /recommend`` with ``Content-Type: application/json``, a ``Content-Length`` within
 ``max_body_bytes``, no ``Expect: 100-continue`` and a body :func:`dpr.serve.lean.parse` vouches for; and ``POST
 /v2/models/<this model>/infer`` with a ``Content-Length`` within ``max_body_bytes`` whose tensors (JSON, or Triton's
-binary extension) the route's own readers turn into one Part (``v2_columns.read``, else ``decode_infer_request``
-and ``parts_from_tensors``), answered by the route's own encoder (``tensors_from_results``,
-``encode_infer_response``; 64 single-request v2 clients: 258 -> 213 us of server CPU per call, README "Load
-test"). Everything else (other routes, other bodies, any refusal: a limit, an unknown id, a list mixing k values) goes down the ASGI
-app exactly as before (``http_app.ServeApp``: the lean route, then FastAPI), so every status code and message stays
-the one the routes give; a batch refused for one call's input is answered call by call there, so only the culprit
+binary extension) the route's own reader turns into one Part (``v2_columns.read_call``), answered by the route's
+own encoder (``v2_columns.response``; 64 single-request v2 clients: 258 -> 213 us of server CPU per call, README
+"Load test"). Everything else (other routes, other bodies, any refusal: a limit, an unknown id, a list mixing k
+values) goes down the ASGI app exactly as before (``http_app.ServeApp``: the lean route, then FastAPI), so every
+status code and message stays the one the routes give; a batch refused for one call's input is answered call by call there, so only the culprit
 fails. Errors of the batch itself (overload, a closed or timed-out batcher, an engine fault) get the routes'
 answers (``error_response``). Keep-alive, pipelining (answers in order), ``Connection: close``, HTTP/1.0, drain on
 shutdown and the keep-alive timeout stay uvicorn's: a fast call is a cycle in uvicorn's own pipeline
@@ -34,15 +33,11 @@ import logging
 import time
 from itertools import chain
 
-from starlette.responses import Response
-
 from dpr.errors import InputError
 
 from . import body_columns, lean, v2_columns
 from .columns import join, slice_result
 from .render import recommend_rows
-from .tensors import parts_from_tensors, tensors_from_results
-from .v2 import decode_infer_request, encode_infer_response
 
 log = logging.getLogger("dpr.serve")
 
@@ -167,25 +162,17 @@ class BatchFront:
         self._pend(proto, cycle)
 
     def _read_v2(self, cycle: FastCycle, body: bytes) -> bool:
-        """A v2 infer call as one Part and its answer's form, read as the route reads it (natively when large,
-        else ``decode_infer_request`` and ``parts_from_tensors``); False for anything the route should answer
-        itself: a refusal (it words it), or requests the tensors split into several Parts (mixed k)."""
+        """A v2 infer call as one Part and its answer's form, read as the route reads it (``v2_columns.read_call``);
+        False for anything the route should answer itself: a refusal (it words it), or a call its tensors split
+        into several Parts (mixed k). One Part holds every row of the call, in order."""
         svc = self.svc
-        got = (v2_columns.read(body, cycle.header_length, svc.engine, svc.cfg) if self.native_bodies else None)
-        if got is not None:
-            cycle.part, cycle.form = got
-        else:
-            try:
-                req = decode_infer_request(body, cycle.header_length)
-                parts = parts_from_tensors(req.inputs, svc.cfg, None)      # ids: the engine's check (run_parts)
-            except InputError:
-                return False
-            if len(parts) != 1:
-                return False
-            part, rows = parts[0]
-            if list(rows) != list(range(len(part))):
-                return False
-            cycle.part, cycle.form = part, req
+        try:
+            parts, req = v2_columns.read_call(body, cycle.header_length, svc.engine, svc.cfg, self.native_bodies)
+        except InputError:
+            return False
+        if len(parts) != 1:
+            return False
+        cycle.part, cycle.form = parts[0][0], req
         cycle.n = len(cycle.part)
         return True
 
@@ -301,17 +288,15 @@ class BatchFront:
         start = 0
         for proto, cycle in calls:
             try:
-                part, n = cycle.part, cycle.n
-                out = tensors_from_results(engine, n, [(part, range(n))], [slice_result(res, start, start + n)],
-                                           as_bytes=False)
+                n = cycle.n
+                rows = slice_result(res, start, start + n)
                 start += n
                 try:
-                    content, headers = encode_infer_response(model, cycle.form, out)
+                    resp = v2_columns.response(model, engine, cycle.form, [(cycle.part, range(n))], [rows])
                 except InputError:                # an output it asks for that the model lacks: the route words it
                     proto.to_asgi(cycle)
                     continue
-                resp = Response(content, headers=headers, media_type=None if headers else "application/json")
-                proto.finish(cycle, dh + b"".join(b"%s: %s\r\n" % kv for kv in resp.raw_headers), content, 200)
+                proto.finish(cycle, dh + b"".join(b"%s: %s\r\n" % kv for kv in resp.raw_headers), resp.body, 200)
                 count(metrics, _V2_ROUTE, 200, cycle.t0)
             except Exception as exc:  # noqa: BLE001 - a call left unanswered would hang its client: a 500 names why
                 log.exception("dpr-serve: answering a v2 infer call failed")

@@ -14,6 +14,9 @@ each sent as binary, in the shapes and datatypes ``parts_from_tensors`` takes; e
 and no padding between two ids of a row; one ``k`` and ``exclude_history`` for all rows; every service limit kept
 (``columns.one_k_part``). Anything else returns None and the route takes the checked path, which answers, or
 refuses, exactly as before. Bodies under :data:`MIN_BYTES` stay on that path too (``body_columns`` measured why).
+
+:func:`read_call` and :func:`response` are the route's whole read and answer, shared by the route
+(``http_app``) and the batching front (``http_front``), so the two give the same Parts and the same bytes.
 """
 
 from __future__ import annotations
@@ -26,10 +29,32 @@ from .body_columns import MIN_BYTES
 from .bytes_wire import deserialize_bytes
 from .columns import Part, one_k_part
 from .render import tables
-from .tensors import DEFAULT_K, STACKABLE
-from .v2 import NUMPY, InferRequest, answer_form, split_request
+from .tensors import DEFAULT_K, STACKABLE, parts_from_tensors, tensors_from_results
+from .v2 import NUMPY, InferRequest, answer_form, decode_infer_request, encode_infer_response, split_request
 
-__all__ = ["MIN_BYTES", "read"]
+__all__ = ["MIN_BYTES", "read", "read_call", "response"]
+
+
+def read_call(body: bytes, header_length: str | None, engine, cfg, native: bool) -> tuple[list, InferRequest]:
+    """A v2 infer call as ``[(Part, rows)]`` and its answer's form: read by :func:`read` when ``native`` and it
+    takes the call, else by ``decode_infer_request`` and ``parts_from_tensors`` (ids left to the engine's check).
+    Raises InputError (LimitError for a crossed limit) naming the problem."""
+    fast = read(body, header_length, engine, cfg) if native else None
+    if fast is not None:
+        part, req = fast
+        return [(part, range(len(part)))], req
+    req = decode_infer_request(body, header_length)
+    return parts_from_tensors(req.inputs, cfg, None), req
+
+
+def response(model: str, engine, req: InferRequest, parts: list, results: list):
+    """The route's answer (a Starlette ``Response``) to a call read as ``parts`` with these ResultBatches; raises
+    InputError for an output the model does not return."""
+    from starlette.responses import Response
+
+    out = tensors_from_results(engine, sum(len(rows) for _, rows in parts), parts, results, as_bytes=False)
+    content, headers = encode_infer_response(model, req, out)
+    return Response(content, headers=headers, media_type=None if headers else "application/json")
 
 
 def read(body: bytes, header_length: str | None, engine, cfg) -> tuple[Part, InferRequest] | None:

@@ -1,9 +1,9 @@
-"""The batching HTTP front (``dpr.serve.http_front``) on a real uvicorn: plain valid ``POST /recommend`` and v2 infer
-calls are answered a batch per event-loop turn ahead of ASGI, everything else by the ASGI routes. Checked against a second
-service with ``http_front="asgi"`` (every call through ASGI) on the same export, byte for byte, and against
-``Engine.recommend``; plus what uvicorn's protocol guarantees and the front must keep: pipelined calls answered in
-order, HTTP/1.0 and ``Connection: close``, ``Expect: 100-continue``, chunked bodies, and one bad call among good
-ones failing alone."""
+"""The batching HTTP front (``dpr.serve.http_front``) on a real uvicorn: plain valid ``POST /recommend`` and v2
+infer calls are answered a batch per event-loop turn ahead of ASGI, everything else by the ASGI routes. Checked
+against a second service with ``http_front="asgi"`` (every call through ASGI) on the same export, byte for byte,
+and against ``Engine.recommend``; plus what uvicorn's protocol guarantees and the front must keep: pipelined calls
+answered in order, HTTP/1.0 and ``Connection: close``, ``Expect: 100-continue``, chunked bodies, and one bad call
+among good ones failing alone."""
 
 from __future__ import annotations
 

@@ -27,12 +27,33 @@ def _configure(lib: ctypes.CDLL) -> None:
     # it behind the engine's threads: under load with 64 single-request clients that wait made the call cost 170 us
     # for ~9 rows where it takes 25 us alone (README, "Load test")
     _render_keep_gil = ctypes.PyDLL(lib._name).dpr_render_recommend_rows
+    if hasattr(lib, "dpr_render_float_list"):
+        global _float_list_keep_gil
+        _float_list_keep_gil = ctypes.PyDLL(lib._name).dpr_render_float_list     # the event loop's too, as above
+        _float_list_keep_gil.restype = ctypes.c_int
+        _float_list_keep_gil.argtypes = [_P, _I64, ctypes.c_char_p, _I64, ctypes.POINTER(_I64)]
     _render_keep_gil.restype = ctypes.c_int
     _render_keep_gil.argtypes = [_P, _P, _I64, _I64, _P, _I64, ctypes.c_char_p, _P, _I64, _I64, ctypes.c_char_p,
                                  _P, _P, _I64, ctypes.POINTER(_I64), _P]
 
 
 _render_keep_gil = None      # set by _configure when the library is loaded
+_float_list_keep_gil = None
+
+
+def float_list_json(values: np.ndarray) -> bytes | None:
+    """``json.dumps(values.reshape(-1).tolist()).encode()`` of a float32 array, the same bytes (see
+    json_render_api.h), or None when the library is not built or predates it."""
+    if library() is None or _float_list_keep_gil is None:
+        return None
+    v = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    cap = 26 * len(v) + 2
+    out = ctypes.create_string_buffer(cap)
+    written = _I64(0)
+    status = _float_list_keep_gil(v.ctypes.data, len(v), out, cap, ctypes.byref(written))
+    if status != 0:
+        raise KernelError(f"cannot render these floats: {id_index.library().dpr_render_status_string(status).decode()}")
+    return ctypes.string_at(out, written.value)
 
 
 def library() -> ctypes.CDLL | None:

@@ -137,6 +137,30 @@ const char* dpr_render_status_string(int status) {
 
 int dpr_render_double_repr(double v, char* out) { return out == nullptr ? 0 : repr_double(v, out); }
 
+int dpr_render_float_list(const float* v, int64_t n, char* out, int64_t capacity, int64_t* written) {
+  if (written == nullptr || out == nullptr || (v == nullptr && n > 0)) return DPR_RENDER_NULL_POINTER;
+  *written = 0;
+  if (n < 0 || capacity < 0) return DPR_RENDER_BAD_ARGUMENT;
+  Writer w{out, out + capacity};
+  w.put("[", 1);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i) w.put(", ", 2);
+    const double x = static_cast<double>(v[i]);
+    if (std::isnan(x)) {
+      w.put("NaN", 3);                          // json.dumps' words for them (allow_nan), not repr's
+    } else if (std::isinf(x)) {
+      if (x < 0) w.put("-Infinity", 9);
+      else w.put("Infinity", 8);
+    } else {
+      w.real(x);
+    }
+  }
+  w.put("]", 1);
+  if (!w.ok) return DPR_RENDER_SHORT_BUFFER;
+  *written = w.o - out;
+  return DPR_RENDER_OK;
+}
+
 int dpr_render_recommend_rows(const int64_t* indices, const float* scores, int64_t rows, int64_t cols,
                               const int64_t* counts, int64_t k, const char* frags, const int64_t* frag_offsets,
                               int64_t n_frags, int64_t frags_len, const char* reasons,

@@ -168,12 +168,21 @@ def answer_form(req: dict, inputs: dict) -> InferRequest:
     return InferRequest(rid if isinstance(rid, str) else None, inputs, outputs, binary)
 
 
+# FP32 data lists at least this long are rendered natively: 512 x 10 scores took json.dumps 1.7 ms, the renderer a
+# tenth of that; below it the call costs more than it saves (10 scores: 13.5 against 10.5 us per answer, 2-core VM)
+NATIVE_FLOATS_MIN = 24
+
+
 def encode_infer_response(model: str, req: InferRequest, tensors: dict) -> tuple[bytes, dict | None]:
+    """The answer's body (JSON, then the binary outputs' bytes) and its headers (None: plain JSON). The JSON is
+    ``json.dumps`` of ``{"model_name", "model_version", "outputs": [{"name", "datatype", "shape", "data" |
+    "parameters"}, ...], "id"}``, byte for byte; a long FP32 ``data`` list is rendered natively where the library is
+    built (``json_render.float_list_json``) and spliced in."""
     names = req.outputs if req.outputs is not None else list(tensors)
     unknown = [n for n in names if n not in tensors]
     if unknown:
         raise InputError(f"unknown output(s) {unknown}; this model returns {', '.join(tensors)}")
-    outs, blobs = [], []
+    outs, blobs, spliced = [], [], {}
     for n in names:
         arr = tensors[n]
         dt = "BYTES" if arr.dtype == object else V2_TYPE[arr.dtype]
@@ -185,17 +194,35 @@ def encode_infer_response(model: str, req: InferRequest, tensors: dict) -> tuple
                 blob = np.ascontiguousarray(arr).tobytes()
             o["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
+        elif dt == "FP32" and arr.size >= NATIVE_FLOATS_MIN and (text := _float_data(arr)) is not None:
+            spliced[len(outs)] = text           # json.dumps' text of the list: "data" is written around it below
         else:
             flat = arr.reshape(-1).tolist()
-            if dt == "BYTES":
+            if dt == "BYTES" and bytes in set(map(type, flat)):
                 flat = [x.decode("utf-8") if isinstance(x, bytes) else x for x in flat]
             o["data"] = flat
         outs.append(o)
     resp = {"model_name": model, "model_version": "1", "outputs": outs}
     if req.id is not None:
         resp["id"] = req.id
-    head = json.dumps(resp).encode()
+    if not spliced:
+        head = json.dumps(resp).encode()
+    else:                                       # json.dumps(resp), each spliced output's "data" last, as it would be
+        texts = [json.dumps(o) if i not in spliced else json.dumps(o)[:-1] + ', "data": ' + spliced[i] + "}"
+                 for i, o in enumerate(outs)]
+        head = json.dumps({"model_name": model, "model_version": "1"})[:-1] + ', "outputs": [' + ", ".join(texts) + "]"
+        if req.id is not None:
+            head += ', "id": ' + json.dumps(req.id)
+        head = (head + "}").encode()
     if not blobs:
         return head, None
     return head + b"".join(blobs), {"Inference-Header-Content-Length": str(len(head)),
                                     "Content-Type": "application/octet-stream"}
+
+
+def _float_data(arr: np.ndarray) -> str | None:
+    """An FP32 tensor's ``data`` list as json.dumps writes it, rendered natively; None without the library."""
+    from dpr.kernels import json_render
+
+    text = json_render.float_list_json(arr)
+    return None if text is None else text.decode("ascii")

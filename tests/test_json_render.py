@@ -5,6 +5,7 @@ equal to Python's ``repr`` on float32 and float64 values, edge cases included.""
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 
@@ -123,3 +124,17 @@ def test_render_refuses_bad_input():
         json_render.render_rows(frags, idx, sc, np.array([2, 2]), 2, [b"null"])
     # a padded slot past the count is never read (index 0 there is fine)
     assert json_render.render_rows(frags, np.array([[3, 0]]), sc, np.array([1]), 2, [b"null"]).count(b'"rank"') == 1
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 5120])
+def test_float_list_is_json_dumps_of_the_float32_values(n):
+    """The v2 route's FP32 ``data`` text: json.dumps of the values as Python floats, NaN / Infinity included."""
+    rng = np.random.default_rng(n)
+    v = (rng.standard_normal(n) * np.exp(rng.uniform(-40, 40, n))).astype(np.float32)
+    if n >= 7:
+        v[:7] = [np.nan, np.inf, -np.inf, -0.0, np.finfo(np.float32).min, np.finfo(np.float32).tiny, 1.401298464324817e-45]
+    for arr in (v, v.reshape(-1, 1) if n else v):
+        assert json_render.float_list_json(arr) == json.dumps(v.tolist()).encode()
+    # bit patterns across the whole float32 range, signalling NaNs and subnormals among them
+    bits = rng.integers(0, 2 ** 32, 4096, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    assert json_render.float_list_json(bits) == json.dumps(bits.tolist()).encode()

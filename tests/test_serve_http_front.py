@@ -390,6 +390,7 @@ def _v2_cases():
         ("json, binary_data_output", *js(v2_body(hist, parameters={"binary_data_output": True})), True),
         ("binary, small", *_v2_binary(hist, ["more comedy", None, "no horror"], k=[5, 5, 5]), True),
         ("binary, large (the native reader)", *_v2_binary(many, [None, "something funny"] * 60), True),
+        ("json, large (the native reader)", *js(v2_body(many, [None, "something funny"] * 60, k=[6] * 120)), True),
         ("binary, json outputs", *_v2_binary(hist, outputs=[("item_ids", False), ("scores", False)]), True),
         ("json, mixed k (the route splits it)", *js(v2_body(hist, k=[2, 3, 4])), False),
         ("json, an unknown id", *js(v2_body([["i1", "no-such-item"]])), False),
@@ -399,12 +400,22 @@ def _v2_cases():
     ]
 
 
-def test_v2_calls_are_answered_by_the_front_as_by_the_asgi_route(fronts, engine, fast_v2):
+def test_v2_calls_are_answered_by_the_front_as_by_the_asgi_route(fronts, engine, fast_v2, monkeypatch):
     """Each v2 call: the same status, headers and bytes from both fronts; the plain ones answered by the batching
     front itself (a refusal, a call the tensors split, an unknown output: by the route, as before)."""
+    from dpr.serve import v2_columns
+
     url_b, url_a = fronts
     path = "/v2/models/dpr/infer"
     statuses = []
+    json_reads = []                                  # the native JSON reader's calls that it took
+    inner = v2_columns.read_json
+
+    def read_json(*args):
+        got = inner(*args)
+        json_reads.append(got is not None)
+        return got
+    monkeypatch.setattr(v2_columns, "read_json", read_json)
     for what, body, hl, fast in _v2_cases():
         extra = f"inference-header-content-length: {hl}\r\n" if hl is not None else ""
         ctype = "application/octet-stream" if hl is not None else "application/json"
@@ -416,7 +427,8 @@ def test_v2_calls_are_answered_by_the_front_as_by_the_asgi_route(fronts, engine,
             assert b[1].get(h) == a[1].get(h), (what, h)
         assert fast_v2[before:] == ([("/v2/models/{model}/infer", 200)] if fast else []), what
         statuses.append(b[0])
-    assert statuses == [200] * 8 + [422] * 4, statuses
+    assert statuses == [200] * 9 + [422] * 4, statuses
+    assert json_reads.count(True) == 2               # the large JSON call, through each front
     # the answers are the engine's: the JSON case with prompts
     hist, prompts = [["i1", "i2", "i3"], ["i10"], ["i4", "i9", "i33", "i120", "i7"]], ["something funny", None,
                                                                                      "caf\u00e9 \u2603"]

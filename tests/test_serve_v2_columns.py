@@ -193,6 +193,137 @@ def test_every_call_the_checked_path_would_word_is_declined(engine, ids):
         assert v2_columns.read(data, hl, engine, CFG) is None, what
 
 
+def json_body(t: dict, nested: bool = False, outputs=None) -> bytes:
+    """The same tensors in KServe v2 JSON (no binary part): BYTES as strings, ``data`` flat or one list per row."""
+    dts = {np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.int64): "INT64",
+           np.dtype(np.bool_): "BOOL", np.dtype(np.float32): "FP32"}
+    ins = []
+    for name, arr in t.items():
+        vals = [x.decode() if isinstance(x, bytes) else x for x in arr.reshape(-1).tolist()]
+        if nested:
+            grid = np.empty(arr.shape, dtype=object)
+            grid.reshape(-1)[:] = vals
+            vals = grid.tolist()
+        ins.append({"name": name, "datatype": dts[arr.dtype], "shape": list(arr.shape), "data": vals})
+    return json.dumps({"inputs": ins, **({"outputs": outputs} if outputs else {})}).encode()
+
+
+def test_a_plain_json_call_is_the_checked_paths_part_in_indices(engine, ids):
+    """JSON tensors, flat and nested ``data``: one Part in indices holding the checked path's rows, and the same
+    answer form (id, outputs, binary)."""
+    rng = np.random.default_rng(5)
+    index = {a: i + 1 for i, a in enumerate(ids)}
+    for case in range(12):
+        rows = int(rng.integers(40, 120))
+        t = tensors(rng, rows, ids, k=[int(rng.integers(1, 20))] * rows if case % 3 else None,
+                    pad_before=case % 2 == 1, prompts=case % 4 != 3, negatives=case % 5 == 0,
+                    excl=bool(case % 2) if case % 3 == 0 else None)
+        if case == 4:
+            t["k"] = t["k"].astype(np.int64)
+        outs = [{"name": "scores"}, {"name": "item_ids", "parameters": {"binary_data": True}}] if case % 4 == 1 else None
+        data = json_body(t, nested=case % 2 == 0, outputs=outs)
+        assert len(data) >= v2_columns.MIN_BYTES
+        got = v2_columns.read(data, None, engine, CFG)
+        assert got is not None, case
+        part, form = got
+        (want, rows_of), = checked(data, None)
+        assert list(rows_of) == list(range(rows))
+        assert part.form == "indices" and part.origin is engine
+        np.testing.assert_array_equal(part.flat, [index[x] for x in want.flat])
+        assert list(part.lens) == list(want.lens)
+        assert (part.prompts, part.negatives, part.k, part.exclude_history) == \
+               (want.prompts, want.negatives, want.k, want.exclude_history)
+        w = decode_infer_request(data, None)
+        assert (form.id, form.outputs, form.binary) == (w.id, w.outputs, w.binary)
+        a, b = engine.recommend_batch(merge([part])), engine.recommend_batch(merge([want]))
+        np.testing.assert_array_equal(a.indices, b.indices)
+        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6, atol=1e-6)
+
+
+def _edit_json(data: bytes, fn) -> bytes:
+    req = json.loads(data)
+    fn(req)
+    return json.dumps(req).encode()
+
+
+def json_declines(engine, ids):
+    """(what, body): JSON calls the reader must leave to the checked path (which refuses, or reads them otherwise)."""
+    rng = np.random.default_rng(6)
+
+    def plain(**kw):
+        return tensors(np.random.default_rng(int(rng.integers(1 << 30))), 80, ids, **{"k": [7] * 80, **kw})
+
+    def inp(req, name):
+        return next(i for i in req["inputs"] if i["name"] == name)
+
+    def hist_at(req, r, c, v):
+        h = inp(req, "history")
+        h["data"][r * h["shape"][1] + c] = v
+
+    out = [("small body", json_body(tensors(rng, 2, ids, k=[7, 7])))]
+    data = json_body(plain())
+    out.append(("not JSON", data[:-1]))
+    out.append(("unknown id", _edit_json(data, lambda q: hist_at(q, 5, 0, "no-such-id"))))
+    out.append(("an id that is not a string", _edit_json(data, lambda q: hist_at(q, 5, 0, 17))))
+    out.append(("a NUL inside an id", _edit_json(data, lambda q: hist_at(q, 5, 0, ids[0] + "\0x"))))
+    t3 = plain()
+    row = [x for x in t3["history"][6] if x]
+    t3["history"][6, :] = b""
+    t3["history"][6, 0], t3["history"][6, 2] = row[0], (row + row)[1]
+    out.append(("hole", json_body(t3)))
+    out.append(("empty history", _edit_json(data, lambda q: [hist_at(q, 9, c, "") for c in
+                                                              range(inp(q, "history")["shape"][1])])))
+    out.append(("history over the limit", json_body(plain(k=[7] * 80) | {"history": np.concatenate(
+        [plain()["history"], np.full((80, CFG.max_history), ids[0].encode(), object)], axis=1)})))
+    out.append(("history not BYTES", _edit_json(data, lambda q: inp(q, "history").update(datatype="FP32"))))
+    out.append(("fewer elements than the shape", _edit_json(data, lambda q: inp(q, "history")["data"].pop())))
+    out.append(("mixed k", _edit_json(data, lambda q: inp(q, "k")["data"].__setitem__(3, 8))))
+    out.append(("k = 0", json_body(plain(k=[0] * 80))))
+    out.append(("k over max_k", json_body(plain(k=[CFG.max_k + 1] * 80))))
+    out.append(("k as floats", _edit_json(data, lambda q: inp(q, "k").update(data=[7.0] * 80))))
+    out.append(("k as booleans", _edit_json(data, lambda q: inp(q, "k").update(data=[True] * 80))))
+    out.append(("k of 7 and 7.0", _edit_json(data, lambda q: inp(q, "k")["data"].__setitem__(9, 7.0))))
+    out.append(("k as strings", _edit_json(data, lambda q: inp(q, "k").update(data=["7"] * 80))))
+    out.append(("k past INT32", _edit_json(data, lambda q: inp(q, "k").update(data=[2 ** 32 + 7] * 80))))
+    out.append(("k of a float datatype", _edit_json(data, lambda q: inp(q, "k").update(datatype="FP32"))))
+    out.append(("mixed exclude_history", json_body(plain() | {"exclude_history": np.array([[r % 2 == 0] for r in
+                                                                                           range(80)], np.bool_)})))
+    out.append(("exclude_history as numbers", _edit_json(json_body(plain(excl=True)), lambda q: inp(
+        q, "exclude_history").update(data=[1] * 80))))
+    out.append(("blank prompt", _edit_json(data, lambda q: inp(q, "prompt")["data"].__setitem__(4, "   "))))
+    out.append(("a lone surrogate in a prompt", _edit_json(data, lambda q: inp(q, "prompt")["data"].__setitem__(
+        4, "\ud800"))))
+    out.append(("prompt over the limit", _edit_json(data, lambda q: inp(q, "prompt")["data"].__setitem__(
+        4, "x" * (CFG.max_prompt_bytes + 1)))))
+    out.append(("a prompt that is not a string", _edit_json(data, lambda q: inp(q, "prompt")["data"].__setitem__(
+        4, 3))))
+    out.append(("a filter input", json_body(plain() | {"include_tags": np.full((80, 1), b"comedy", object)})))
+    t13 = plain()
+    t13["prompt"] = np.concatenate([t13["prompt"], t13["prompt"]], axis=1)
+    out.append(("prompt of shape [b, 2]", json_body(t13)))
+    big = tensors(np.random.default_rng(7), CFG.max_requests_per_call + 1, ids, k=[7] * (CFG.max_requests_per_call + 1))
+    out.append(("more rows than one call may hold", json_body(big)))
+    out.append(("an input given twice", _edit_json(data, lambda q: q["inputs"].append(q["inputs"][-1]))))
+    out.append(("an input with parameters", _edit_json(data, lambda q: inp(q, "k").update(parameters={"x": 1}))))
+    out.append(("outputs not objects", _edit_json(data, lambda q: q.update(outputs=["item_ids"]))))
+    return out
+
+
+def test_every_json_call_the_checked_path_would_word_is_declined(engine, ids):
+    cases = json_declines(engine, ids)
+    assert len(cases) == 31
+    for what, data in cases:
+        assert v2_columns.read(data, None, engine, CFG) is None, what
+    plain = json_body(tensors(np.random.default_rng(8), 80, ids, k=[7] * 80))
+    assert v2_columns.read(plain, None, engine, CFG) is not None     # the cases' base is taken
+    # a k within max_k but outside its datatype: the checked path refuses it ("does not fit INT8")
+    wide = ServeConfig(max_k=300, max_history=60, max_prompt_bytes=200, max_requests_per_call=300)
+    for k, taken in ((100, True), (200, False)):
+        data = _edit_json(plain, lambda q: next(i for i in q["inputs"] if i["name"] == "k").update(
+            datatype="INT8", data=[k] * 80))
+        assert (v2_columns.read(data, None, engine, wide) is not None) is taken, k
+
+
 def test_the_route_answers_binary_calls_as_the_engine_does(export_dir, engine, ids, tmp_path):
     """Through the service: a large plain binary call (the native reader) and one it declines (mixed k) both
     answer as ``Engine.recommend``; ``--http-body-parser python`` answers the first with the same bytes."""

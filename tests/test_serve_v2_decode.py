@@ -81,3 +81,57 @@ def test_truncated_binary_bytes_are_refused_naming_the_input(cut):
     new_head = json.dumps(head).encode()
     with pytest.raises(InputError, match="input 'history': binary BYTES data is truncated"):
         decode_infer_request(new_head + data[int(hl):], str(len(new_head)))
+
+
+def _dumped(model, req, tensors):
+    """The specification of the answer's JSON: json.dumps of the whole answer as one dict (the binary outputs'
+    bytes after it)."""
+    from dpr.serve.bytes_wire import serialize_bytes
+    from dpr.serve.v2 import V2_TYPE
+
+    outs, blobs = [], []
+    for n in (req.outputs if req.outputs is not None else list(tensors)):
+        arr = tensors[n]
+        dt = "BYTES" if arr.dtype == object else V2_TYPE[arr.dtype]
+        o = {"name": n, "datatype": dt, "shape": list(arr.shape)}
+        if "*" in req.binary or n in req.binary:
+            blob = serialize_bytes(arr.reshape(-1).tolist()) if dt == "BYTES" else arr.tobytes()
+            o["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            o["data"] = [x.decode() if isinstance(x, bytes) else x for x in arr.reshape(-1).tolist()]
+        outs.append(o)
+    resp = {"model_name": model, "model_version": "1", "outputs": outs}
+    if req.id is not None:
+        resp["id"] = req.id
+    return json.dumps(resp).encode() + b"".join(blobs)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("rows,k", [(1, 1), (3, 7), (4, 6), (512, 10)])     # 24 scores: the native renderer's least
+def test_the_answer_is_json_dumps_of_the_answer_byte_for_byte(rows, k, native, monkeypatch):
+    """``encode_infer_response`` (FP32 data rendered natively where built, else by json.dumps; the rest spliced
+    around it) writes exactly what json.dumps of the whole answer writes: ids with quotes, escapes and non-ASCII,
+    NaN and infinities, an id, a subset of outputs, binary outputs beside JSON ones."""
+    from dpr.kernels import json_render
+    from dpr.serve.v2 import InferRequest, encode_infer_response
+
+    if native and json_render.library() is None:
+        pytest.skip("libdpr_id_index.so is not built (python -m dpr.kernels.build)")
+    if not native:
+        monkeypatch.setattr(json_render, "float_list_json", lambda arr: None)
+
+    rng = np.random.default_rng(rows)
+    pool = ["i1", 'q"uote', "back\\slash", "é漢🙂", "tab\there", "", "x" * 40]
+    ids = np.empty((rows, k), dtype=object)
+    ids.reshape(-1)[:] = [pool[i] for i in rng.integers(0, len(pool), rows * k)]
+    scores = (rng.standard_normal((rows, k)) * 10).astype(np.float32)
+    scores.reshape(-1)[:3] = [np.nan, np.inf, -np.inf][:rows * k]
+    tensors = {"item_ids": ids, "scores": scores, "counts": rng.integers(0, k + 1, (rows, 1)).astype(np.int32)}
+    forms = [InferRequest(None, {}), InferRequest("call-7 \"é\"", {}), InferRequest(None, {}, ["scores", "counts"]),
+             InferRequest("x", {}, None, {"item_ids"}), InferRequest(None, {}, ["counts", "scores"], {"*"}),
+             InferRequest(None, {}, [])]
+    for form in forms:
+        body, headers = encode_infer_response("dpr", form, tensors)
+        assert body == _dumped("dpr", form, tensors), form
+        assert (headers is None) == (not form.binary or form.outputs == [])

@@ -7,7 +7,7 @@ name               file                        needs
 =================  ==========================  =====================================================
 ``cpu_lib``        ``libdpr_kernels.so``       g++ (always): the CPU twin's C ABI, loaded by ctypes
 ``topk_lib``       ``libdpr_score_topk.so``    g++ (always): fused score + top-k retrieval (CPU), ctypes
-``ids_lib``        ``libdpr_id_index.so``      g++ (always): item-id index, /recommend body parser, history padding, HTTP answer renderer, Triton BYTES splitter and gather (CPU)
+``ids_lib``        ``libdpr_id_index.so``      g++ (always): item-id index, /recommend body parser, v2 JSON reader, history padding, HTTP answer renderer, Triton BYTES splitter and gather (CPU)
 ``ort_lib``        ``libdpr_ort_ops.so``       g++ + ONNX Runtime headers: custom op, CPU EP
 ``cuda_lib``       ``libdpr_kernels_cuda.so``  nvcc: the CUDA launchers (sm_80, sm_90 SASS + PTX)
 ``ort_cuda_lib``   ``libdpr_ort_ops_cuda.so``  nvcc + ORT headers: custom op, CPU and CUDA EPs
@@ -252,11 +252,12 @@ def _targets(cxx: str | None, nvcc: str | None, ort_inc: Path | None) -> dict[st
         t["ids_lib"] = _Target("ids_lib", ["id_index_cpu.cc", "id_index_api.h", "id_index_impl.h",
                                            "recommend_parse_cpu.cc", "recommend_parse_api.h", "history_pad_cpu.cc",
                                            "history_pad_api.h", "json_render_cpu.cc", "json_render_api.h",
-                                           "bytes_tensor_cpu.cc", "bytes_tensor_api.h"], [cxx],
+                                           "bytes_tensor_cpu.cc", "bytes_tensor_api.h", "json_lex.h",
+                                           "v2_json_parse_cpu.cc", "v2_json_parse_api.h"], [cxx],
                                lambda tmp, out: [[cxx, *CXXFLAGS, "-shared", f"-I{k}", f"{k}/id_index_cpu.cc",
                                                   f"{k}/recommend_parse_cpu.cc", f"{k}/history_pad_cpu.cc",
-                                                  f"{k}/json_render_cpu.cc", f"{k}/bytes_tensor_cpu.cc", "-o",
-                                                  str(out)]])
+                                                  f"{k}/json_render_cpu.cc", f"{k}/bytes_tensor_cpu.cc",
+                                                  f"{k}/v2_json_parse_cpu.cc", "-o", str(out)]])
         if ort_inc:
             t["ort_lib"] = _Target("ort_lib", ["ort_custom_op.cc", "fused_moe_gate_cpu.cc"], [cxx], lambda tmp, out: [
                 [cxx, *CXXFLAGS, "-shared", "-fvisibility=hidden", f"-I{k}", f"-I{ort_inc}",

@@ -55,6 +55,9 @@ def _configure(lib: ctypes.CDLL) -> None:
     if hasattr(lib, "dpr_recommend_parse"):              # and the /recommend body parser
         from dpr.kernels import recommend_parse
         recommend_parse._configure(lib)
+    if hasattr(lib, "dpr_v2_json_parse"):                # and the v2 route's JSON reader
+        from dpr.kernels import v2_json_parse
+        v2_json_parse._configure(lib)
     if hasattr(lib, "dpr_bytes_tensor_split"):           # and the Triton BYTES tensor splitter
         from dpr.kernels import bytes_tensor
         bytes_tensor._configure(lib)

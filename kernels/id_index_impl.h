@@ -1,5 +1,5 @@
 // The item-id index's layout and probe (internal to the ids_lib library): shared by the index's own C ABI
-// (id_index_cpu.cc) and the /recommend body parser (recommend_parse_cpu.cc), which maps ids as it reads them.
+// (id_index_cpu.cc) and the body parsers (recommend_parse_cpu.cc, v2_json_parse_cpu.cc), which map the ids they read.
 // Open addressing, linear probing, 16-byte slots: a slot holds the value, the key's length, 16 bits of its hash
 // and its first 8 bytes, so a probe of a key of at most 8 bytes is decided inside the slot (one cache line) and a
 // longer key reads the copied key bytes only when length, hash bits and head all agree.
@@ -67,4 +67,36 @@ struct dpr_id_index {
   }
 
   void prefetch(uint64_t h) const { __builtin_prefetch(&slots[h & mask]); }
+
+  // out[i] = the value of span i (span(i) -> {bytes, length}) for i in [0, n), a group at a time: hash and prefetch
+  // the group's home slots, then probe, so the group's cache misses are in flight together. An empty span is 0
+  // without a probe when `empty_is_padding`. Returns the ordinal of the first span that is not a key (out[i] is
+  // then unset from there on), or -1 when every one is.
+  template <class SpanAt>
+  int64_t map_spans(int64_t n, SpanAt span, int64_t* out, bool empty_is_padding) const {
+    uint64_t hashes[dpr_ids::kGroup];
+    const char* starts[dpr_ids::kGroup];
+    int64_t lens[dpr_ids::kGroup];
+    for (int64_t g0 = 0; g0 < n; g0 += dpr_ids::kGroup) {
+      const int64_t g1 = g0 + dpr_ids::kGroup < n ? g0 + dpr_ids::kGroup : n;
+      for (int64_t i = g0; i < g1; ++i) {
+        const auto sp = span(i);
+        starts[i - g0] = sp.first;
+        lens[i - g0] = sp.second;
+        if (empty_is_padding && sp.second == 0) continue;
+        hashes[i - g0] = dpr_ids::hash_bytes(sp.first, sp.second);
+        prefetch(hashes[i - g0]);
+      }
+      for (int64_t i = g0; i < g1; ++i) {
+        if (empty_is_padding && lens[i - g0] == 0) {
+          out[i] = 0;
+          continue;
+        }
+        const uint32_t v = find(starts[i - g0], lens[i - g0], hashes[i - g0]);
+        if (v == 0) return i;
+        out[i] = v;
+      }
+    }
+    return -1;
+  }
 };

@@ -1,16 +1,17 @@
-"""A large KServe v2 infer call in Triton's binary tensor extension (the body ``tritonclient.http`` sends by
-default) read straight into one Part in catalogue indices, for the HTTP service's v2 route.
+"""A large KServe v2 infer call, in Triton's binary tensor extension (the body ``tritonclient.http`` sends by
+default) or in JSON tensors, read straight into one Part in catalogue indices, for the HTTP service's v2 route.
 
 Why: the checked path (``v2.decode_infer_request``, then ``tensors.parts_from_tensors``) turns a 512-row call's
 history (102,400 elements, 21,000 of them ids) into bytes objects, an object array, strings and a Part of id strings
 that the engine maps again: about 7 ms per call on the event loop, holding the GIL, beside an 18 ms engine call
 (2-core VM). Here the history goes from its wire bytes to catalogue indices and row counts in one native call
 without the GIL (``IdIndex.lookup_wire_rows``, as in the native Triton backend), and only the small inputs become
-Python objects.
+Python objects. A JSON call is read in one native pass (:func:`read_json`: ``dpr.kernels.v2_json_parse``, no
+json.loads), or in Python by :func:`read_json_python`, its specification, where the library is not built.
 
 Semantics stay the checked path's: :func:`read` returns a Part only for a call that path would answer with the same
 values: only the model's plain inputs (``history``, ``prompt``, ``negative_prompt``, ``k``, ``exclude_history``),
-each sent as binary, in the shapes and datatypes ``parts_from_tensors`` takes; every history id in the catalogue
+each sent as binary (or each as a JSON ``data`` list), in the shapes and datatypes ``parts_from_tensors`` takes; every history id in the catalogue
 and no padding between two ids of a row; one ``k`` and ``exclude_history`` for all rows; every service limit kept
 (``columns.one_k_part``). Anything else returns None and the route takes the checked path, which answers, or
 refuses, exactly as before. Bodies under :data:`MIN_BYTES` stay on that path too (``body_columns`` measured why).
@@ -20,6 +21,8 @@ refuses, exactly as before. Bodies under :data:`MIN_BYTES` stay on that path too
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 
@@ -32,7 +35,7 @@ from .render import tables
 from .tensors import DEFAULT_K, STACKABLE, padding_hole, parts_from_tensors, tensors_from_results
 from .v2 import NUMPY, InferRequest, _flatten, answer_form, decode_infer_request, encode_infer_response, split_request
 
-__all__ = ["MIN_BYTES", "read", "read_call", "read_json", "response"]
+__all__ = ["MIN_BYTES", "read", "read_call", "read_json", "read_json_python", "response"]
 
 
 def read_call(body: bytes, header_length: str | None, engine, cfg, native: bool) -> tuple[list, InferRequest]:
@@ -106,13 +109,47 @@ def read(body: bytes, header_length: str | None, engine, cfg) -> tuple[Part, Inf
 
 
 def read_json(body: bytes, engine, cfg) -> tuple[Part, InferRequest] | None:
-    """A call in JSON tensors (no binary part) as :func:`read` gives it, or None. The JSON is parsed as the checked
-    path parses it (``split_request``); what that path then does in Python per element (an object array of the
-    history's strings, the padding mask, a Part of id strings the engine maps again: 4.4 ms of decoding and 2.5 ms
-    of ``parts_from_tensors`` for a 512-row call, beside 2.0 ms of ``json.loads``, 2-core VM) is one join and one
-    native lookup of the whole history (``IdIndex.lookup``). Only plain calls: the model's stackable inputs, each
-    once, as ``data`` lists (flat or one list per row) in the shapes the binary reader takes; anything else, or any
-    value the checked path would refuse or read otherwise, returns None."""
+    """A call in JSON tensors (no binary part) as :func:`read` gives it, or None: read natively in one pass where the
+    library is built (``dpr.kernels.v2_json_parse``: no json.loads, no Python object per element), else by
+    :func:`read_json_python`, its specification. The two take the same calls (the native reader declines some more:
+    unusual layouts, which the checked path then reads) and give the same Part."""
+    ix = tables(engine).id_index()          # the front's own (a reload may close the engine's under this call)
+    if ix is None:
+        return None
+    from dpr.kernels import v2_json_parse
+
+    if v2_json_parse.library() is None:
+        return read_json_python(body, engine, cfg)
+    got = v2_json_parse.parse(ix, body)     # None: declined, or an unknown id (the checked path names it)
+    if got is None or "history" not in got.inputs:
+        return None
+    h = got.inputs["history"]
+    if h.datatype != "BYTES" or len(h.shape) != 2 or len(h.values) != h.shape[0] * h.shape[1] or h.shape[0] < 1:
+        return None
+    b, width = h.shape
+    if any(i.shape != [b, 1] or len(i.values) != b for n, i in got.inputs.items() if n != "history"):
+        return None
+    # k and exclude_history as the Python reader holds them ((datatype, shape, list of ints / bools)), so the same
+    # checks decide; the prompts are UTF-8 bytes already (strictly valid: the reader declines a lone surrogate)
+    cols = {n: (i.datatype, i.shape, i.values.tolist() if n in ("k", "exclude_history") else i.values)
+            for n, i in got.inputs.items()}
+    k, ex = _json_k(cols.get("k"), b), _json_exclude(cols.get("exclude_history"))
+    prompts, negatives = _native_prompts(cols.get("prompt")), _native_prompts(cols.get("negative_prompt"))
+    try:
+        req = {key: json.loads(text) for key, text in got.spans.items()}
+    except (ValueError, RecursionError):    # checked natively: json.loads reads it; kept as a guard
+        return None
+    return _plain_part(h.values, b, width, k, ex, prompts, negatives, req, engine, cfg)
+
+
+def read_json_python(body: bytes, engine, cfg) -> tuple[Part, InferRequest] | None:
+    """:func:`read_json` in Python, its specification and the fallback without the library. The JSON is parsed as
+    the checked path parses it (``split_request``); what that path then does in Python per element (an object array
+    of the history's strings, the padding mask, a Part of id strings the engine maps again: 4.4 ms of decoding and
+    2.5 ms of ``parts_from_tensors`` for a 512-row call, beside 2.0 ms of ``json.loads``, 2-core VM) is one join and
+    one native lookup of the whole history (``IdIndex.lookup``). Only plain calls: the model's stackable inputs,
+    each once, as ``data`` lists (flat or one list per row) in the shapes the binary reader takes; anything else,
+    or any value the checked path would refuse or read otherwise, returns None."""
     try:
         req, _ = split_request(body, None)
     except InputError:
@@ -134,7 +171,7 @@ def read_json(body: bytes, engine, cfg) -> tuple[Part, InferRequest] | None:
     dt, (b, width), data = got["history"]
     if dt != "BYTES" or b < 1 or any(shape != [b, 1] for n, (_, shape, _) in got.items() if n != "history"):
         return None
-    ix = tables(engine).id_index()          # the front's own (a reload may close the engine's under this call)
+    ix = tables(engine).id_index()
     if ix is None:
         return None
     vals = ix.lookup(data, len(data))       # None: an element that is not a str, or holds a NUL
@@ -142,11 +179,17 @@ def read_json(body: bytes, engine, cfg) -> tuple[Part, InferRequest] | None:
         return None                                      # two of them: one alone joins to no token at all)
     if int(np.count_nonzero(vals == 0)) != data.count(""):
         return None                         # an unknown id: the checked path names it
+    k, ex = _json_k(got.get("k"), b), _json_exclude(got.get("exclude_history"))
+    prompts, negatives = _json_prompts(got.get("prompt")), _json_prompts(got.get("negative_prompt"))
+    return _plain_part(vals, b, width, k, ex, prompts, negatives, req, engine, cfg)
+
+
+def _plain_part(vals: np.ndarray, b: int, width: int, k, ex, prompts, negatives, req: dict, engine, cfg):
+    """The Part of a plain call read in JSON tensors (history ``vals``: catalogue indices, 0 = padding, b x width)
+    and its answer form, or None: a hole, a value the checked path refuses, a crossed limit, a malformed form."""
     keep = vals.reshape(b, width) > 0
     if padding_hole(keep) is not None:
         return None
-    k, ex = _json_k(got.get("k"), b), _json_exclude(got.get("exclude_history"))
-    prompts, negatives = _json_prompts(got.get("prompt")), _json_prompts(got.get("negative_prompt"))
     if k is None or ex is None or prompts is False or negatives is False:
         return None
     part = one_k_part(vals[vals > 0], keep.sum(axis=1), k, ex, prompts, negatives, cfg, origin=engine)
@@ -156,6 +199,14 @@ def read_json(body: bytes, engine, cfg) -> tuple[Part, InferRequest] | None:
         return part, answer_form(req, {})
     except InputError:              # a malformed outputs list: the checked path words it
         return None
+
+
+def _native_prompts(got) -> list | bool | None:
+    """A prompt input the native reader read (its elements' UTF-8 bytes): the bytes, None when absent, False when
+    not BYTES."""
+    if got is None:
+        return None
+    return got[2] if got[0] == "BYTES" else False
 
 
 def _json_k(got, b: int) -> int | None:

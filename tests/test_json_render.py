@@ -132,7 +132,8 @@ def test_float_list_is_json_dumps_of_the_float32_values(n):
     rng = np.random.default_rng(n)
     v = (rng.standard_normal(n) * np.exp(rng.uniform(-40, 40, n))).astype(np.float32)
     if n >= 7:
-        v[:7] = [np.nan, np.inf, -np.inf, -0.0, np.finfo(np.float32).min, np.finfo(np.float32).tiny, 1.401298464324817e-45]
+        v[:7] = [np.nan, np.inf, -np.inf, -0.0, np.finfo(np.float32).min, np.finfo(np.float32).tiny,
+                 1.401298464324817e-45]
     for arr in (v, v.reshape(-1, 1) if n else v):
         assert json_render.float_list_json(arr) == json.dumps(v.tolist()).encode()
     # bit patterns across the whole float32 range, signalling NaNs and subnormals among them

@@ -208,7 +208,20 @@ def json_body(t: dict, nested: bool = False, outputs=None) -> bytes:
     return json.dumps({"inputs": ins, **({"outputs": outputs} if outputs else {})}).encode()
 
 
-def test_a_plain_json_call_is_the_checked_paths_part_in_indices(engine, ids):
+@pytest.fixture(params=["native", "python"])
+def json_reader(request, monkeypatch):
+    """Each JSON test twice: through the native reader, and through its Python specification (the library's
+    absence)."""
+    from dpr.kernels import v2_json_parse
+
+    if request.param == "native" and v2_json_parse.library() is None:
+        pytest.skip("libdpr_id_index.so is not built (python -m dpr.kernels.build)")
+    if request.param == "python":
+        monkeypatch.setattr(v2_json_parse, "library", lambda: None)
+    return request.param
+
+
+def test_a_plain_json_call_is_the_checked_paths_part_in_indices(engine, ids, json_reader):
     """JSON tensors, flat and nested ``data``: one Part in indices holding the checked path's rows, and the same
     answer form (id, outputs, binary)."""
     rng = np.random.default_rng(5)
@@ -220,7 +233,8 @@ def test_a_plain_json_call_is_the_checked_paths_part_in_indices(engine, ids):
                     excl=bool(case % 2) if case % 3 == 0 else None)
         if case == 4:
             t["k"] = t["k"].astype(np.int64)
-        outs = [{"name": "scores"}, {"name": "item_ids", "parameters": {"binary_data": True}}] if case % 4 == 1 else None
+        outs = ([{"name": "scores"}, {"name": "item_ids", "parameters": {"binary_data": True}}] if case % 4 == 1
+                else None)
         data = json_body(t, nested=case % 2 == 0, outputs=outs)
         assert len(data) >= v2_columns.MIN_BYTES
         got = v2_columns.read(data, None, engine, CFG)
@@ -309,7 +323,7 @@ def json_declines(engine, ids):
     return out
 
 
-def test_every_json_call_the_checked_path_would_word_is_declined(engine, ids):
+def test_every_json_call_the_checked_path_would_word_is_declined(engine, ids, json_reader):
     cases = json_declines(engine, ids)
     assert len(cases) == 31
     for what, data in cases:

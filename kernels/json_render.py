@@ -17,7 +17,7 @@ KernelError = capi.KernelError
 
 
 def _configure(lib: ctypes.CDLL) -> None:
-    global _render_keep_gil
+    global _render_keep_gil, _float_list_keep_gil
     lib.dpr_render_status_string.restype = ctypes.c_char_p
     lib.dpr_render_status_string.argtypes = [ctypes.c_int]
     lib.dpr_render_double_repr.restype = ctypes.c_int
@@ -27,18 +27,17 @@ def _configure(lib: ctypes.CDLL) -> None:
     # it behind the engine's threads: under load with 64 single-request clients that wait made the call cost 170 us
     # for ~9 rows where it takes 25 us alone (README, "Load test")
     _render_keep_gil = ctypes.PyDLL(lib._name).dpr_render_recommend_rows
-    if hasattr(lib, "dpr_render_float_list"):
-        global _float_list_keep_gil
-        _float_list_keep_gil = ctypes.PyDLL(lib._name).dpr_render_float_list     # the event loop's too, as above
-        _float_list_keep_gil.restype = ctypes.c_int
-        _float_list_keep_gil.argtypes = [_P, _I64, ctypes.c_char_p, _I64, ctypes.POINTER(_I64)]
     _render_keep_gil.restype = ctypes.c_int
     _render_keep_gil.argtypes = [_P, _P, _I64, _I64, _P, _I64, ctypes.c_char_p, _P, _I64, _I64, ctypes.c_char_p,
                                  _P, _P, _I64, ctypes.POINTER(_I64), _P]
+    if hasattr(lib, "dpr_render_float_list"):        # the v2 answer's FP32 lists: the event loop's too, as above
+        _float_list_keep_gil = ctypes.PyDLL(lib._name).dpr_render_float_list
+        _float_list_keep_gil.restype = ctypes.c_int
+        _float_list_keep_gil.argtypes = [_P, _I64, ctypes.c_char_p, _I64, ctypes.POINTER(_I64)]
 
 
 _render_keep_gil = None      # set by _configure when the library is loaded
-_float_list_keep_gil = None
+_float_list_keep_gil = None  # set by _configure when the library has it
 
 
 def float_list_json(values: np.ndarray) -> bytes | None:

@@ -82,21 +82,27 @@ def test_a_plain_call_is_the_checked_paths_part_in_indices(engine, ids):
                     excl=bool(case % 2) if case % 3 == 0 else None)
         data, hl = body(t)
         assert len(data) >= v2_columns.MIN_BYTES
-        got = v2_columns.read(data, hl, engine, CFG)
-        assert got is not None, case
-        part, form = got
-        (want, rows_of), = checked(data, hl)
-        assert list(rows_of) == list(range(rows))
-        assert part.form == "indices" and part.origin is engine
-        np.testing.assert_array_equal(part.flat, [index[x] for x in want.flat])
-        assert list(part.lens) == list(want.lens)
-        assert (part.prompts, part.negatives, part.k, part.exclude_history) == \
-               (want.prompts, want.negatives, want.k, want.exclude_history)
+        form = assert_the_checked_part(engine, v2_columns.read(data, hl, engine, CFG), data, hl, rows, index, case)
         assert form.outputs is None and form.binary == {"*"}         # tritonclient asks for every output, binary
-        a, b = engine.recommend_batch(merge([part])), engine.recommend_batch(merge([want]))
-        np.testing.assert_array_equal(a.indices, b.indices)
-        np.testing.assert_array_equal(a.counts, b.counts)
-        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6, atol=1e-6)
+
+
+def assert_the_checked_part(engine, got, data: bytes, hl, rows: int, index: dict, case):
+    """``got``, a reader's (Part, answer form), holds the checked path's rows in catalogue indices of ``engine`` and
+    answers as they do; returns the form."""
+    assert got is not None, case
+    part, form = got
+    (want, rows_of), = checked(data, hl)
+    assert list(rows_of) == list(range(rows))
+    assert part.form == "indices" and part.origin is engine
+    np.testing.assert_array_equal(part.flat, [index[x] for x in want.flat])
+    assert list(part.lens) == list(want.lens)
+    assert (part.prompts, part.negatives, part.k, part.exclude_history) == \
+           (want.prompts, want.negatives, want.k, want.exclude_history)
+    a, b = engine.recommend_batch(merge([part])), engine.recommend_batch(merge([want]))
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.counts, b.counts)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6, atol=1e-6)
+    return form
 
 
 def test_the_answer_form_follows_the_header(engine, ids):
@@ -237,21 +243,9 @@ def test_a_plain_json_call_is_the_checked_paths_part_in_indices(engine, ids, jso
                 else None)
         data = json_body(t, nested=case % 2 == 0, outputs=outs)
         assert len(data) >= v2_columns.MIN_BYTES
-        got = v2_columns.read(data, None, engine, CFG)
-        assert got is not None, case
-        part, form = got
-        (want, rows_of), = checked(data, None)
-        assert list(rows_of) == list(range(rows))
-        assert part.form == "indices" and part.origin is engine
-        np.testing.assert_array_equal(part.flat, [index[x] for x in want.flat])
-        assert list(part.lens) == list(want.lens)
-        assert (part.prompts, part.negatives, part.k, part.exclude_history) == \
-               (want.prompts, want.negatives, want.k, want.exclude_history)
+        form = assert_the_checked_part(engine, v2_columns.read(data, None, engine, CFG), data, None, rows, index, case)
         w = decode_infer_request(data, None)
         assert (form.id, form.outputs, form.binary) == (w.id, w.outputs, w.binary)
-        a, b = engine.recommend_batch(merge([part])), engine.recommend_batch(merge([want]))
-        np.testing.assert_array_equal(a.indices, b.indices)
-        np.testing.assert_allclose(a.scores, b.scores, rtol=1e-6, atol=1e-6)
 
 
 def _edit_json(data: bytes, fn) -> bytes:

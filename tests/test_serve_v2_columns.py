@@ -248,6 +248,28 @@ def test_a_plain_json_call_is_the_checked_paths_part_in_indices(engine, ids, jso
         assert (form.id, form.outputs, form.binary) == (w.id, w.outputs, w.binary)
 
 
+def test_tritonclient_json_bodies_are_read_natively(engine, ids, json_reader):
+    """The JSON body tritonclient.http builds with ``binary_data=False`` (its own key order, no spaces, an id and
+    outputs asked for as JSON) is taken and read as the checked path reads it."""
+    rng = np.random.default_rng(9)
+    index = {a: i + 1 for i, a in enumerate(ids)}
+    rows = 90
+    t = tensors(rng, rows, ids, k=[6] * rows, negatives=True, excl=False)
+    ins = []
+    for name, arr in t.items():
+        dt = {np.dtype(object): "BYTES", np.dtype(np.int32): "INT32", np.dtype(np.bool_): "BOOL"}[arr.dtype]
+        i = th.InferInput(name, list(arr.shape), dt)
+        i.set_data_from_numpy(arr, binary_data=False)
+        ins.append(i)
+    data, json_size = th.InferenceServerClient.generate_request_body(
+        ins, outputs=[th.InferRequestedOutput("item_ids", binary_data=False), th.InferRequestedOutput("scores")],
+        request_id="call-9")
+    data = bytes(data)
+    assert json_size is None and len(data) >= v2_columns.MIN_BYTES
+    form = assert_the_checked_part(engine, v2_columns.read(data, None, engine, CFG), data, None, rows, index, "tc")
+    assert (form.id, form.outputs, form.binary) == ("call-9", ["item_ids", "scores"], {"scores"})
+
+
 def _edit_json(data: bytes, fn) -> bytes:
     req = json.loads(data)
     fn(req)

@@ -7,9 +7,29 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 namespace dpr_json {
+
+// Strings kept as spans for a later pass (the readers' history ids, mapped through the id index at the end): one
+// without an escape is a span of the body, one with escapes a span of `decoded`, its decoded text.
+struct StringSpans {
+  struct Span {
+    int64_t off;
+    int64_t len;
+    bool decoded;
+  };
+  std::vector<Span> spans;
+  std::vector<char> decoded;
+
+  int64_t size() const { return static_cast<int64_t>(spans.size()); }
+  // string i's bytes and length; `body`: the body the spans of the body point into
+  std::pair<const char*, int64_t> at(const char* body, int64_t i) const {
+    const Span& s = spans[static_cast<size_t>(i)];
+    return {(s.decoded ? decoded.data() : body) + s.off, s.len};
+  }
+};
 
 class Lexer {
  public:
@@ -217,6 +237,30 @@ class Lexer {
       return 4;
     }
     return 0;
+  }
+
+  // A string's decoded text: its source bytes when it has no escape, else scratch_ (valid until the next string).
+  bool string_text(const char** text, int64_t* n) {
+    const char* start = p_ + 1;
+    bool escaped = false;
+    if (!string(&escaped)) return false;
+    *text = escaped ? scratch_.data() : start;
+    *n = escaped ? static_cast<int64_t>(scratch_.size()) : (p_ - 1) - start;
+    return true;
+  }
+
+  // A string appended to `out` as a span (see StringSpans).
+  bool string_span(StringSpans* out) {
+    const char* start = p_ + 1;
+    bool escaped = false;
+    if (!string(&escaped)) return false;
+    if (escaped) {
+      out->spans.push_back({static_cast<int64_t>(out->decoded.size()), static_cast<int64_t>(scratch_.size()), true});
+      out->decoded.insert(out->decoded.end(), scratch_.begin(), scratch_.end());
+    } else {
+      out->spans.push_back({start - begin_, (p_ - 1) - start, false});
+    }
+    return true;
   }
 
   // A string; p_ at its opening quote, left past its closing one. Without escapes its text is the source

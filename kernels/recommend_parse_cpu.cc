@@ -17,12 +17,6 @@ namespace {
 
 enum Field : int { kHistory = 0, kPrompt, kNegative, kK, kExclude, kFilter, kFields };
 
-struct IdSpan {
-  int64_t off;      // into the body, or into the decoded-id buffer when `decoded`
-  int64_t len;
-  bool decoded;
-};
-
 class Parser : public dpr_json::Lexer {
  public:
   Parser(const char* body, int64_t len, int64_t max_rows, int64_t max_ids, int64_t max_strings, int64_t* offsets,
@@ -34,8 +28,7 @@ class Parser : public dpr_json::Lexer {
   int64_t rows = 0;
   int64_t strings = 0;
   bool single = false;
-  std::vector<IdSpan> ids;
-  std::vector<char> decoded_ids;
+  dpr_json::StringSpans ids;        // the history ids, in order
 
   bool run() {
     str_offsets_[0] = 0;
@@ -155,17 +148,8 @@ class Parser : public dpr_json::Lexer {
     for (;;) {
       ws();
       if (!at('"')) return decline();
-      if (static_cast<int64_t>(ids.size()) >= max_ids_) return fail(DPR_PARSE_SHORT_BUFFER);
-      const char* start = p_ + 1;
-      scratch_.clear();
-      bool escaped = false;
-      if (!string(&escaped)) return false;
-      if (escaped) {
-        ids.push_back({static_cast<int64_t>(decoded_ids.size()), static_cast<int64_t>(scratch_.size()), true});
-        decoded_ids.insert(decoded_ids.end(), scratch_.begin(), scratch_.end());
-      } else {
-        ids.push_back({start - begin_, (p_ - 1) - start, false});
-      }
+      if (ids.size() >= max_ids_) return fail(DPR_PARSE_SHORT_BUFFER);
+      if (!string_span(&ids)) return false;
       const int more = after_element(']');
       if (more < 0) return false;
       if (!more) return true;
@@ -179,12 +163,9 @@ class Parser : public dpr_json::Lexer {
       return true;
     }
     if (!at('"')) return decline();
-    const char* start = p_ + 1;
-    scratch_.clear();
-    bool escaped = false;
-    if (!string(&escaped)) return false;
-    const char* text = escaped ? scratch_.data() : start;
-    const int64_t n = escaped ? static_cast<int64_t>(scratch_.size()) : (p_ - 1) - start;
+    const char* text;
+    int64_t n;
+    if (!string_text(&text, &n)) return false;
     char* dst = str_bytes_ + str_used_;            // the decoded text of a string is never longer than its source
     if (n > 0) std::memcpy(dst, text, static_cast<size_t>(n));
     const std::string_view view(dst, static_cast<size_t>(n));
@@ -237,11 +218,8 @@ int dpr_recommend_parse(const dpr_id_index* index, const char* body, int64_t len
       return ps.status;
     }
     // the ids, a group at a time (hash and prefetch, then probe: id_index_impl.h)
-    const int64_t n = static_cast<int64_t>(ps.ids.size());
-    const int64_t unknown = index->map_spans(n, [&](int64_t i) {
-      const IdSpan& s = ps.ids[i];
-      return std::pair<const char*, int64_t>((s.decoded ? ps.decoded_ids.data() : body) + s.off, s.len);
-    }, items, false);
+    const int64_t n = ps.ids.size();
+    const int64_t unknown = index->map_spans(n, [&](int64_t i) { return ps.ids.at(body, i); }, items, false);
     if (unknown >= 0) {
       *where = unknown;
       return DPR_PARSE_UNKNOWN_ID;

@@ -66,11 +66,12 @@ def parse_status(index: "id_index.IdIndex", body: bytes) -> tuple[int, Parsed | 
     ints = np.empty(cap, np.int64)
     bools = np.empty(cap, np.uint8)
     str_offsets = np.empty(cap + 1, np.int64)
-    str_bytes = ctypes.create_string_buffer(max(n, 1))
+    str_bytes = np.empty(max(n, 1), np.uint8)                # written only as far as the prompts reach
     info = np.zeros(_INFO, np.int64)
     where = _I64(0)
     status = lib.dpr_v2_json_parse(handle, body, n, cap, history.ctypes.data, ints.ctypes.data, bools.ctypes.data,
-                                   str_offsets.ctypes.data, str_bytes, info.ctypes.data, ctypes.byref(where))
+                                   str_offsets.ctypes.data, str_bytes.ctypes.data, info.ctypes.data,
+                                   ctypes.byref(where))
     if status in (NULL_POINTER, SHORT_BUFFER, OUT_OF_MEMORY):
         raise KernelError(f"v2 JSON reader failed: {lib.dpr_v2_json_parse_status_string(status).decode()}")
     if status != OK:
@@ -78,7 +79,7 @@ def parse_status(index: "id_index.IdIndex", body: bytes) -> tuple[int, Parsed | 
     inputs = {}
     used = max([int(str_offsets[info[s * _FIELDS + 6] + info[s * _FIELDS + 5]]) for s in (1, 2) if info[s * _FIELDS]],
                default=0)
-    raw = ctypes.string_at(str_bytes, used)                   # the prompts' bytes only, not the whole buffer
+    raw = str_bytes[:used].tobytes()                          # the prompts' bytes only, not the whole buffer
     for s, name in enumerate(SLOTS):
         present, dt, ndim, d0, d1, count, first = info[s * _FIELDS:(s + 1) * _FIELDS].tolist()
         if not present:

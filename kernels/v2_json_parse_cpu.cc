@@ -16,12 +16,6 @@ namespace {
 
 constexpr int kMaxDepth = 64;
 
-struct IdSpan {
-  int64_t off;      // into the body, or into the decoded-id buffer when `decoded`
-  int64_t len;
-  bool decoded;
-};
-
 class V2Parser : public dpr_json::Lexer {
  public:
   V2Parser(const char* body, int64_t len, int64_t max_elems, int64_t* ints, uint8_t* bools, int64_t* str_offsets,
@@ -29,8 +23,7 @@ class V2Parser : public dpr_json::Lexer {
       : Lexer(body, len, DPR_V2P_DECLINED), max_elems_(max_elems), ints_(ints), bools_(bools),
         str_offsets_(str_offsets), str_bytes_(str_bytes), info_(info) {}
 
-  std::vector<IdSpan> ids;           // the history's elements, in order (an empty one: len 0)
-  std::vector<char> decoded_ids;
+  dpr_json::StringSpans ids;         // the history's elements, in order (an empty one: len 0)
 
   bool run() {
     for (int i = 0; i < DPR_V2P_INFO; ++i) info_[i] = 0;
@@ -200,16 +193,22 @@ class V2Parser : public dpr_json::Lexer {
     return true;
   }
 
+  // The elements in the slot's column so far (prompt and negative_prompt share the strings).
+  int64_t filled(int slot) const {
+    switch (slot) {
+      case DPR_V2P_HISTORY: return ids.size();
+      case DPR_V2P_K: return n_ints_;
+      case DPR_V2P_EXCLUDE: return n_bools_;
+      default: return n_strings_;
+    }
+  }
+
   // "data": scalars, or arrays of scalars (one per row), into the slot's column.
   bool data(int slot, int64_t* f) {
     if (!at('[')) return decline();
     ++p_;
     ws();
-    f[6] = slot == DPR_V2P_HISTORY ? static_cast<int64_t>(ids.size())
-           : slot == DPR_V2P_K     ? n_ints_
-           : slot == DPR_V2P_EXCLUDE ? n_bools_
-                                     : n_strings_;
-    const int64_t before = f[6];
+    f[6] = filled(slot);
     if (at(']')) {
       ++p_;
       f[5] = 0;
@@ -240,30 +239,16 @@ class V2Parser : public dpr_json::Lexer {
       if (more < 0) return false;
       if (!more) break;
     }
-    const int64_t after = slot == DPR_V2P_HISTORY ? static_cast<int64_t>(ids.size())
-                          : slot == DPR_V2P_K     ? n_ints_
-                          : slot == DPR_V2P_EXCLUDE ? n_bools_
-                                                    : n_strings_;
-    f[5] = after - before;
+    f[5] = filled(slot) - f[6];
     return true;
   }
 
   bool scalar(int slot) {
     switch (slot) {
-      case DPR_V2P_HISTORY: {
+      case DPR_V2P_HISTORY:
         if (!at('"')) return decline();
-        if (static_cast<int64_t>(ids.size()) >= max_elems_) return fail(DPR_V2P_SHORT_BUFFER);
-        const char* start = p_ + 1;
-        bool escaped = false;
-        if (!string(&escaped)) return false;
-        if (escaped) {
-          ids.push_back({static_cast<int64_t>(decoded_ids.size()), static_cast<int64_t>(scratch_.size()), true});
-          decoded_ids.insert(decoded_ids.end(), scratch_.begin(), scratch_.end());
-        } else {
-          ids.push_back({start - begin_, (p_ - 1) - start, false});
-        }
-        return true;
-      }
+        if (ids.size() >= max_elems_) return fail(DPR_V2P_SHORT_BUFFER);
+        return string_span(&ids);
       case DPR_V2P_K: {
         if (n_ints_ >= max_elems_) return fail(DPR_V2P_SHORT_BUFFER);
         return integer(&ints_[n_ints_++]);
@@ -278,11 +263,9 @@ class V2Parser : public dpr_json::Lexer {
       default: {                                  // a prompt: its decoded text, never longer than its source
         if (!at('"')) return decline();
         if (n_strings_ >= max_elems_) return fail(DPR_V2P_SHORT_BUFFER);
-        const char* start = p_ + 1;
-        bool escaped = false;
-        if (!string(&escaped)) return false;
-        const char* text = escaped ? scratch_.data() : start;
-        const int64_t n = escaped ? static_cast<int64_t>(scratch_.size()) : (p_ - 1) - start;
+        const char* text;
+        int64_t n;
+        if (!string_text(&text, &n)) return false;
         if (n > 0) std::memcpy(str_bytes_ + str_used_, text, static_cast<size_t>(n));
         str_used_ += n;
         str_offsets_[++n_strings_] = str_used_;
@@ -324,10 +307,8 @@ int dpr_v2_json_parse(const dpr_id_index* index, const char* body, int64_t len, 
       return ps.status;
     }
     // the ids, a group at a time (hash and prefetch, then probe: id_index_impl.h); an empty one is padding
-    const int64_t unknown = index->map_spans(static_cast<int64_t>(ps.ids.size()), [&](int64_t i) {
-      const IdSpan& s = ps.ids[i];
-      return std::pair<const char*, int64_t>((s.decoded ? ps.decoded_ids.data() : body) + s.off, s.len);
-    }, history, true);
+    const int64_t unknown = index->map_spans(ps.ids.size(), [&](int64_t i) { return ps.ids.at(body, i); }, history,
+                                             true);
     if (unknown >= 0) {
       *where = unknown;
       return DPR_V2P_UNKNOWN_ID;

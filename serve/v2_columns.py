@@ -97,15 +97,7 @@ def read(body: bytes, header_length: str | None, engine, cfg) -> tuple[Part, Inf
         return None
     k, ex = _one_k(raw.get("k"), b), _one_exclude(raw.get("exclude_history"), b)
     prompts, negatives = _prompts(raw.get("prompt"), b), _prompts(raw.get("negative_prompt"), b)
-    if k is None or ex is None or prompts is False or negatives is False:
-        return None
-    part = one_k_part(hist.flat, hist.lens, k, ex, prompts, negatives, cfg, origin=engine)
-    if part is None:
-        return None
-    try:
-        return part, answer_form(req, {})
-    except InputError:              # a malformed outputs list: the checked path words it
-        return None
+    return _part_and_form(hist.flat, hist.lens, k, ex, prompts, negatives, req, engine, cfg)
 
 
 def read_json(body: bytes, engine, cfg) -> tuple[Part, InferRequest] | None:
@@ -190,9 +182,16 @@ def _plain_part(vals: np.ndarray, b: int, width: int, k, ex, prompts, negatives,
     keep = vals.reshape(b, width) > 0
     if padding_hole(keep) is not None:
         return None
+    return _part_and_form(vals[vals > 0], keep.sum(axis=1), k, ex, prompts, negatives, req, engine, cfg)
+
+
+def _part_and_form(flat: np.ndarray, lens: np.ndarray, k, ex, prompts, negatives, req: dict, engine, cfg):
+    """A plain call's columns (``flat`` catalogue indices, ``lens`` per row; k, exclude_history and the prompts as
+    the readers read them: None / False for a value the checked path would word) as one Part and the answer form
+    of its header ``req``, or None."""
     if k is None or ex is None or prompts is False or negatives is False:
         return None
-    part = one_k_part(vals[vals > 0], keep.sum(axis=1), k, ex, prompts, negatives, cfg, origin=engine)
+    part = one_k_part(flat, lens, k, ex, prompts, negatives, cfg, origin=engine)
     if part is None:
         return None
     try:

@@ -72,14 +72,20 @@ def ids(engine):
     return list(engine.item_ids)
 
 
-def test_a_plain_call_is_the_checked_paths_part_in_indices(engine, ids):
-    rng = np.random.default_rng(0)
-    index = {a: i + 1 for i, a in enumerate(ids)}
+def plain_cases(ids, seed: int):
+    """12 plain calls' tensors, ``(case, rows, tensors)``: with and without k, prompts, negative prompts and
+    exclude_history, padded after or before the ids."""
+    rng = np.random.default_rng(seed)
     for case in range(12):
         rows = int(rng.integers(40, 120))
-        t = tensors(rng, rows, ids, k=[int(rng.integers(1, 20))] * rows if case % 3 else None,
-                    pad_before=case % 2 == 1, prompts=case % 4 != 3, negatives=case % 5 == 0,
-                    excl=bool(case % 2) if case % 3 == 0 else None)
+        yield case, rows, tensors(rng, rows, ids, k=[int(rng.integers(1, 20))] * rows if case % 3 else None,
+                                  pad_before=case % 2 == 1, prompts=case % 4 != 3, negatives=case % 5 == 0,
+                                  excl=bool(case % 2) if case % 3 == 0 else None)
+
+
+def test_a_plain_call_is_the_checked_paths_part_in_indices(engine, ids):
+    index = {a: i + 1 for i, a in enumerate(ids)}
+    for case, rows, t in plain_cases(ids, 0):
         data, hl = body(t)
         assert len(data) >= v2_columns.MIN_BYTES
         form = assert_the_checked_part(engine, v2_columns.read(data, hl, engine, CFG), data, hl, rows, index, case)
@@ -230,13 +236,8 @@ def json_reader(request, monkeypatch):
 def test_a_plain_json_call_is_the_checked_paths_part_in_indices(engine, ids, json_reader):
     """JSON tensors, flat and nested ``data``: one Part in indices holding the checked path's rows, and the same
     answer form (id, outputs, binary)."""
-    rng = np.random.default_rng(5)
     index = {a: i + 1 for i, a in enumerate(ids)}
-    for case in range(12):
-        rows = int(rng.integers(40, 120))
-        t = tensors(rng, rows, ids, k=[int(rng.integers(1, 20))] * rows if case % 3 else None,
-                    pad_before=case % 2 == 1, prompts=case % 4 != 3, negatives=case % 5 == 0,
-                    excl=bool(case % 2) if case % 3 == 0 else None)
+    for case, rows, t in plain_cases(ids, 5):
         if case == 4:
             t["k"] = t["k"].astype(np.int64)
         outs = ([{"name": "scores"}, {"name": "item_ids", "parameters": {"binary_data": True}}] if case % 4 == 1

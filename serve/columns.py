@@ -194,8 +194,9 @@ def prompt_texts(raw: list, max_bytes: int) -> list | bool | None:
         return False
     if not any(out):
         return None
-    out = [x or None for x in out]
-    return out if all(x is None or x.strip() for x in out) else False
+    if any(map(str.isspace, out)):          # blank ("" is no prompt: isspace is False for it)
+        return False
+    return [x or None for x in out]
 
 
 def one_k_part(flat: np.ndarray, lens: np.ndarray, k: int, exclude_history: bool, prompts: list | None,

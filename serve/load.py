@@ -11,9 +11,10 @@ Targets: ``http`` (``POST /recommend``, JSON), ``http-v2`` (the dpr service's KS
 tensors), ``http-v2-binary`` (the same route with the bodies ``tritonclient.http`` sends by default: Triton's binary
 tensor extension, outputs asked for as binary), ``triton-http`` (the hand-written client below with tritonclient's binary-tensor bodies;
 ``--triton-http-client tritonclient`` for its asyncio client) and ``triton-grpc`` (the request messages
-tritonclient builds, made once and sent by a hand-written HTTP/2 client, :mod:`dpr.serve.raw_grpc`;
-``--triton-grpc-client grpcio`` sends them on one grpc.aio channel, ``tritonclient`` uses its asyncio client,
-which builds every request again) against tritonserver, and, for an
+tritonclient builds, made once and sent by a hand-written HTTP/2 client, :mod:`dpr.serve.raw_grpc`, the clients'
+calls as concurrent streams of ``--grpc-connections`` connections (1, as callers sharing one gRPC channel; 0: one
+per client); ``--triton-grpc-client grpcio`` sends them on one grpc.aio channel, ``tritonclient`` uses its asyncio
+client, which builds every request again) against tritonserver, and, for an
 A/B, ``http-fastapi`` (``/recommend`` with a JSON content type the lean path leaves to the FastAPI route). The
 HTTP targets use a hand-written keep-alive client (:class:`RawHTTP`; ``--http-client aiohttp`` for aiohttp).
 The clients share the machine with the server (on 2 cores, one loop of Python clients costs the server a
@@ -58,6 +59,7 @@ class LoadConfig:
     http_client: str = "raw"             # raw (keep-alive HTTP/1.1, hand-written: cheap) | aiohttp
     triton_http_client: str = "raw"      # raw (the same hand-written client, binary tensors) | tritonclient
     triton_grpc_client: str = "raw"      # raw (hand-written HTTP/2, messages built once) | grpcio (one grpc.aio channel) | tritonclient
+    grpc_connections: int = 1            # raw gRPC: HTTP/2 connections the clients' calls share, as streams (0: one per client)
     triton_instances: int = 1            # Triton's instance_group count (dpr-serve --triton --instances)
     triton_backend: str = "auto"         # dpr-serve --triton --triton-backend: auto | native | python
     triton_python: str = str(REPO / ".venv-triton" / "bin" / "python")
@@ -397,22 +399,25 @@ GRPC_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 async def run_triton_grpc_raw(url: str, requests: list, rows_per_call: int, conc: int, cfg, mark=None,
                               warm=None) -> dict:
-    """Triton over gRPC through the hand-written HTTP/2 client (:class:`dpr.serve.raw_grpc.RawGRPC`), one
-    connection per client, each call's message serialized once (:func:`triton_grpc_requests`): the gRPC
-    counterpart of :func:`run_triton_raw`, so that the comparison is between the servers, not their clients
-    (grpcio's Python client cost 67-85 us of client CPU per single-request call on the 2-core VM, this one
-    about 27). An answer must be status OK and carry the ``counts`` output; a refused call counts as an error
-    naming Triton's status and message."""
+    """Triton over gRPC through the hand-written HTTP/2 client (:class:`dpr.serve.raw_grpc.RawGRPC`), each
+    call's message serialized once (:func:`triton_grpc_requests`): the gRPC counterpart of :func:`run_triton_raw`,
+    so that the comparison is between the servers, not their clients (grpcio's Python client cost 67-85 us of
+    client CPU per single-request call on the 2-core VM, this one about 27). ``cfg.grpc_connections``: the
+    clients' calls are spread over that many HTTP/2 connections as concurrent streams, as the callers of one gRPC
+    channel share its connection (at most one per client; 0: one per client). An answer must be status OK and
+    carry the ``counts`` output; a refused call counts as an error naming Triton's status and message."""
     from .raw_grpc import RawGRPC, status_name
 
     host, port = url.rsplit(":", 1)
+    n = min(cfg.grpc_connections, conc) if cfg.grpc_connections > 0 else conc
+    conns = [RawGRPC(host, int(port), GRPC_INFER) for _ in range(n)]
 
     async def exchange(conn, msg):
         code, text, body = await conn.call(msg)
         if code != 0:
             return f"gRPC {status_name(code)}: {text}"[:300]
         return True if b"counts" in body else "no counts in the answer"
-    return await drive_pool([RawGRPC(host, int(port), GRPC_INFER) for _ in range(conc)], exchange,
+    return await drive_pool([conns[i % n] for i in range(conc)], exchange,
                             [r.SerializeToString() for r in requests], rows_per_call, conc, cfg, mark, warm)
 
 

@@ -1,5 +1,6 @@
-"""A hand-written gRPC client for the load test: unary calls over one cleartext HTTP/2 connection, one call in
-flight at a time, requests prepared once as serialized protobuf bytes.
+"""A hand-written gRPC client for the load test: unary calls over one cleartext HTTP/2 connection, as many at once
+as the server allows (one stream each, as a gRPC channel multiplexes its calls), requests prepared once as
+serialized protobuf bytes.
 
 Why: on the 2-core VM the load client shares the cores with the server it measures. grpcio's Python client
 (grpc.aio, or a sync channel with futures) cost 67-85 us of client CPU per single-request call against Triton;
@@ -13,17 +14,21 @@ What it speaks (RFC 9113 and the gRPC-over-HTTP/2 spec), and nothing more:
   us) and a connection WINDOW_UPDATE, replenished as answers arrive;
 * a request: HEADERS (a constant HPACK block, literals only, so our side keeps no table) and DATA frames cut to
   the peer's SETTINGS_MAX_FRAME_SIZE and held back by its connection and stream windows (WINDOW_UPDATE and
-  SETTINGS_INITIAL_WINDOW_SIZE move them);
-* an answer: HEADERS (+ CONTINUATION), DATA (padding stripped), trailers; HPACK decoded by ``hpack`` (the
-  server's dynamic table is followed on every block; a block that leaves the table as it was is cached by its
-  bytes, so a steady stream of identical answers costs a dict lookup);
-* SETTINGS and PING are acknowledged; RST_STREAM fails the call naming the code; GOAWAY fails a call the server
-  will not answer and the next call reconnects.
+  SETTINGS_INITIAL_WINDOW_SIZE move them; requests held back go out oldest first as the windows open);
+* concurrent calls: each on the next odd stream, never more open than the peer's SETTINGS_MAX_CONCURRENT_STREAMS
+  (the others wait for a stream to end); a stream refused with REFUSED_STREAM, which the server did not process,
+  is sent again on a new stream (gRPC's transparent retry);
+* an answer: HEADERS (+ CONTINUATION), DATA (padding stripped), trailers, matched to its call by stream id; HPACK
+  decoded by ``hpack`` (the server's dynamic table is followed on every block; a block that leaves the table as
+  it was is cached by its bytes, so a steady stream of identical answers costs a dict lookup);
+* SETTINGS and PING are acknowledged; RST_STREAM fails its call naming the code; GOAWAY fails the calls the
+  server will not answer and the next call reconnects; a call that times out or whose task is cancelled resets
+  its stream (RST_STREAM CANCEL), and the connection carries on.
 
 A call returns ``(grpc_status, message, body)``: the status from the trailers (0 = OK), grpc-message
 percent-decoded, and the response message's bytes (the 5-byte gRPC prefix removed). Anything the protocol does
-not allow raises :class:`GrpcProtocolError` naming it, and the connection is dropped (a half-read answer would
-desynchronise it).
+not allow raises :class:`GrpcProtocolError` naming it in every open call, and the connection is dropped (a
+half-read answer would desynchronise it).
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from urllib.parse import unquote_to_bytes
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = range(10)
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY_FLAG = 0x1, 0x1, 0x4, 0x8, 0x20
-SET_ENABLE_PUSH, SET_INITIAL_WINDOW, SET_MAX_FRAME = 0x2, 0x4, 0x5
+SET_ENABLE_PUSH, SET_MAX_STREAMS, SET_INITIAL_WINDOW, SET_MAX_FRAME = 0x2, 0x3, 0x4, 0x5
+REFUSED_STREAM, CANCEL = 0x7, 0x8        # RST_STREAM error codes: not processed; the client no longer wants it
 MAX_WINDOW = 2 ** 31 - 1
 DEFAULT_WINDOW = 65535
 DEFAULT_MAX_FRAME = 16384
@@ -48,6 +54,10 @@ STATUS_NAMES = ("OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCE
 
 class GrpcProtocolError(RuntimeError):
     """The server's answer broke HTTP/2 or gRPC framing, or the connection ended mid-call."""
+
+
+class _Refused(GrpcProtocolError):
+    """RST_STREAM REFUSED_STREAM: the server did not process the stream, so the call may be sent again."""
 
 
 def status_name(code: int) -> str:
@@ -88,33 +98,46 @@ def request_header_block(authority: str, path: str) -> bytes:
 
 
 class RawGRPC:
-    """Unary calls to ``path`` on ``host:port``, one at a time, over one HTTP/2 connection (see the module doc),
-    opened on the first call and again after one was dropped. ``await call(message)`` ->
-    ``(grpc_status, message, body)``."""
+    """Unary calls to ``path`` on ``host:port`` over one HTTP/2 connection, as many at once as the server's
+    SETTINGS_MAX_CONCURRENT_STREAMS allows (each on its own stream; the rest wait for a stream to end), as a gRPC
+    channel multiplexes its calls. The connection is opened on the first call, and again after one was dropped.
+    ``await call(message)`` -> ``(grpc_status, message, body)``."""
 
     def __init__(self, host: str, port: int, path: str, timeout_s: float = 120.0):
         self.host, self.port, self.path, self.timeout_s = host, int(port), path, timeout_s
         self.block = request_header_block(f"{host}:{port}", path)
         self.conn: _Connection | None = None
-        self.busy = False
+        self._opening: asyncio.Future | None = None
+
+    async def _connection(self) -> "_Connection":
+        conn = self.conn
+        if conn is not None and conn.usable():
+            return conn
+        if self._opening is not None:                      # another call is opening it: share that connection
+            return await asyncio.shield(self._opening)
+        self.close()
+        loop = asyncio.get_running_loop()
+        self._opening = opening = loop.create_future()
+        try:
+            conn = _Connection(self.block)
+            await loop.create_connection(lambda: conn, self.host, self.port)
+            self.conn = conn
+            opening.set_result(conn)
+            return conn
+        except BaseException as exc:
+            opening.set_exception(exc)
+            opening.exception()                           # retrieved here: no "never retrieved" warning
+            raise
+        finally:
+            self._opening = None
 
     async def call(self, message: bytes) -> tuple[int, str, bytes]:
-        if self.busy:
-            raise RuntimeError("RawGRPC makes one call at a time; use one per concurrent client")
-        self.busy = True
+        conn = await self._connection()
         try:
-            conn = self.conn
-            if conn is None or not conn.usable():
-                self.close()
-                conn = self.conn = _Connection(self.block)
-                await asyncio.get_running_loop().create_connection(lambda: conn, self.host, self.port)
-            try:
-                return await conn.call(message, self.timeout_s)
-            except BaseException:
-                self.close()                              # a stream left half-answered: start afresh next call
-                raise
+            return await conn.call(message, self.timeout_s)
         finally:
-            self.busy = False
+            if conn.closed and self.conn is conn:          # broken or lost: the next call starts afresh
+                self.conn = None
 
     def close(self) -> None:
         if self.conn is not None:
@@ -122,8 +145,21 @@ class RawGRPC:
         self.conn = None
 
 
+class _Call:
+    """One call's stream: what is still to send, and the answer so far."""
+
+    __slots__ = ("stream", "waiter", "headers", "trailers", "body", "pending", "send_window")
+
+    def __init__(self, stream: int, waiter: asyncio.Future, pending: memoryview, send_window: int):
+        self.stream, self.waiter, self.pending, self.send_window = stream, waiter, pending, send_window
+        self.headers: dict = {}
+        self.trailers: dict | None = None
+        self.body: list[bytes] = []
+
+
 class _Connection(asyncio.Protocol):
-    """One HTTP/2 connection's state; a dropped connection is never reused (a new one is made)."""
+    """One HTTP/2 connection's state and its open calls, by stream id; a dropped connection is never reused (a
+    new one is made)."""
 
     def __init__(self, block: bytes):
         from hpack import Decoder
@@ -133,13 +169,17 @@ class _Connection(asyncio.Protocol):
         self.decoder = Decoder()
         self._hcache: dict[bytes, dict] = {}           # header block -> its fields (see _on_headers)
         self.buf = bytearray()
-        self.stream = -1                                  # next call uses stream + 2 (client streams are odd)
+        self.stream = -1                                  # the last stream opened (client streams are odd)
         self.last_stream_allowed = MAX_STREAM_ID         # lowered by GOAWAY
         self.send_conn = DEFAULT_WINDOW                   # what the peer lets us send
         self.peer_initial = DEFAULT_WINDOW
         self.max_frame = DEFAULT_MAX_FRAME
+        self.max_streams = MAX_STREAM_ID                  # the peer's SETTINGS_MAX_CONCURRENT_STREAMS
         self.received = 0
-        self.waiter: asyncio.Future | None = None
+        self.calls: dict[int, _Call] = {}                 # open streams
+        self.blocked: list[_Call] = []                    # calls with request bytes the windows held back
+        self.slot_waiters: list[asyncio.Future] = []      # calls waiting for a stream below max_streams
+        self.trailers: dict | None = None                 # the last answered call's trailers
         self._continuing: bytearray | None = None
         self._continuing_end = False
         self.closed = False
@@ -155,7 +195,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        self._fail(GrpcProtocolError("the connection was lost mid-call" + (f": {exc}" if exc else "")))
+        self._fail_all(GrpcProtocolError("the connection was lost mid-call" + (f": {exc}" if exc else "")))
 
     def close(self) -> None:
         self.closed = True
@@ -164,61 +204,118 @@ class _Connection(asyncio.Protocol):
 
     # ---- a call ---------------------------------------------------------------------------------------------
     async def call(self, message: bytes, timeout_s: float) -> tuple[int, str, bytes]:
-        self.stream += 2
         loop = asyncio.get_running_loop()
-        self.waiter = loop.create_future()
+        deadline = loop.time() + timeout_s
+        framed = b"\x00" + struct.pack(">I", len(message)) + message
+        while True:
+            await self._stream_below(self.max_streams, loop)
+            try:
+                return await self._call_once(framed, deadline, timeout_s, loop)
+            except _Refused:
+                # RFC 9113 8.7: a refused stream was not processed, so it is sent again (gRPC's transparent
+                # retry) once one of our open streams has ended; with none open, after a millisecond
+                if loop.time() >= deadline:
+                    raise TimeoutError(f"no answer within {timeout_s:g} s (the server kept refusing the stream)")
+                if self.calls:
+                    await self._stream_below(len(self.calls), loop)
+                else:
+                    await asyncio.sleep(0.001)
+
+    async def _stream_below(self, limit: int, loop) -> None:
+        """Wait until fewer than ``limit`` of our streams are open (the peer's SETTINGS_MAX_CONCURRENT_STREAMS)."""
+        while len(self.calls) >= limit:
+            slot = loop.create_future()
+            self.slot_waiters.append(slot)
+            try:
+                await slot
+            finally:
+                if slot in self.slot_waiters:
+                    self.slot_waiters.remove(slot)
+
+    async def _call_once(self, framed: bytes, deadline: float, timeout_s: float, loop) -> tuple[int, str, bytes]:
+        if not self.usable():
+            raise GrpcProtocolError("the connection closed before the call could start")
+        self.stream += 2
+        waiter = loop.create_future()
+        call = _Call(self.stream, waiter, memoryview(framed), self.peer_initial)
+        self.calls[call.stream] = call
         # a timer on the loop, not asyncio.wait_for: that wraps every call in a task (~15 us of client CPU)
-        timer = loop.call_later(timeout_s, self._fail, TimeoutError(f"no answer within {timeout_s:g} s"))
-        self.headers: dict = {}
-        self.trailers: dict | None = None
-        self.body: list[bytes] = []
-        self.send_stream = self.peer_initial
-        self.pending = memoryview(b"\x00" + struct.pack(">I", len(message)) + message)
-        self._send_data(_frame(HEADERS, END_HEADERS, self.stream, self.block))   # one write: one syscall
+        timer = loop.call_at(deadline, self._fail, call, TimeoutError(f"no answer within {timeout_s:g} s"))
+        self._send_data(call, _frame(HEADERS, END_HEADERS, call.stream, self.block))   # one write: one syscall
         try:
-            return await self.waiter
+            return await waiter
         finally:
             timer.cancel()
-            self.waiter = None
+            if self.calls.pop(call.stream, None) is not None and not self.closed:
+                # ended on our side (a timeout, a cancelled task): the server may stop working on it
+                self.transport.write(_frame(RST_STREAM, 0, call.stream, struct.pack(">I", CANCEL)))
+            if call in self.blocked:
+                self.blocked.remove(call)
+            self._wake_one()
 
-    def _send_data(self, head: bytes = b"") -> None:
-        """``head``, then as much of the pending request as the peer's windows and frame size let through, in
-        one write."""
-        pending, out = self.pending, [head]
+    def _wake_one(self) -> None:
+        while self.slot_waiters:
+            slot = self.slot_waiters.pop(0)
+            if not slot.done():
+                slot.set_result(None)
+                return
+
+    def _send_data(self, call: _Call, head: bytes = b"") -> None:
+        """``head``, then as much of ``call``'s pending request as the peer's windows and frame size let
+        through, in one write."""
+        pending, out = call.pending, [head]
         while len(pending):
-            n = min(len(pending), self.send_conn, self.send_stream, self.max_frame)
+            n = min(len(pending), self.send_conn, call.send_window, self.max_frame)
             if n <= 0:
                 break
             self.send_conn -= n
-            self.send_stream -= n
-            out.append(_frame(DATA, END_STREAM if n == len(pending) else 0, self.stream, bytes(pending[:n])))
+            call.send_window -= n
+            out.append(_frame(DATA, END_STREAM if n == len(pending) else 0, call.stream, bytes(pending[:n])))
             pending = pending[n:]
-        self.pending = pending
+        call.pending = pending
+        if len(pending) and call not in self.blocked:
+            self.blocked.append(call)
+        elif not len(pending) and call in self.blocked:
+            self.blocked.remove(call)
         if len(out) > 1 or head:
             self.transport.write(b"".join(out))
 
-    def _fail(self, exc: Exception) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(exc)
+    def _send_blocked(self) -> None:
+        for call in list(self.blocked):                   # oldest first: the connection window is shared
+            self._send_data(call)
 
-    def _finish(self) -> None:
-        if self.waiter is None or self.waiter.done():
+    def _fail(self, call: _Call, exc: Exception) -> None:
+        if not call.waiter.done():
+            call.waiter.set_exception(exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        for call in list(self.calls.values()):
+            self._fail(call, exc)
+        for slot in self.slot_waiters:
+            if not slot.done():
+                slot.set_exception(exc)
+
+    def _finish(self, call: _Call) -> None:
+        self.calls.pop(call.stream, None)                 # answered: no RST_STREAM for it
+        if call.waiter.done():
             return
-        head = self.headers
-        trailers = self.trailers if self.trailers is not None else head            # a trailers-only answer
+        head = call.headers
+        trailers = call.trailers if call.trailers is not None else head            # a trailers-only answer
+        self.trailers = trailers
         if head.get(b":status") != b"200":
-            return self._fail(GrpcProtocolError(f"HTTP status {head.get(b':status', b'?').decode()} on a gRPC call"))
+            return self._fail(call, GrpcProtocolError(
+                f"HTTP status {head.get(b':status', b'?').decode()} on a gRPC call"))
         if b"grpc-status" not in trailers:
-            return self._fail(GrpcProtocolError("the answer ended without a grpc-status trailer"))
+            return self._fail(call, GrpcProtocolError("the answer ended without a grpc-status trailer"))
         code = int(trailers[b"grpc-status"])
         msg = unquote_to_bytes(trailers.get(b"grpc-message", b"")).decode("utf-8", "replace")
-        body = b"".join(self.body)
+        body = b"".join(call.body)
         if code == 0:
             if len(body) < 5 or body[0] != 0 or int.from_bytes(body[1:5], "big") != len(body) - 5:
-                return self._fail(GrpcProtocolError(f"the answer is not one uncompressed gRPC message "
-                                                    f"({len(body)} bytes, prefix {body[:5]!r})"))
+                return self._fail(call, GrpcProtocolError(f"the answer is not one uncompressed gRPC message "
+                                                          f"({len(body)} bytes, prefix {body[:5]!r})"))
             body = body[5:]
-        self.waiter.set_result((code, msg, body))
+        call.waiter.set_result((code, msg, body))
 
     # ---- what the server sends -------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -235,8 +332,8 @@ class _Connection(asyncio.Protocol):
                 payload = bytes(buf[pos + 9:pos + 9 + length])
                 pos += 9 + length
                 self._on_frame(ftype, flags, stream, payload)
-        except Exception as exc:  # noqa: BLE001 - a broken answer fails the call, and the connection goes
-            self._fail(exc if isinstance(exc, GrpcProtocolError) else GrpcProtocolError(f"bad answer: {exc!r}"))
+        except Exception as exc:  # noqa: BLE001 - a broken answer fails every open call, and the connection goes
+            self._fail_all(exc if isinstance(exc, GrpcProtocolError) else GrpcProtocolError(f"bad answer: {exc!r}"))
             self.close()
             return
         del buf[:pos]
@@ -248,10 +345,11 @@ class _Connection(asyncio.Protocol):
             self.received += len(payload)
             if flags & PADDED:
                 payload = payload[1:len(payload) - payload[0]]
-            if stream == self.stream:
-                self.body.append(payload)
+            call = self.calls.get(stream)                 # None: a stream we reset (its late frames are dropped)
+            if call is not None:
+                call.body.append(payload)
                 if flags & END_STREAM:
-                    self._finish()
+                    self._finish(call)
             if self.received >= REPLENISH_AT:
                 self.transport.write(_frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", self.received)))
                 self.received = 0
@@ -277,35 +375,47 @@ class _Connection(asyncio.Protocol):
             for i in range(0, len(payload) - 5, 6):
                 key, value = struct.unpack(">HI", payload[i:i + 6])
                 if key == SET_INITIAL_WINDOW:
-                    if self.waiter is not None:
-                        self.send_stream += value - self.peer_initial
+                    for call in self.calls.values():      # RFC 9113 6.9.2: open streams' windows move by the change
+                        call.send_window += value - self.peer_initial
                     self.peer_initial = value
                 elif key == SET_MAX_FRAME:
                     self.max_frame = value
+                elif key == SET_MAX_STREAMS:
+                    self.max_streams = value
             self.transport.write(_frame(SETTINGS, ACK, 0))
-            if self.waiter is not None:
-                self._send_data()
+            self._send_blocked()
+            for _ in range(min(len(self.slot_waiters), max(0, self.max_streams - len(self.calls)))):
+                self._wake_one()
         elif ftype == WINDOW_UPDATE:
             inc = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
             if stream == 0:
                 self.send_conn += inc
-            elif stream == self.stream:
-                self.send_stream += inc
-            if self.waiter is not None and len(self.pending):
-                self._send_data()
+                self._send_blocked()
+            elif stream in self.calls:
+                call = self.calls[stream]
+                call.send_window += inc
+                if len(call.pending):
+                    self._send_data(call)
         elif ftype == PING:
             if not flags & ACK:
                 self.transport.write(_frame(PING, ACK, 0, payload))
         elif ftype == RST_STREAM:
-            if stream == self.stream:
+            call = self.calls.pop(stream, None)
+            if call is not None:
                 code = int.from_bytes(payload[:4], "big")
-                self._fail(GrpcProtocolError(f"the server reset the stream (HTTP/2 error code {code})"))
+                self._fail(call, _Refused("the server refused the stream (REFUSED_STREAM)") if code == REFUSED_STREAM
+                           else GrpcProtocolError(f"the server reset the stream (HTTP/2 error code {code})"))
         elif ftype == GOAWAY:
             self.last_stream_allowed = int.from_bytes(payload[:4], "big") & 0x7FFFFFFF
             code = int.from_bytes(payload[4:8], "big")
-            if self.stream > self.last_stream_allowed:
-                self._fail(GrpcProtocolError(f"the server is going away (GOAWAY, error code {code}, last stream "
-                                             f"{self.last_stream_allowed}): the call was not processed"))
+            for call in [c for c in self.calls.values() if c.stream > self.last_stream_allowed]:
+                self.calls.pop(call.stream)
+                self._fail(call, GrpcProtocolError(f"the server is going away (GOAWAY, error code {code}, last "
+                                                   f"stream {self.last_stream_allowed}): the call was not processed"))
+            if not self.usable():                         # calls waiting for a stream would never get one here
+                for slot in self.slot_waiters:
+                    if not slot.done():
+                        slot.set_result(None)
         elif ftype == PUSH_PROMISE:
             raise GrpcProtocolError("PUSH_PROMISE although push was disabled")
         # PRIORITY and unknown frame types are ignored, as RFC 9113 requires
@@ -320,13 +430,14 @@ class _Connection(asyncio.Protocol):
                 self._hcache[block] = fields                # decoding it again would give the same fields
             else:
                 self._hcache.clear()                        # cached blocks may index entries that moved
-        if stream != self.stream:
+        call = self.calls.get(stream)                       # every block is decoded: the HPACK table follows
+        if call is None:
             return
-        if self.headers and not end_stream:
+        if call.headers and not end_stream:
             raise GrpcProtocolError("a second header block before the answer ended")
-        if not self.headers:
-            self.headers = fields
+        if not call.headers:
+            call.headers = fields
         else:
-            self.trailers = fields
+            call.trailers = fields
         if end_stream:
-            self._finish()
+            self._finish(call)

@@ -218,7 +218,7 @@ def _json_k(got, b: int) -> int | None:
     if t is None or not np.issubdtype(t, np.integer) or not data or type(data[0]) is not int:
         return None
     k = data[0]
-    if data.count(k) != b or not all(type(x) is int for x in data):     # count: 10 == 10.0 == True
+    if data.count(k) != b or set(map(type, data)) != {int}:          # count: 10 == 10.0 == True
         return None
     info = np.iinfo(t)
     return k if info.min <= k <= info.max else None

@@ -142,35 +142,112 @@ def test_trailers_stay_right_while_the_server_table_moves(server):
     assert run(go()) == [(0, v.encode(), v.encode()) for v in values]
 
 
-def test_a_timeout_fails_the_call_and_the_next_call_reconnects(server):
+def test_a_timeout_fails_its_call_only_and_resets_its_stream(server):
+    """The late call ends in TimeoutError and its stream is reset (RST_STREAM CANCEL); the connection, and a
+    call in flight beside it, carry on."""
     async def go():
         c = RawGRPC("127.0.0.1", server, PATH, timeout_s=0.5)
         try:
-            first = c.conn
-            with pytest.raises(TimeoutError, match="no answer within 0.5 s"):
-                await c.call(b"s")
-            assert c.conn is None
+            late = asyncio.ensure_future(c.call(b"s"))
+            await asyncio.sleep(0.05)
+            conn = c.conn
             c.timeout_s = 30
-            got = await c.call(b"eagain")
-            return got, first is not c.conn
+            beside = asyncio.ensure_future(c.call(b"d" + b"x" * 200_000))
+            with pytest.raises(TimeoutError, match="no answer within 0.5 s"):
+                await late
+            assert 1 not in conn.calls, "the timed-out stream should be closed on our side"
+            got = [await beside, await c.call(b"eagain")]
+            return got, c.conn is conn, conn.stream
         finally:
             c.close()
-    got, new_conn = run(go())
-    assert got == (0, "", b"again") and new_conn
+    got, same_conn, last_stream = run(go())
+    assert got == [(0, "", hashlib.sha256(b"x" * 200_000).digest()), (0, "", b"again")]
+    assert same_conn and last_stream == 5
 
 
-def test_one_call_at_a_time(server):
+def test_concurrent_calls_share_one_connection_and_get_their_own_answers(server):
+    """300 calls at once on one connection (echoes, digests of requests past the windows, 1 MiB answers,
+    refusals): each gets its own answer, on streams 1, 3, ... of the same connection."""
+    big = bytes((i * 31) % 253 for i in range(150_000))
+
+    def case(i):
+        kind = i % 4
+        if kind == 0:
+            return b"e" + str(i).encode() * (i % 9), (0, "", str(i).encode() * (i % 9))
+        if kind == 1:
+            return b"d" + big[i:], (0, "", hashlib.sha256(big[i:]).digest())
+        if kind == 2:
+            return b"b", (0, "", bytes(range(256)) * 4096)
+        return (b"a" + bytes([grpc.StatusCode.NOT_FOUND.value[0]]) + f"no {i}".encode(),
+                (grpc.StatusCode.NOT_FOUND.value[0], f"no {i}", b""))
+    cases = [case(i) for i in range(300)]
+
+    async def go():
+        c = RawGRPC("127.0.0.1", server, PATH, timeout_s=30)
+        try:
+            first = await c.call(b"efirst")                 # open the connection, then all at once
+            conn = c.conn
+            got = await asyncio.gather(*(c.call(req) for req, _ in cases))
+            return first, got, c.conn is conn, conn.stream, len(conn.calls)
+        finally:
+            c.close()
+    first, got, same_conn, last_stream, still_open = run(go())
+    assert first == (0, "", b"first")
+    assert got == [want for _, want in cases]
+    assert same_conn and last_stream == 2 * 301 - 1 and still_open == 0
+
+
+def test_calls_wait_for_the_servers_stream_limit():
+    """A server that allows 3 concurrent streams (SETTINGS_MAX_CONCURRENT_STREAMS): 12 calls at once all
+    succeed, never more than 3 in the handler at a time."""
+    lock, state = threading.Lock(), {"now": 0, "peak": 0}
+
+    def slowish(request, context):
+        with lock:
+            state["now"] += 1
+            state["peak"] = max(state["peak"], state["now"])
+        time.sleep(0.1)
+        with lock:
+            state["now"] -= 1
+        return request
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=[("grpc.max_concurrent_streams", 3)])
+    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Raw", {"Call": grpc.unary_unary_rpc_method_handler(slowish)}),))
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+
+    async def go():
+        c = RawGRPC("127.0.0.1", port, PATH, timeout_s=30)
+        try:
+            await c.call(b"open")
+            limit = c.conn.max_streams
+            return limit, await asyncio.gather(*(c.call(str(i).encode()) for i in range(12)))
+        finally:
+            c.close()
+    try:
+        limit, got = run(go())
+    finally:
+        srv.stop(grace=None)
+    assert limit == 3
+    assert got == [(0, "", str(i).encode()) for i in range(12)]
+    assert state["peak"] == 3, state
+
+
+def test_a_cancelled_call_resets_its_stream_and_the_connection_goes_on(server):
     async def go():
         c = RawGRPC("127.0.0.1", server, PATH, timeout_s=30)
         try:
             slow = asyncio.ensure_future(c.call(b"s"))
-            await asyncio.sleep(0.2)
-            with pytest.raises(RuntimeError, match="one call at a time"):
-                await c.call(b"e")
-            return await slow
+            await asyncio.sleep(0.1)
+            conn = c.conn
+            slow.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await slow
+            assert not conn.calls
+            return await c.call(b"eafter"), c.conn is conn
         finally:
             c.close()
-    assert run(go()) == (0, "", b"late")
+    assert run(go()) == ((0, "", b"after"), True)
 
 
 def test_a_server_that_goes_away_mid_call_fails_the_call():

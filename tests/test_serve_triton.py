@@ -8,8 +8,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -188,9 +186,10 @@ def test_dpr_serve_triton(export_dir, engine, tmp_path):
 
         good = triton_grpc_requests([inputs(tg, hist, [None, "no horror"], k=[7, 7]), inputs(tg, [["i9"]], k=[2])])
         bad = triton_grpc_requests([inputs(tg, [["no-such-id"]], k=[2])])
-        for run_grpc in (run_triton_grpc_raw, run_triton_grpcio):
-            out = asyncio.run(run_grpc(f"127.0.0.1:{grpc}", good, 2, 2, LoadConfig(requests=16, duration_s=60)))
-            assert out["errors"] == 0 and out["calls"] == 8, (run_grpc.__name__, out)
+        for run_grpc, conns in ((run_triton_grpc_raw, 1), (run_triton_grpc_raw, 0), (run_triton_grpcio, 1)):
+            out = asyncio.run(run_grpc(f"127.0.0.1:{grpc}", good, 2, 2,
+                                       LoadConfig(requests=16, duration_s=60, grpc_connections=conns)))
+            assert out["errors"] == 0 and out["calls"] == 8, (run_grpc.__name__, conns, out)
             out = asyncio.run(run_grpc(f"127.0.0.1:{grpc}", good + bad, 1, 1, LoadConfig(requests=6, duration_s=60),
                                        warm=[]))
             assert out["errors"] == 2 and out["calls"] == 6 and "INVALID_ARGUMENT" in out["error_sample"], out
@@ -203,6 +202,29 @@ def test_dpr_serve_triton(export_dir, engine, tmp_path):
             finally:
                 c.close()
         code, _, body = asyncio.run(raw_answer(good[0].SerializeToString()))
+        # many calls at once on one connection (HTTP/2 streams, as the load test's clients share one): each gets
+        # the answer it gets alone
+        many = [r.SerializeToString() for r in triton_grpc_requests(
+            [inputs(tg, [[f"i{j % 40 + 1}", f"i{j % 13 + 2}"][: 1 + j % 2]], k=[1 + j % 6]) for j in range(24)])]
+
+        async def raw_at_once(msgs):
+            c = RawGRPC("127.0.0.1", grpc, GRPC_INFER, timeout_s=60)
+            try:
+                return await asyncio.gather(*(c.call(m) for m in msgs)), c.conn.stream
+            finally:
+                c.close()
+        together, last_stream = asyncio.run(raw_at_once(many))
+        assert last_stream == 2 * len(many) - 1, "every call should be a stream of the one connection"
+        for msg, got in zip(many, together):
+            alone = asyncio.run(raw_answer(msg))
+            assert got[0] == 0 and alone[0] == 0
+            a, b = ({o.name: raw for o, raw in zip(m.outputs, m.raw_output_contents)}
+                    for m in (service_pb2.ModelInferResponse.FromString(x[2]) for x in (got, alone)))
+            assert sorted(a) == ["counts", "item_ids", "scores"] and a.keys() == b.keys()
+            assert a["item_ids"] == b["item_ids"] and a["counts"] == b["counts"]
+            # scores may differ in their last bits with the rows a request is batched with (assert_same)
+            np.testing.assert_allclose(np.frombuffer(a["scores"], np.float32), np.frombuffer(b["scores"], np.float32),
+                                       rtol=1e-5, atol=1e-5)
         assert code == 0
         mine = service_pb2.ModelInferResponse.FromString(body)
         theirs = gc.infer("dpr", inputs(tg, hist, [None, "no horror"], k=[7, 7])).get_response()

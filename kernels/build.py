@@ -254,7 +254,10 @@ def _targets(cxx: str | None, nvcc: str | None, ort_inc: Path | None) -> dict[st
                                            "history_pad_api.h", "json_render_cpu.cc", "json_render_api.h",
                                            "bytes_tensor_cpu.cc", "bytes_tensor_api.h", "json_lex.h",
                                            "v2_json_parse_cpu.cc", "v2_json_parse_api.h"], [cxx],
-                               lambda tmp, out: [[cxx, *CXXFLAGS, "-shared", f"-I{k}", f"{k}/id_index_cpu.cc",
+                               # inline members hidden: the shared JSON lexer's (json_lex.h) calls are direct, not
+                               # through the PLT as an exported weak symbol's would be; the C ABI stays exported
+                               lambda tmp, out: [[cxx, *CXXFLAGS, "-shared", "-fvisibility-inlines-hidden", f"-I{k}",
+                                                  f"{k}/id_index_cpu.cc",
                                                   f"{k}/recommend_parse_cpu.cc", f"{k}/history_pad_cpu.cc",
                                                   f"{k}/json_render_cpu.cc", f"{k}/bytes_tensor_cpu.cc",
                                                   f"{k}/v2_json_parse_cpu.cc", "-o", str(out)]])

@@ -17,7 +17,7 @@ KernelError = capi.KernelError
 
 
 def _configure(lib: ctypes.CDLL) -> None:
-    global _render_keep_gil, _float_list_keep_gil
+    global _render_keep_gil, _float_list_keep_gil, _fragment_list_keep_gil
     lib.dpr_render_status_string.restype = ctypes.c_char_p
     lib.dpr_render_status_string.argtypes = [ctypes.c_int]
     lib.dpr_render_double_repr.restype = ctypes.c_int
@@ -34,10 +34,16 @@ def _configure(lib: ctypes.CDLL) -> None:
         _float_list_keep_gil = ctypes.PyDLL(lib._name).dpr_render_float_list
         _float_list_keep_gil.restype = ctypes.c_int
         _float_list_keep_gil.argtypes = [_P, _I64, ctypes.c_char_p, _I64, ctypes.POINTER(_I64)]
+    if hasattr(lib, "dpr_render_fragment_list"):     # the v2 answer's JSON item_ids: the event loop's too
+        _fragment_list_keep_gil = ctypes.PyDLL(lib._name).dpr_render_fragment_list
+        _fragment_list_keep_gil.restype = ctypes.c_int
+        _fragment_list_keep_gil.argtypes = [_P, _I64, ctypes.c_char_p, _P, _I64, _I64, ctypes.c_char_p, _I64,
+                                            ctypes.POINTER(_I64)]
 
 
 _render_keep_gil = None      # set by _configure when the library is loaded
 _float_list_keep_gil = None  # set by _configure when the library has it
+_fragment_list_keep_gil = None  # set by _configure when the library has it
 
 
 def float_list_json(values: np.ndarray) -> bytes | None:
@@ -52,6 +58,23 @@ def float_list_json(values: np.ndarray) -> bytes | None:
     status = _float_list_keep_gil(v.ctypes.data, len(v), out, cap, ctypes.byref(written))
     if status != 0:
         raise KernelError(f"cannot render these floats: {id_index.library().dpr_render_status_string(status).decode()}")
+    return ctypes.string_at(out, written.value)
+
+
+def fragment_list_json(frags: "Fragments", indices: np.ndarray) -> bytes | None:
+    """``"[" + ", ".join(fragment of each index) + "]"`` (see json_render_api.h): with each fragment an element's
+    ``json.dumps`` text, the bytes ``json.dumps`` writes for the list. None when the library is not built or
+    predates it; an index outside the fragments raises KernelError."""
+    if library() is None or _fragment_list_keep_gil is None:
+        return None
+    ix = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
+    cap = 2 + len(ix) * (frags.longest + 2)
+    out = ctypes.create_string_buffer(cap)
+    written = _I64(0)
+    status = _fragment_list_keep_gil(ix.ctypes.data, len(ix), frags.blob, frags.offsets.ctypes.data, frags.count,
+                                     len(frags.blob), out, cap, ctypes.byref(written))
+    if status != 0:
+        raise KernelError(f"cannot render this list: {id_index.library().dpr_render_status_string(status).decode()}")
     return ctypes.string_at(out, written.value)
 
 

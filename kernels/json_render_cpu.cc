@@ -161,6 +161,29 @@ int dpr_render_float_list(const float* v, int64_t n, char* out, int64_t capacity
   return DPR_RENDER_OK;
 }
 
+int dpr_render_fragment_list(const int64_t* indices, int64_t n, const char* frags, const int64_t* frag_offsets,
+                             int64_t n_frags, int64_t frags_len, char* out, int64_t capacity, int64_t* written) {
+  if (written == nullptr || out == nullptr || frags == nullptr || frag_offsets == nullptr ||
+      (indices == nullptr && n > 0))
+    return DPR_RENDER_NULL_POINTER;
+  *written = 0;
+  if (n < 0 || n_frags < 1 || frags_len < 0 || capacity < 0) return DPR_RENDER_BAD_ARGUMENT;
+  Writer w{out, out + capacity};
+  w.put("[", 1);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t i = indices[j];
+    if (i < 0 || i >= n_frags) return DPR_RENDER_BAD_INDEX;
+    const int64_t a = frag_offsets[i], b = frag_offsets[i + 1];
+    if (a < 0 || b < a || b > frags_len) return DPR_RENDER_BAD_ARGUMENT;
+    if (j) w.put(", ", 2);
+    w.put(frags + a, static_cast<size_t>(b - a));
+  }
+  w.put("]", 1);
+  if (!w.ok) return DPR_RENDER_SHORT_BUFFER;
+  *written = w.o - out;
+  return DPR_RENDER_OK;
+}
+
 int dpr_render_recommend_rows(const int64_t* indices, const float* scores, int64_t rows, int64_t cols,
                               const int64_t* counts, int64_t k, const char* frags, const int64_t* frag_offsets,
                               int64_t n_frags, int64_t frags_len, const char* reasons,

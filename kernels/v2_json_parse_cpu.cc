@@ -226,21 +226,52 @@ class V2Parser : public dpr_json::Lexer {
         } else {
           for (;;) {
             ws();
-            if (!scalar(slot)) return false;
-            const int more = after_element(']');
+            const int more = element(slot);
             if (more < 0) return false;
             if (!more) break;
           }
         }
-      } else if (!scalar(slot)) {
-        return false;
+        const int more = after_element(']');
+        if (more < 0) return false;
+        if (!more) break;
+        continue;
       }
-      const int more = after_element(']');
+      const int more = element(slot);
       if (more < 0) return false;
       if (!more) break;
     }
     f[5] = filled(slot) - f[6];
     return true;
+  }
+
+  // One element of a "data" list and what follows it: 1 (another follows), 0 (the list ended), -1 (failed). A
+  // history id of plain ASCII (no escape, no control byte), the bulk of a large call, is read in one loop without
+  // calls: as string_span() and after_element() read it, which read everything else.
+  int element(int slot) {
+    if (slot == DPR_V2P_HISTORY && at('"')) {
+      const char* start = p_ + 1;
+      const char* q = start;
+      while (q < end_) {
+        const unsigned char c = static_cast<unsigned char>(*q);
+        if (c == '"' || c == '\\' || c < 0x20 || c >= 0x80) break;
+        ++q;
+      }
+      if (q < end_ && *q == '"') {
+        if (ids.size() >= max_elems_) return fail(DPR_V2P_SHORT_BUFFER), -1;
+        dpr_json::StringSpans::Span& sp = ids.spans.emplace_back();
+        sp.off = start - begin_;
+        sp.len = q - start;
+        sp.decoded = false;
+        p_ = q + 1;
+        if (at(',')) {                            // the separator, mostly right after the string
+          ++p_;
+          return 1;
+        }
+        return after_element(']');
+      }
+    }
+    if (!scalar(slot)) return -1;
+    return after_element(']');
   }
 
   bool scalar(int slot) {

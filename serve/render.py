@@ -26,6 +26,7 @@ class Tables:
         self.ids_bytes = np.array([b""] + [a.encode("utf-8") for a in ids], dtype=object)
         self._item_ids = ids
         self._native = None
+        self._json_ids = None
         self._id_index = None
         self._wire = None
 
@@ -37,6 +38,17 @@ class Tables:
 
             self._native = json_render.Fragments(self.fragment) if json_render.library() is not None else False
         return self._native or None
+
+    def json_ids(self):
+        """Each catalogue id's ``json.dumps`` text packed for the native renderer (index 0: the padding's ``""``):
+        the v2 route's JSON ``item_ids`` (``json_render.fragment_list_json``), or None when its library is not
+        built."""
+        if self._json_ids is None:
+            from dpr.kernels import json_render
+
+            self._json_ids = (json_render.Fragments([json.dumps(a) for a in self.ids_str.tolist()])
+                              if json_render.library() is not None else False)
+        return self._json_ids or None
 
     def id_index(self):
         """The catalogue's id index for the native body readers (``serve/body_columns.py``, ``serve/v2_columns.py``),

@@ -173,11 +173,14 @@ def answer_form(req: dict, inputs: dict) -> InferRequest:
 NATIVE_FLOATS_MIN = 24
 
 
-def encode_infer_response(model: str, req: InferRequest, tensors: dict) -> tuple[bytes, dict | None]:
+def encode_infer_response(model: str, req: InferRequest, tensors: dict,
+                          rendered: dict | None = None) -> tuple[bytes, dict | None]:
     """The answer's body (JSON, then the binary outputs' bytes) and its headers (None: plain JSON). The JSON is
     ``json.dumps`` of ``{"model_name", "model_version", "outputs": [{"name", "datatype", "shape", "data" |
     "parameters"}, ...], "id"}``, byte for byte; a long FP32 ``data`` list is rendered natively where the library is
-    built (``json_render.float_list_json``) and spliced in."""
+    built (``json_render.float_list_json``) and spliced in, and so is ``rendered[name]``: an output's ``data`` list
+    as json.dumps writes it, rendered by the caller (``v2_columns.response``: the item ids), used when that output
+    goes as JSON."""
     names = req.outputs if req.outputs is not None else list(tensors)
     unknown = [n for n in names if n not in tensors]
     if unknown:
@@ -196,6 +199,8 @@ def encode_infer_response(model: str, req: InferRequest, tensors: dict) -> tuple
             blobs.append(blob)
         elif dt == "FP32" and arr.size >= NATIVE_FLOATS_MIN and (text := _float_data(arr)) is not None:
             spliced[len(outs)] = text           # json.dumps' text of the list: "data" is written around it below
+        elif rendered and n in rendered:
+            spliced[len(outs)] = rendered[n]
         else:
             flat = arr.reshape(-1).tolist()
             if dt == "BYTES" and bytes in set(map(type, flat)):

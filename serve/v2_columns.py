@@ -37,6 +37,10 @@ from .v2 import NUMPY, InferRequest, _flatten, answer_form, decode_infer_request
 
 __all__ = ["MIN_BYTES", "read", "read_call", "read_json", "read_json_python", "response"]
 
+# answers with at least this many item ids get them rendered natively (as NATIVE_FLOATS_MIN, v2.py: below it the
+# native call costs more than json.dumps saves)
+NATIVE_IDS_MIN = 24
+
 
 def read_call(body: bytes, header_length: str | None, engine, cfg, native: bool) -> tuple[list, InferRequest]:
     """A v2 infer call as ``[(Part, rows)]`` and its answer's form: read by :func:`read` when ``native`` and it
@@ -55,9 +59,30 @@ def response(model: str, engine, req: InferRequest, parts: list, results: list):
     InputError for an output the model does not return."""
     from starlette.responses import Response
 
-    out = tensors_from_results(engine, sum(len(rows) for _, rows in parts), parts, results, as_bytes=False)
-    content, headers = encode_infer_response(model, req, out)
+    b = sum(len(rows) for _, rows in parts)
+    out = tensors_from_results(engine, b, parts, results, as_bytes=False)
+    content, headers = encode_infer_response(model, req, out, _rendered_ids(engine, req, b, parts, results, out))
     return Response(content, headers=headers, media_type=None if headers else "application/json")
+
+
+def _rendered_ids(engine, req: InferRequest, b: int, parts: list, results: list, out: dict) -> dict | None:
+    """``{"item_ids": the JSON text of its data list}`` rendered natively from the results' catalogue indices (the
+    bytes json.dumps writes for ``out["item_ids"]``), for an answer of at least NATIVE_IDS_MIN ids sent as JSON; else
+    None (json.dumps writes it)."""
+    ids = out["item_ids"]
+    if ids.size < NATIVE_IDS_MIN or "*" in req.binary or "item_ids" in req.binary \
+            or (req.outputs is not None and "item_ids" not in req.outputs):
+        return None
+    frags = tables(engine).json_ids()
+    if frags is None:
+        return None
+    from dpr.kernels import json_render
+
+    idx = np.zeros(ids.shape, np.int64)                    # laid out as tensors_from_results lays out the ids
+    for (part, rows), res in zip(parts, results):
+        idx[np.asarray(rows), :res.indices.shape[1]] = res.indices
+    text = json_render.fragment_list_json(frags, idx)
+    return None if text is None else {"item_ids": text.decode("ascii")}
 
 
 def read(body: bytes, header_length: str | None, engine, cfg) -> tuple[Part, InferRequest] | None:

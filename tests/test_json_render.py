@@ -139,3 +139,23 @@ def test_float_list_is_json_dumps_of_the_float32_values(n):
     # bit patterns across the whole float32 range, signalling NaNs and subnormals among them
     bits = rng.integers(0, 2 ** 32, 4096, dtype=np.uint64).astype(np.uint32).view(np.float32)
     assert json_render.float_list_json(bits) == json.dumps(bits.tolist()).encode()
+
+
+@pytest.mark.parametrize("n", [0, 1, 9, 5120])
+def test_fragment_list_is_json_dumps_of_the_ids(n):
+    """The v2 route's JSON ``item_ids``: each id's json.dumps text gathered by index is json.dumps of the list,
+    for ids with quotes, backslashes, control characters and non-ASCII, and the padding's empty string."""
+    ids = ["", "i1", 'q"uote', "back\\slash", "é漢🙂", "tab\there\n", "\x00\x1f", "x" * 300, "i1 "]
+    frags = json_render.Fragments([json.dumps(a) for a in ids])
+    rng = np.random.default_rng(n)
+    idx = rng.integers(0, len(ids), n)
+    want = json.dumps([ids[i] for i in idx.tolist()]).encode()
+    for shaped in (idx, idx.reshape(-1, 1) if n else idx, idx.astype(np.int32)):
+        assert json_render.fragment_list_json(frags, shaped) == want
+
+
+@pytest.mark.parametrize("bad", [-1, 9, 2 ** 40])
+def test_fragment_list_refuses_an_index_outside_the_fragments(bad):
+    frags = json_render.Fragments([json.dumps(a) for a in ["", "a", "b", "c", "d", "e", "f", "g", "h"]])
+    with pytest.raises(json_render.KernelError, match="index"):
+        json_render.fragment_list_json(frags, np.array([1, bad, 2]))

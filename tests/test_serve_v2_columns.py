@@ -355,6 +355,43 @@ def test_every_json_call_the_checked_path_would_word_is_declined(engine, ids, js
         assert (v2_columns.read(data, None, engine, wide) is not None) is taken, k
 
 
+@pytest.mark.parametrize("rows, ks", [(1, (2, 5)), (2, (3, 12)), (3, (3, 12)), (40, (3, 12))])  # 15 ids: plain
+def test_the_answer_with_natively_rendered_ids_is_the_plain_answer(engine, ids, rows, ks, monkeypatch):
+    """``response`` renders a JSON answer's item_ids natively from the results' indices when it has 24 ids or more
+    (``v2_columns.NATIVE_IDS_MIN``): the same bytes as the plain encoder writes for the ids ``tensors_from_results``
+    builds (itself json.dumps of the answer, tests/test_serve_v2_decode.py), with two parts of different k (the
+    smaller k's rows padded with ""), in every answer form; and only then."""
+    from dpr.kernels import json_render
+    from dpr.serve.columns import run_parts
+    from dpr.serve.tensors import tensors_from_results
+    from dpr.serve.v2 import InferRequest, encode_infer_response
+
+    if json_render.library() is None:
+        pytest.skip("libdpr_id_index.so is not built (python -m dpr.kernels.build)")
+    calls = []
+    real = json_render.fragment_list_json
+    monkeypatch.setattr(json_render, "fragment_list_json", lambda *a: calls.append(1) or real(*a))
+    rng = np.random.default_rng(rows)
+    parts, start = [], 0
+    for n, k in zip((rows, rows + 1), ks):
+        (part, _), = checked(*body(tensors(rng, n, ids, k=[k] * n)))
+        parts.append((part, range(start, start + n)))
+        start += n
+    results = run_parts(engine, [p for p, _ in parts])
+    plain = tensors_from_results(engine, start, parts, results, as_bytes=False)
+    assert (plain["item_ids"] == "").any(), "the smaller k's rows should be padded to the larger k"
+    forms = [InferRequest(None, {}), InferRequest("x", {}, ["item_ids", "counts"]),
+             InferRequest(None, {}, None, {"item_ids"}), InferRequest(None, {}, ["scores"], {"scores"}),
+             InferRequest(None, {}, None, {"*"})]
+    for form in forms:
+        calls.clear()
+        got = v2_columns.response("dpr", engine, form, parts, results)
+        want, headers = encode_infer_response("dpr", form, plain)
+        assert got.body == want, form
+        json_ids = (form.outputs is None or "item_ids" in form.outputs) and not form.binary & {"*", "item_ids"}
+        assert len(calls) == int(json_ids and plain["item_ids"].size >= v2_columns.NATIVE_IDS_MIN), form
+
+
 def test_the_route_answers_binary_calls_as_the_engine_does(export_dir, engine, ids, tmp_path):
     """Through the service: a large plain binary call (the native reader) and one it declines (mixed k) both
     answer as ``Engine.recommend``; ``--http-body-parser python`` answers the first with the same bytes."""

@@ -27,11 +27,24 @@ _FIELDS = 7
 _INFO = len(SLOTS) * _FIELDS + 6
 
 
+# Bodies below this many bytes are read through a PyDLL handle, keeping the GIL: a one-request call is read in about
+# a microsecond, and a call that drops the GIL then queues behind the engine's threads to get it back (as the
+# renderer, json_render.py); larger bodies drop it so the engine's threads run while they are read.
+KEEP_GIL_BELOW = 16384
+
+
 def _configure(lib: ctypes.CDLL) -> None:
+    global _parse_keep_gil
     lib.dpr_v2_json_parse_status_string.restype = ctypes.c_char_p
     lib.dpr_v2_json_parse_status_string.argtypes = [ctypes.c_int]
     lib.dpr_v2_json_parse.restype = ctypes.c_int
     lib.dpr_v2_json_parse.argtypes = [_P, ctypes.c_char_p, _I64, _I64] + [_P] * 7
+    _parse_keep_gil = ctypes.PyDLL(lib._name).dpr_v2_json_parse
+    _parse_keep_gil.restype = ctypes.c_int
+    _parse_keep_gil.argtypes = lib.dpr_v2_json_parse.argtypes
+
+
+_parse_keep_gil = None       # set by _configure when the library is loaded
 
 
 def library() -> ctypes.CDLL | None:
@@ -62,26 +75,30 @@ def parse_status(index: "id_index.IdIndex", body: bytes) -> tuple[int, Parsed | 
         raise KernelError("this IdIndex is closed")
     n = len(body)
     cap = n // 2 + 1
-    history = np.empty(cap, np.int64)
-    ints = np.empty(cap, np.int64)
-    bools = np.empty(cap, np.uint8)
-    str_offsets = np.empty(cap + 1, np.int64)
-    str_bytes = np.empty(max(n, 1), np.uint8)                # written only as far as the prompts reach
-    info = np.zeros(_INFO, np.int64)
-    where = _I64(0)
-    status = lib.dpr_v2_json_parse(handle, body, n, cap, history.ctypes.data, ints.ctypes.data, bools.ctypes.data,
-                                   str_offsets.ctypes.data, str_bytes.ctypes.data, info.ctypes.data,
-                                   ctypes.byref(where))
+    # one int64 scratch for every int64 column (history, ints, str_offsets, info, where) and one byte scratch (bools,
+    # str_bytes): a one-request call spent more in allocating seven arrays and their ctypes views than in the parse
+    words = np.empty(3 * cap + 1 + _INFO + 1, np.int64)
+    raw_bytes = np.empty(cap + max(n, 1), np.uint8)
+    w0, b0 = words.ctypes.data, raw_bytes.ctypes.data
+    o_ints, o_offs, o_info = cap, 2 * cap, 3 * cap + 1
+    o_where = o_info + _INFO
+    call = _parse_keep_gil if n < KEEP_GIL_BELOW and _parse_keep_gil is not None else lib.dpr_v2_json_parse
+    status = call(handle, body, n, cap, w0, w0 + 8 * o_ints, b0, w0 + 8 * o_offs, b0 + cap, w0 + 8 * o_info,
+                  w0 + 8 * o_where)
+    where = int(words[o_where])
     if status in (NULL_POINTER, SHORT_BUFFER, OUT_OF_MEMORY):
         raise KernelError(f"v2 JSON reader failed: {lib.dpr_v2_json_parse_status_string(status).decode()}")
     if status != OK:
-        return status, None, where.value
+        return status, None, where
+    info = words[o_info:o_info + _INFO].tolist()
+    history, ints, str_offsets = words[:cap], words[o_ints:o_offs], words[o_offs:o_info]
+    bools, str_bytes = raw_bytes[:cap], raw_bytes[cap:]
     inputs = {}
     used = max([int(str_offsets[info[s * _FIELDS + 6] + info[s * _FIELDS + 5]]) for s in (1, 2) if info[s * _FIELDS]],
                default=0)
     raw = str_bytes[:used].tobytes()                          # the prompts' bytes only, not the whole buffer
     for s, name in enumerate(SLOTS):
-        present, dt, ndim, d0, d1, count, first = info[s * _FIELDS:(s + 1) * _FIELDS].tolist()
+        present, dt, ndim, d0, d1, count, first = info[s * _FIELDS:(s + 1) * _FIELDS]
         if not present:
             continue
         if name == "history":
@@ -97,10 +114,10 @@ def parse_status(index: "id_index.IdIndex", body: bytes) -> tuple[int, Parsed | 
     spans = {}
     base = len(SLOTS) * _FIELDS
     for i, key in enumerate(("id", "outputs", "parameters")):
-        a, b = int(info[base + 2 * i]), int(info[base + 2 * i + 1])
+        a, b = info[base + 2 * i], info[base + 2 * i + 1]
         if a >= 0:
             spans[key] = body[a:b]
-    return OK, Parsed(inputs, spans), where.value
+    return OK, Parsed(inputs, spans), where
 
 
 def parse(index: "id_index.IdIndex", body: bytes) -> Parsed | None:

@@ -468,17 +468,19 @@ def run(cfg: LoadConfig) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     qd = ["--max-queue-delay-us", str(cfg.max_queue_delay_us), "--log-level", "warning"]
 
-    def scenario(target, sc, url, pgid):
+    def scenario(target, sc, url, pgid, counts):
         base = inproc.measure()["rps"]                       # the same minutes as the scenario
         start = {}
 
         def mark():
             start["server"], start["client"] = group_cpu_seconds(pgid), time.process_time()
+            start["engine"] = counts()
 
         r = _scenario(target, sc, url, batches, cfg, mark)
         # CPU per request does not depend on what else the shared VM runs; wall-clock throughput does
         r["server_cpu_ms_per_1k"] = round((group_cpu_seconds(pgid) - start["server"]) / max(1, r["requests"]) * 1e6, 1)
         r["client_cpu_ms_per_1k"] = round((time.process_time() - start["client"]) / max(1, r["requests"]) * 1e6, 1)
+        r["rows_per_engine_call"] = _rows_per_call(start.get("engine"), counts())
         r["in_process_rps"] = base
         r["vs_in_process"] = round(r["rps"] / base, 3) if base else None
         results.append(r)
@@ -490,7 +492,7 @@ def run(cfg: LoadConfig) -> dict:
             with Server(cmd, port, env=env, log_path=Path(work) / "http.log").start(300) as s:
                 for target in [t for t in targets if t.startswith("http")]:
                     for sc in scenarios:
-                        scenario(target, sc, s.url, s.proc.pid)
+                        scenario(target, sc, s.url, s.proc.pid, lambda: service_engine_counts(s.url))
         tr = [t for t in targets if t.startswith("triton")]
         if tr:
             if not Path(cfg.triton_python).exists():
@@ -504,12 +506,49 @@ def run(cfg: LoadConfig) -> dict:
                     for target in tr:
                         url = f"127.0.0.1:{grpc if target.endswith('grpc') else http}"
                         for sc in scenarios:
-                            scenario(target, sc, url, s.proc.pid)
+                            scenario(target, sc, url, s.proc.pid, lambda: triton_engine_counts(s.url))
     results.append({**inproc.measure(), "target": "in-process (end)"})
     engine_desc = inproc.engine.choice_reason
     inproc.close()
     return {"config": dataclasses.asdict(cfg), "machine": machine_info(), "model": model_info, "engine": engine_desc,
             "results": results, "targets_met": _targets(results)}
+
+
+def service_engine_counts(url: str) -> tuple[float, float] | None:
+    """(rows, engine calls) the HTTP service has run so far, from its /metrics (``dpr_batch_size``), or None."""
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=10).read().decode()
+    except OSError:
+        return None
+    got = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("dpr_batch_size_sum", "dpr_batch_size_count"):
+            got[name] = float(value)
+    return (got["dpr_batch_size_sum"], got["dpr_batch_size_count"]) if len(got) == 2 else None
+
+
+def triton_engine_counts(url: str) -> tuple[float, float] | None:
+    """(rows, model executions) tritonserver has run so far, from its statistics extension
+    (``/v2/models/dpr/stats``: inference_count, execution_count), or None."""
+    import urllib.request
+
+    try:
+        stats = json.loads(urllib.request.urlopen(url.rstrip("/") + "/v2/models/dpr/stats", timeout=10).read())
+        m = stats["model_stats"][0]
+        return float(m["inference_count"]), float(m["execution_count"])
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+
+
+def _rows_per_call(before, after) -> float | None:
+    """Mean rows per engine call between two counts (a diagnostic: single-request rows cost more per row in
+    small batches)."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 1)
 
 
 def _scenario(target: str, sc: str, url: str, batches, cfg: LoadConfig, mark=None) -> dict:
@@ -584,15 +623,16 @@ def _targets(results: list) -> dict:
 
 def table(rep: dict) -> str:
     lines = ["| target | scenario | clients x requests/call | requests/s | in-process just before | ratio | "
-             "p50 ms | p90 ms | p99 ms | errors | server CPU ms / 1k req | client CPU ms / 1k req |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "p50 ms | p90 ms | p99 ms | errors | server CPU ms / 1k req | client CPU ms / 1k req | rows / engine call |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rep["results"]:
         cl = f"{r['clients']} x {r['requests_per_call']}"
         base = r.get("in_process_rps")
         ratio = f"{r['vs_in_process']:.2f}" if base else ""
         lines.append(f"| {r['target']} | {r['scenario']} | {cl} | {r['rps']:.0f} | {base or ''} | {ratio} | "
                      f"{r['p50_ms']} | {r['p90_ms']} | {r['p99_ms']} | {r['errors']} | "
-                     f"{r.get('server_cpu_ms_per_1k', '')} | {r.get('client_cpu_ms_per_1k', '')} |")
+                     f"{r.get('server_cpu_ms_per_1k', '')} | {r.get('client_cpu_ms_per_1k', '')} | "
+                     f"{r.get('rows_per_engine_call') or ''} |")
     return "\n".join(lines)
 
 

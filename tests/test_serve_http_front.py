@@ -420,15 +420,20 @@ def test_v2_calls_are_answered_by_the_front_as_by_the_asgi_route(fronts, engine,
         extra = f"inference-header-content-length: {hl}\r\n" if hl is not None else ""
         ctype = "application/octet-stream" if hl is not None else "application/json"
         before = len(fast_v2)
+        json_reads.clear()
         (b,), _ = exchange(url_b, post(path, body, ctype, extra), 1)
         (a,), _ = exchange(url_a, post(path, body, ctype, extra), 1)
         assert (b[0], b[2]) == (a[0], a[2]), what
         for h in ("content-type", "inference-header-content-length", "content-length"):
             assert b[1].get(h) == a[1].get(h), (what, h)
         assert fast_v2[before:] == ([("/v2/models/{model}/infer", 200)] if fast else []), what
+        # the native JSON reader takes every plain JSON call, small or large, through each front; it leaves the
+        # others to the checked path (one whose unknown output only the answer finds is read by the batching front,
+        # then again by the route it hands the call to)
+        taken = 3 if what == "json, an unknown output" else 2 if hl is None and fast else 0
+        assert json_reads.count(True) == taken, (what, json_reads)
         statuses.append(b[0])
     assert statuses == [200] * 9 + [422] * 4, statuses
-    assert json_reads.count(True) == 2               # the large JSON call, through each front
     # the answers are the engine's: the JSON case with prompts
     hist, prompts = [["i1", "i2", "i3"], ["i10"], ["i4", "i9", "i33", "i120", "i7"]], ["something funny", None,
                                                                                      "caf\u00e9 \u2603"]

@@ -127,5 +127,7 @@ def test_run_parts_isolates_unknown_ids_in_two_engine_calls(engine, bad_at):
         else:
             want = run_parts(engine, [p])[0]
             np.testing.assert_array_equal(r.indices, want.indices)
-            np.testing.assert_array_equal(r.scores, want.scores)
             np.testing.assert_array_equal(r.counts, want.counts)
+            # a row's scores may differ in their last bit with the rows it is batched with (here 6 Parts against
+            # 1; seen once in a full run: 4.765368938 against 4.765369415), as tests/serve_answers.py allows
+            np.testing.assert_allclose(r.scores, want.scores, rtol=1e-6, atol=1e-6)

@@ -145,6 +145,22 @@ def test_lean_path_answers_as_the_fastapi_route(server):
     assert counts.get("200", 0) >= 2 * (len(VALID) + 1) and counts.get("422", 0) >= 2 * len(bad), counts
 
 
+def test_rows_per_engine_call_come_from_the_services_metrics(server):
+    """The load test's diagnostic column: the rows and engine calls the service counted between two reads of its
+    /metrics (one call of 3 requests: 3 rows in 1 engine call)."""
+    from dpr.serve.load import _rows_per_call, service_engine_counts
+
+    before = service_engine_counts(server.url)
+    assert before is not None
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        assert c.post("/recommend", json=[VALID[0]] * 3).status_code == 200     # one k: one engine call
+    after = service_engine_counts(server.url)
+    assert (after[0] - before[0], after[1] - before[1]) == (3, 1)
+    assert _rows_per_call(before, after) == 3.0
+    assert _rows_per_call(after, after) is None and _rows_per_call(None, after) is None
+    assert service_engine_counts("http://127.0.0.1:9") is None      # nothing listens: no count, no crash
+
+
 def test_raw_load_client_keeps_its_connection(server):
     host, port = server.url.split("://")[1].split(":")
     ok = json.dumps(VALID[0]).encode()

@@ -201,7 +201,12 @@ def test_dpr_serve_triton(export_dir, engine, tmp_path):
                 return await c.call(msg)
             finally:
                 c.close()
+        from dpr.serve.load import triton_engine_counts
+
+        before = triton_engine_counts(f"http://127.0.0.1:{http}")
         code, _, body = asyncio.run(raw_answer(good[0].SerializeToString()))
+        after = triton_engine_counts(f"http://127.0.0.1:{http}")       # the load test's rows per engine call
+        assert (after[0] - before[0], after[1] - before[1]) == (2, 1), (before, after)
         # many calls at once on one connection (HTTP/2 streams, as the load test's clients share one): each gets
         # the answer it gets alone
         many = [r.SerializeToString() for r in triton_grpc_requests(

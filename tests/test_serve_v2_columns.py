@@ -83,6 +83,17 @@ def plain_cases(ids, seed: int):
                                   excl=bool(case % 2) if case % 3 == 0 else None)
 
 
+def small_cases(ids, seed: int):
+    """24 calls of 1-3 requests, ``(case, rows, tensors)``, under MIN_BYTES in either encoding: with and without k,
+    prompts, negative prompts and exclude_history, padded after or before the ids."""
+    rng = np.random.default_rng(seed)
+    for case in range(24):
+        rows = 1 + case % 3
+        yield case, rows, tensors(rng, rows, ids, k=[int(rng.integers(1, 20))] * rows if case % 2 else None,
+                                  pad_before=case % 4 == 1, prompts=case % 3 != 2, negatives=case % 5 == 0,
+                                  excl=bool(case % 2) if case % 3 == 0 else None)
+
+
 def test_a_plain_call_is_the_checked_paths_part_in_indices(engine, ids):
     index = {a: i + 1 for i, a in enumerate(ids)}
     for case, rows, t in plain_cases(ids, 0):
@@ -115,11 +126,7 @@ def test_small_binary_calls_are_read_as_the_checked_path_reads_them(engine, ids)
     """Calls under MIN_BYTES (one request, or a few, as tritonclient.http sends them) are read natively too: a
     one-request call costs about half of the checked path's time."""
     index = {a: i + 1 for i, a in enumerate(ids)}
-    rng = np.random.default_rng(12)
-    for case in range(24):
-        rows = 1 + case % 3
-        t = tensors(rng, rows, ids, k=[int(rng.integers(1, 20))] * rows if case % 2 else None, pad_before=case % 4 == 1,
-                    prompts=case % 3 != 2, negatives=case % 5 == 0, excl=bool(case % 2) if case % 3 == 0 else None)
+    for case, rows, t in small_cases(ids, 12):
         data, hl = body(t)
         assert len(data) < v2_columns.MIN_BYTES
         assert_the_checked_part(engine, v2_columns.read(data, hl, engine, CFG), data, hl, rows, index, case)
@@ -267,11 +274,7 @@ def test_small_json_calls_are_read_natively_only(engine, ids, json_reader):
     ids): the native reader takes it, as the checked path reads it (it costs less than that path at any size); the
     Python reader leaves it to the checked path (it saves nothing there)."""
     index = {a: i + 1 for i, a in enumerate(ids)}
-    rng = np.random.default_rng(11)
-    for case in range(24):
-        rows = 1 + case % 3
-        t = tensors(rng, rows, ids, k=[int(rng.integers(1, 20))] * rows if case % 2 else None, pad_before=case % 4 == 1,
-                    prompts=case % 3 != 2, negatives=case % 5 == 0, excl=bool(case % 2) if case % 3 == 0 else None)
+    for case, rows, t in small_cases(ids, 11):
         data = json_body(t, nested=case % 2 == 0)
         assert len(data) < v2_columns.MIN_BYTES
         got = v2_columns.read(data, None, engine, CFG)

@@ -125,7 +125,10 @@ class RawGRPC:
             opening.set_result(conn)
             return conn
         except BaseException as exc:
-            opening.set_exception(exc)
+            # the calls sharing this attempt fail with it (a cancelled opener's as a protocol error: they were not
+            # cancelled themselves)
+            opening.set_exception(exc if isinstance(exc, Exception)
+                                  else GrpcProtocolError("the connection attempt was cancelled"))
             opening.exception()                           # retrieved here: no "never retrieved" warning
             raise
         finally:

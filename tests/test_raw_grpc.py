@@ -197,6 +197,20 @@ def test_concurrent_calls_share_one_connection_and_get_their_own_answers(server)
     assert same_conn and last_stream == 2 * 301 - 1 and still_open == 0
 
 
+def test_calls_made_before_the_connection_is_open_share_it(server):
+    """Calls made at once on a new client wait for the one connection the first of them opens."""
+    async def go():
+        c = RawGRPC("127.0.0.1", server, PATH, timeout_s=30)
+        try:
+            got = await asyncio.gather(*(c.call(b"e" + bytes([65 + i])) for i in range(20)))
+            return got, c.conn.stream
+        finally:
+            c.close()
+    got, last_stream = run(go())
+    assert got == [(0, "", bytes([65 + i])) for i in range(20)]
+    assert last_stream == 2 * 20 - 1
+
+
 def test_calls_wait_for_the_servers_stream_limit():
     """A server that allows 3 concurrent streams (SETTINGS_MAX_CONCURRENT_STREAMS): 12 calls at once all
     succeed, never more than 3 in the handler at a time."""

@@ -22,7 +22,7 @@ What it speaks (RFC 9113 and the gRPC-over-HTTP/2 spec), and nothing more:
   decoded by ``hpack`` (the server's dynamic table is followed on every block; a block that leaves the table as
   it was is cached by its bytes, so a steady stream of identical answers costs a dict lookup);
 * SETTINGS and PING are acknowledged; RST_STREAM fails its call naming the code; GOAWAY fails the calls the
-  server will not answer and the next call reconnects; a call that times out or whose task is cancelled resets
+  server will not answer, the next call opens a new connection and the old one closes when its last call ends; a call that times out or whose task is cancelled resets
   its stream (RST_STREAM CANCEL), and the connection carries on.
 
 A call returns ``(grpc_status, message, body)``: the status from the trailers (0 = OK), grpc-message
@@ -115,7 +115,9 @@ class RawGRPC:
             return conn
         if self._opening is not None:                      # another call is opening it: share that connection
             return await asyncio.shield(self._opening)
-        self.close()
+        if conn is not None and not conn.calls:           # one still answering calls (GOAWAY lets it finish them)
+            conn.close()                                  # closes when its last call ends (call, below)
+        self.conn = None
         loop = asyncio.get_running_loop()
         self._opening = opening = loop.create_future()
         try:
@@ -141,6 +143,8 @@ class RawGRPC:
         finally:
             if conn.closed and self.conn is conn:          # broken or lost: the next call starts afresh
                 self.conn = None
+            elif conn is not self.conn and not conn.calls and not conn.closed:
+                conn.close()                              # a replaced connection's last call has ended
 
     def close(self) -> None:
         if self.conn is not None:

@@ -297,6 +297,45 @@ def test_a_server_that_goes_away_mid_call_fails_the_call():
     assert isinstance(got, GrpcProtocolError) or (got[0] != 0 and got[2] == b""), got
 
 
+def test_a_graceful_goaway_lets_the_calls_in_flight_finish():
+    """The server stops gracefully (GOAWAY) while calls are in flight: a new call opens another connection (here
+    refused: the server has stopped listening) without closing the old one, whose calls are all answered."""
+    from dpr.serve.raw_grpc import MAX_STREAM_ID
+
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+
+    def slow_echo(request, context):
+        time.sleep(1.0)
+        return request
+    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "test.Raw", {"Call": grpc.unary_unary_rpc_method_handler(slow_echo)}),))
+    port = srv.add_insecure_port("127.0.0.1:0")
+    srv.start()
+
+    async def go():
+        c = RawGRPC("127.0.0.1", port, PATH, timeout_s=30)
+        try:
+            calls = [asyncio.ensure_future(c.call(b"m%d" % i)) for i in range(5)]
+            while c.conn is None or len(c.conn.calls) < 5:
+                await asyncio.sleep(0.01)
+            old = c.conn
+            stopping = asyncio.get_running_loop().run_in_executor(None, lambda: srv.stop(grace=10).wait())
+            t0 = time.monotonic()
+            while old.last_stream_allowed == MAX_STREAM_ID and time.monotonic() - t0 < 10:
+                await asyncio.sleep(0.01)
+            assert old.last_stream_allowed < MAX_STREAM_ID, "no GOAWAY with a last stream came"
+            with pytest.raises((OSError, GrpcProtocolError)):
+                await c.call(b"late")                   # a new connection, which the stopped server refuses
+            got = await asyncio.gather(*calls)
+            await stopping
+            return got, old.closed
+        finally:
+            c.close()
+    got, old_closed = run(go())
+    assert got == [(0, "", b"m%d" % i) for i in range(5)]
+    assert old_closed, "the replaced connection should close once its last call ended"
+
+
 def test_a_connection_dropped_mid_call_is_named():
     """A listener that reads the call and closes the socket without answering."""
     import socket

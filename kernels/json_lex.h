@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -93,6 +94,20 @@ class Lexer {
     *start = s;
     *n = static_cast<size_t>(p_ - s);
     ++p_;
+    return true;
+  }
+
+  // An object member's plain key and the colon after it (whitespace around), p_ left at its value; false (declined)
+  // as plain_key, or without the colon.
+  bool member_key(std::string_view* key) {
+    const char* k;
+    size_t n;
+    if (!plain_key(&k, &n)) return false;
+    *key = std::string_view(k, n);
+    ws();
+    if (!at(':')) return decline();
+    ++p_;
+    ws();
     return true;
   }
 

@@ -37,14 +37,8 @@ class V2Parser : public dpr_json::Lexer {
     unsigned seen = 0;
     for (;;) {
       ws();
-      const char* k;
-      size_t n;
-      if (!plain_key(&k, &n)) return false;
-      const std::string_view name(k, n);
-      ws();
-      if (!at(':')) return decline();
-      ++p_;
-      ws();
+      std::string_view name;
+      if (!member_key(&name)) return false;
       static const std::string_view tops[4] = {"inputs", "id", "outputs", "parameters"};
       int which = -1;
       for (int i = 0; i < 4; ++i)
@@ -107,14 +101,8 @@ class V2Parser : public dpr_json::Lexer {
     if (at('}')) return decline();
     for (;;) {
       ws();
-      const char* k;
-      size_t n;
-      if (!plain_key(&k, &n)) return false;
-      const std::string_view key(k, n);
-      ws();
-      if (!at(':')) return decline();
-      ++p_;
-      ws();
+      std::string_view key;
+      if (!member_key(&key)) return false;
       static const std::string_view keys[5] = {"name", "datatype", "shape", "data", "parameters"};
       int which = -1;
       for (int i = 0; i < 5; ++i)

@@ -22,8 +22,9 @@ What it speaks (RFC 9113 and the gRPC-over-HTTP/2 spec), and nothing more:
   decoded by ``hpack`` (the server's dynamic table is followed on every block; a block that leaves the table as
   it was is cached by its bytes, so a steady stream of identical answers costs a dict lookup);
 * SETTINGS and PING are acknowledged; RST_STREAM fails its call naming the code; GOAWAY fails the calls the
-  server will not answer, the next call opens a new connection and the old one closes when its last call ends; a call that times out or whose task is cancelled resets
-  its stream (RST_STREAM CANCEL), and the connection carries on.
+  server will not answer, the next call opens a new connection and the old one closes when its last call ends;
+  a call that times out or whose task is cancelled resets its stream (RST_STREAM CANCEL), and the connection
+  carries on.
 
 A call returns ``(grpc_status, message, body)``: the status from the trailers (0 = OK), grpc-message
 percent-decoded, and the response message's bytes (the 5-byte gRPC prefix removed). Anything the protocol does

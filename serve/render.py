@@ -160,9 +160,3 @@ def _ranks(k: int) -> list:
     while len(_RANKS) < k:
         _RANKS.append('{"rank": %d, ' % (len(_RANKS) + 1))
     return _RANKS
-
-
-def id_array(engine, res, as_bytes: bool) -> np.ndarray:
-    """(B, k) item ids (``""`` where a short row is padded: index 0)."""
-    t = tables(engine)
-    return (t.ids_bytes if as_bytes else t.ids_str)[res.indices]

@@ -33,7 +33,7 @@ import numpy as np
 from dpr.errors import InputError
 
 from .columns import IdCheck, LimitError, Part, check_limits, split_rows
-from .render import id_array
+from .render import tables
 
 PAD_SCORE = float(np.finfo(np.float32).min)
 DEFAULT_K = 10                  # an absent or omitted ``k`` input
@@ -273,16 +273,26 @@ def split_outputs(out: dict, spans: list[tuple[int, int]], parts: list) -> list[
     return res
 
 
-def tensors_from_results(engine, b: int, parts: list, results: list, as_bytes: bool = True) -> dict:
-    """The output tensors of one request from its Parts' ResultBatches (rows put back in request order)."""
-    kmax = max(p.k for p, _ in parts)
-    ids = np.full((b, kmax), b"" if as_bytes else "", dtype=object)
-    scores = np.full((b, kmax), PAD_SCORE, dtype=np.float32)
+def result_indices(b: int, parts: list, results: list) -> np.ndarray:
+    """The (b, kmax) catalogue indices of the Parts' ResultBatches, rows put back in request order (0, the padding
+    index, past a row's own k and count): what ``item_ids`` holds the ids of."""
+    idx = np.zeros((b, max(p.k for p, _ in parts)), np.int64)
+    for (part, rows), res in zip(parts, results):
+        idx[np.asarray(rows), :res.indices.shape[1]] = res.indices
+    return idx
+
+
+def tensors_from_results(engine, b: int, parts: list, results: list, as_bytes: bool = True,
+                         indices: np.ndarray | None = None) -> dict:
+    """The output tensors of one request from its Parts' ResultBatches (rows put back in request order);
+    ``indices``: their :func:`result_indices`, when the caller has them already."""
+    idx = result_indices(b, parts, results) if indices is None else indices
+    t = tables(engine)
+    ids = (t.ids_bytes if as_bytes else t.ids_str)[idx]          # index 0: the padding's empty string
+    scores = np.full(idx.shape, PAD_SCORE, dtype=np.float32)
     counts = np.zeros((b, 1), dtype=np.int32)
     for (part, rows), res in zip(parts, results):
         rows = np.asarray(rows)
-        k = res.indices.shape[1]
         counts[rows, 0] = res.counts
-        scores[rows, :k] = np.where(np.isfinite(res.scores), res.scores, PAD_SCORE)
-        ids[rows, :k] = id_array(engine, res, as_bytes)
+        scores[rows, :res.indices.shape[1]] = np.where(np.isfinite(res.scores), res.scores, PAD_SCORE)
     return {"item_ids": ids, "scores": scores, "counts": counts}

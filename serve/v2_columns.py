@@ -34,7 +34,7 @@ from .body_columns import MIN_BYTES
 from .bytes_wire import deserialize_bytes
 from .columns import Part, one_k_part
 from .render import tables
-from .tensors import DEFAULT_K, STACKABLE, padding_hole, parts_from_tensors, tensors_from_results
+from .tensors import DEFAULT_K, STACKABLE, padding_hole, parts_from_tensors, result_indices, tensors_from_results
 from .v2 import NUMPY, InferRequest, _flatten, answer_form, decode_infer_request, encode_infer_response, split_request
 
 __all__ = ["MIN_BYTES", "read", "read_call", "read_json", "read_json_python", "response"]
@@ -61,18 +61,17 @@ def response(model: str, engine, req: InferRequest, parts: list, results: list):
     InputError for an output the model does not return."""
     from starlette.responses import Response
 
-    b = sum(len(rows) for _, rows in parts)
-    out = tensors_from_results(engine, b, parts, results, as_bytes=False)
-    content, headers = encode_infer_response(model, req, out, _rendered_ids(engine, req, b, parts, results, out))
+    idx = result_indices(sum(len(rows) for _, rows in parts), parts, results)
+    out = tensors_from_results(engine, len(idx), parts, results, as_bytes=False, indices=idx)
+    content, headers = encode_infer_response(model, req, out, _rendered_ids(engine, req, idx))
     return Response(content, headers=headers, media_type=None if headers else "application/json")
 
 
-def _rendered_ids(engine, req: InferRequest, b: int, parts: list, results: list, out: dict) -> dict | None:
-    """``{"item_ids": the JSON text of its data list}`` rendered natively from the results' catalogue indices (the
-    bytes json.dumps writes for ``out["item_ids"]``), for an answer of at least NATIVE_IDS_MIN ids sent as JSON; else
-    None (json.dumps writes it)."""
-    ids = out["item_ids"]
-    if ids.size < NATIVE_IDS_MIN or "*" in req.binary or "item_ids" in req.binary \
+def _rendered_ids(engine, req: InferRequest, idx: np.ndarray) -> dict | None:
+    """``{"item_ids": the JSON text of its data list}`` rendered natively from the answer's catalogue indices ``idx``
+    (the bytes json.dumps writes for the ids ``tensors_from_results`` gathers by them), for an answer of at least
+    NATIVE_IDS_MIN ids sent as JSON; else None (json.dumps writes it)."""
+    if idx.size < NATIVE_IDS_MIN or "*" in req.binary or "item_ids" in req.binary \
             or (req.outputs is not None and "item_ids" not in req.outputs):
         return None
     frags = tables(engine).json_ids()
@@ -80,9 +79,6 @@ def _rendered_ids(engine, req: InferRequest, b: int, parts: list, results: list,
         return None
     from dpr.kernels import json_render
 
-    idx = np.zeros(ids.shape, np.int64)                    # laid out as tensors_from_results lays out the ids
-    for (part, rows), res in zip(parts, results):
-        idx[np.asarray(rows), :res.indices.shape[1]] = res.indices
     text = json_render.fragment_list_json(frags, idx)
     return None if text is None else {"item_ids": text.decode("ascii")}
 

@@ -43,15 +43,20 @@ def handler(request: bytes, context) -> bytes:
     context.abort(grpc.StatusCode.UNIMPLEMENTED, f"unknown command {cmd!r}")
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=4),
-                      options=[("grpc.max_receive_message_length", 64 << 20),
-                               ("grpc.max_send_message_length", 64 << 20)])
+def start_server(fn, workers: int, options=()) -> tuple:
+    """grpcio's server on 127.0.0.1 answering PATH with ``fn`` (raw bytes in and out): (server, port)."""
+    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=list(options))
     srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "test.Raw", {"Call": grpc.unary_unary_rpc_method_handler(handler)}),))
+        "test.Raw", {"Call": grpc.unary_unary_rpc_method_handler(fn)}),))
     port = srv.add_insecure_port("127.0.0.1:0")
     srv.start()
+    return srv, port
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv, port = start_server(handler, 4, [("grpc.max_receive_message_length", 64 << 20),
+                                          ("grpc.max_send_message_length", 64 << 20)])
     try:
         yield port
     finally:
@@ -224,11 +229,7 @@ def test_calls_wait_for_the_servers_stream_limit():
         with lock:
             state["now"] -= 1
         return request
-    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=[("grpc.max_concurrent_streams", 3)])
-    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "test.Raw", {"Call": grpc.unary_unary_rpc_method_handler(slowish)}),))
-    port = srv.add_insecure_port("127.0.0.1:0")
-    srv.start()
+    srv, port = start_server(slowish, 8, [("grpc.max_concurrent_streams", 3)])
 
     async def go():
         c = RawGRPC("127.0.0.1", port, PATH, timeout_s=30)
@@ -265,17 +266,13 @@ def test_a_cancelled_call_resets_its_stream_and_the_connection_goes_on(server):
 
 
 def test_a_server_that_goes_away_mid_call_fails_the_call():
-    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     started = threading.Event()
 
     def slow(request, context):
         started.set()
         time.sleep(5)
         return b"never"
-    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "test.Raw", {"Call": grpc.unary_unary_rpc_method_handler(slow)}),))
-    port = srv.add_insecure_port("127.0.0.1:0")
-    srv.start()
+    srv, port = start_server(slow, 2)
 
     async def go():
         c = RawGRPC("127.0.0.1", port, PATH, timeout_s=30)
@@ -302,15 +299,10 @@ def test_a_graceful_goaway_lets_the_calls_in_flight_finish():
     refused: the server has stopped listening) without closing the old one, whose calls are all answered."""
     from dpr.serve.raw_grpc import MAX_STREAM_ID
 
-    srv = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-
     def slow_echo(request, context):
         time.sleep(1.0)
         return request
-    srv.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "test.Raw", {"Call": grpc.unary_unary_rpc_method_handler(slow_echo)}),))
-    port = srv.add_insecure_port("127.0.0.1:0")
-    srv.start()
+    srv, port = start_server(slow_echo, 8)
 
     async def go():
         c = RawGRPC("127.0.0.1", port, PATH, timeout_s=30)

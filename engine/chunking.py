@@ -11,6 +11,7 @@ thread pool that runs several chunks at once.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -157,8 +158,14 @@ def balanced_cuts(sorted_lens: np.ndarray, parts: int, cap: int) -> list[tuple[i
 
 
 class ChunkRunner:
-    """Runs ``fn(chunk)`` for every chunk: ``workers`` at a time on its own thread pool (created on first
-    use) when there is more than one worker and more than one chunk, else in order on the caller's thread."""
+    """Runs ``fn(chunk)`` for every chunk, ``workers`` at a time: the calling thread and ``workers - 1`` threads
+    of its own pool (created on first use) claim the chunks in order until none is left; one chunk, or one
+    worker, runs in order on the caller's thread.
+
+    The caller takes chunks too rather than sleeping while the pool runs them all: one thread wake-up fewer per
+    call (two chunks: one hand-off, not two out and one back), which the single-request serving path, one call
+    of a few rows per engine batch, pays on every batch (docs/ARCHITECTURE.md, "Measurements behind the
+    defaults")."""
 
     def __init__(self, workers: int):
         self.workers = max(1, int(workers))
@@ -167,21 +174,39 @@ class ChunkRunner:
         self._closed = False
 
     def run(self, fn, chunks: list) -> None:
-        """``fn`` writes disjoint rows; every chunk finishes before the first error (if any) is raised."""
-        if self.workers <= 1 or len(chunks) <= 1:
+        """``fn`` writes disjoint rows. Once a chunk has failed no other starts; the ones running finish before
+        the error (of the first failed chunk, in order) is raised."""
+        n = len(chunks)
+        if self.workers <= 1 or n <= 1:
             for c in chunks:
                 fn(c)
             return
+        errors: list = [None] * n
+        claim = itertools.count().__next__          # atomic under the GIL: each chunk is claimed once
+
+        failed = []
+
+        def drain():
+            while not failed and (i := claim()) < n:
+                try:
+                    fn(chunks[i])
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, once no chunk runs
+                    errors[i] = exc
+                    failed.append(i)
+
         with self._lock:
             if self._closed:
                 raise DPRError("the engine is closed")
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dpr-chunk")
-            futures = [self._pool.submit(fn, c) for c in chunks]
-        for f in futures:
-            f.exception()
-        for f in futures:
-            f.result()
+                self._pool = ThreadPoolExecutor(self.workers - 1, thread_name_prefix="dpr-chunk")
+            helpers = [self._pool.submit(drain) for _ in range(min(self.workers, n) - 1)]
+        drain()
+        for h in helpers:
+            if not h.cancel():                      # a helper not started finds nothing left: skip its wake-up
+                h.result()
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise first
 
     def close(self) -> None:
         with self._lock:

@@ -25,7 +25,7 @@ def _configure(lib: ctypes.CDLL) -> None:
     # the renderer through a ctypes.PyDLL handle on the same library: called without releasing the GIL. It runs on
     # the HTTP service's event-loop thread for tens of microseconds; a CDLL call drops the GIL and then queues for
     # it behind the engine's threads: under load with 64 single-request clients that wait made the call cost 170 us
-    # for ~9 rows where it takes 25 us alone (README, "Load test")
+    # for ~9 rows where it takes 25 us alone (docs/LOAD_TEST.md)
     _render_keep_gil = ctypes.PyDLL(lib._name).dpr_render_recommend_rows
     _render_keep_gil.restype = ctypes.c_int
     _render_keep_gil.argtypes = [_P, _P, _I64, _I64, _P, _I64, ctypes.c_char_p, _P, _I64, _I64, ctypes.c_char_p,

@@ -11,14 +11,14 @@ between two batches (hot reload): queued Parts run on the new engine; none is lo
 
 An asyncio caller (:meth:`Batcher.run`, the HTTP service) gets an asyncio future: the worker hands a batch's
 results to each caller loop with one ``call_soon_threadsafe``, so the hop costs ~6 us per single-request call
-instead of ~23 (README, "Load test").
+instead of ~23 (docs/LOAD_TEST.md).
 
 The worker thread both takes the batches and runs them, back to back: a batch's results are handed over and
 the next batch starts on the same thread, with the GIL it already holds. (A scheduling thread that handed each
 batch to a runner thread put a thread wake-up and a GIL hand-off between every two batches: with 64
 single-request clients the engine call started a median 0.7 ms after its batch was taken, in a 3.4 ms cycle.
 Without it the cycle's engine work starts at once; 4 single-request clients get 3-5% more requests/s, 64 about the
-same, where the cores are the limit; README "Load test".)
+same, where the cores are the limit; docs/LOAD_TEST.md.)
 
 A batch that hangs (a backend or retriever that never returns) must not stall the service: a watchdog thread
 looks at the batch in flight a few times a second and, past ``batch_timeout_s``, fails its requests with

@@ -3,7 +3,7 @@
 
 Why: a 512-request body (250 KB) cost the event loop about 2 ms holding the GIL (json.loads, the route's checks
 per request, a Part built from 21,000 id strings), and the engine's threads, which need the GIL between their
-steps, ran each batch 20-40% slower beside it (README, "Load test"). The parser reads the body, checks it and
+steps, ran each batch 20-40% slower beside it (docs/LOAD_TEST.md). The parser reads the body, checks it and
 maps its ids to catalogue indices in one call without the GIL: about 0.5 ms on the 2-core VM, and the Part it
 gives is already in indices (``form="indices"``: the engine maps nothing).
 

@@ -27,18 +27,18 @@ class ServeConfig:
     # how long the first queued request waits for company. 0 (Triton's default too): a batch starts as soon as the
     # engine is free, with whatever is queued; requests that arrive while it runs form the next batch. With 64
     # single-request clients on the 2-core VM, 0 served 4,214-4,414 requests/s against 3,162-3,793 at 2,000 us
-    # (README, "Load test"): waiting kept the engine idle while requests queued.
+    # (docs/LOAD_TEST.md): waiting kept the engine idle while requests queued.
     max_queue_delay_us: int = 0
     instances: int = 1                    # Triton: instance_group count (each an engine)
     # Triton: which backend runs the model. "native": libtriton_dpr.so inside tritonserver, one Python call per batch
-    # (serve/triton_native.py; 64 single-request clients: README "Load test"); "python": Triton's Python backend (a
+    # (serve/triton_native.py; 64 single-request clients: docs/LOAD_TEST.md); "python": Triton's Python backend (a
     # stub process per instance; portable to NVIDIA's container as written); "auto": native where it builds (g++ and
     # this Python's headers and libpython), else python, saying why.
     triton_backend: str = "auto"
     # Triton: its HTTP front end's threads (tritonserver --http-thread-count; Triton's own default is 8). 0: one per
     # two physical cores, at least 1 and at most 8. With one model instance the front's threads only parse and
     # answer: on the 2-core VM, 64 single-request clients got 0.34-0.39 of the in-process engine with 1 thread
-    # against 0.32-0.35 with 8, 5 rounds of 5 alternated (README "Load test")
+    # against 0.32-0.35 with 8, 5 rounds of 5 alternated (docs/LOAD_TEST.md)
     http_thread_count: int = 0
     max_queue: int = 4096                 # rows waiting beyond this: 503 + Retry-After (back-pressure)
     # limits on one HTTP call (each refusal names the limit)
@@ -48,17 +48,17 @@ class ServeConfig:
     max_k: int = 1000                     # (422; k is also capped by the catalogue)
     max_prompt_bytes: int = 16384         # UTF-8 bytes of one prompt (422)
     # the HTTP service's front for POST /recommend and the v2 infer route: "batched" answers plain valid calls a batch
-    # per event-loop turn ahead of ASGI (serve/http_front.py; 64 single-request clients: README "Load test"), "asgi"
+    # per event-loop turn ahead of ASGI (serve/http_front.py; 64 single-request clients: docs/LOAD_TEST.md), "asgi"
     # sends every call through the ASGI app (uvicorn's own protocol). Same answers, byte for byte.
     http_front: str = "batched"
     # how a body of body_columns.MIN_BYTES or more is read: "native" (the history ids mapped to catalogue indices in
     # one C call without the GIL: a /recommend body by the batching front, serve/body_columns.py, and a v2 infer call
-    # in binary tensors, serve/v2_columns.py; 512-request calls: README "Load test") or "python" (json.loads or the
+    # in binary tensors, serve/v2_columns.py; 512-request calls: docs/LOAD_TEST.md) or "python" (json.loads or the
     # v2 decoder, then per-request checks, as smaller bodies always are). Same answers, byte for byte.
     http_body_parser: str = "native"
     # the serving process's GIL switch interval (sys.setswitchinterval), in microseconds; 0 keeps Python's 5,000. The
     # event loop drops the GIL on every poll and then waits up to the interval for the engine's threads to give it
-    # back: with 64 single-request clients, 2,000 served 7-11% more requests/s than 5,000 (README "Load test")
+    # back: with 64 single-request clients, 2,000 served 7-11% more requests/s than 5,000 (docs/LOAD_TEST.md)
     switch_interval_us: int = 2000
     # lifecycle
     warmup: bool = True                   # one small batch before /v2/health/ready says yes

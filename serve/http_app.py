@@ -12,7 +12,7 @@ model name, 503 + ``Retry-After`` while loading or when the batcher's queue is f
 
 The two inference routes are served first by :mod:`dpr.serve.lean` in front of FastAPI (``ServeApp``): the same
 functions, status codes and messages, without FastAPI's per-call layers (a single-request ``/recommend`` call
-cost 0.58 ms of server CPU through FastAPI + pydantic, 0.40 ms this way, README "Load test"). Ahead of both, a plain
+cost 0.58 ms of server CPU through FastAPI + pydantic, 0.40 ms this way, docs/LOAD_TEST.md). Ahead of both, a plain
 valid ``/recommend`` call never becomes an ASGI request at all: :mod:`dpr.serve.http_front` answers it inside
 uvicorn's protocol, a batch per event-loop turn (``ServeApp.batch_front``; ``--http-front asgi`` turns it off).
 """

@@ -2,7 +2,7 @@
 protocol, with the plain valid calls of both inference routes taken out of ASGI and answered a batch at a time.
 
 Why: with 64 single-request clients the service's event loop was the bottleneck, at ~190 us of Python per call
-(py-spy, README "Load test"): an asyncio task, an ASGI scope and two ``send`` messages (two socket writes), a
+(py-spy, docs/LOAD_TEST.md): an asyncio task, an ASGI scope and two ``send`` messages (two socket writes), a
 batcher future, the parts and the answer per call. Here a call costs its parse and one socket write; the rest runs
 once per event-loop turn for every call that arrived in it ("columns, not objects": one Part, one batcher
 submission, one rendering with each call's rows cut out of it).
@@ -11,8 +11,8 @@ What takes the fast path: ``POST /recommend`` with ``Content-Type: application/j
 ``max_body_bytes``, no ``Expect: 100-continue`` and a body :func:`dpr.serve.lean.parse` vouches for; and ``POST
 /v2/models/<this model>/infer`` with a ``Content-Length`` within ``max_body_bytes`` whose tensors (JSON, or Triton's
 binary extension) the route's own reader turns into one Part (``v2_columns.read_call``), answered by the route's
-own encoder (``v2_columns.response``; 64 single-request v2 clients: 258 -> 213 us of server CPU per call, README
-"Load test"). Everything else (other routes, other bodies, any refusal: a limit, an unknown id, a list mixing k
+own encoder (``v2_columns.response``; 64 single-request v2 clients: 258 -> 213 us of server CPU per call,
+docs/LOAD_TEST.md). Everything else (other routes, other bodies, any refusal: a limit, an unknown id, a list mixing k
 values) goes down the ASGI app exactly as before (``http_app.ServeApp``: the lean route, then FastAPI), so every
 status code and message stays the one the routes give; a batch refused for one call's input is answered call by call there, so only the culprit
 fails. Errors of the batch itself (overload, a closed or timed-out batcher, an engine fault) get the routes'
@@ -210,11 +210,14 @@ class BatchFront:
                 call[0].to_asgi(call[1])          # over the call limit, or one call mixing k: the routes split it
                 continue
             groups.setdefault(key, []).append(call)
+        # calls merged into one Part stop at max_batch_size rows (and the call limit): the batcher's rule, only one
+        # call alone may be bigger, so an engine call stays within the bound the operator set
+        cap = min(limit, self.svc.cfg.max_batch_size)
         for members in groups.values():
             chunk, rows = [], 0
-            for call in members:                  # a batch never holds more rows than one call may
+            for call in members:
                 n = call[1].n
-                if chunk and rows + n > limit:
+                if chunk and rows + n > cap:
                     self._submit(chunk)
                     chunk, rows = [], 0
                 chunk.append(call)

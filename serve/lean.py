@@ -4,7 +4,7 @@ with a body the FastAPI route would accept, checked by hand in a few microsecond
 layers (its telemetry check, body-limit middleware, routing, dependency solving) and, for /recommend, pydantic.
 
 Why: a single-request call cost 0.77-0.94 ms of server CPU, over half of it the HTTP stack around the engine's
-share (README, "Load test"). Semantics stay the routes' exactly: the same functions answer (``_recommend`` and
+share (docs/LOAD_TEST.md). Semantics stay the routes' exactly: the same functions answer (``_recommend`` and
 ``_infer`` in ``http_app``), and the /recommend checker only ever *accepts*: a body it is not sure of (any type,
 key, encoding or content type outside the plain valid case) returns ``None`` and goes down the FastAPI route,
 whose strict pydantic model (``http_app.RecommendRequest``) and error messages are unchanged. So every refusal

@@ -2,7 +2,7 @@
 :class:`NativeModel` is the Python it calls, once per batch.
 
 Why: Triton's Python backend moves every request and response between tritonserver and a one-thread stub
-process as Python objects; on 2 cores that stub bounded single-request calls (README "Load test"). Here C++
+process as Python objects; on 2 cores that stub bounded single-request calls (docs/LOAD_TEST.md). Here C++
 reads the requests of a batch into one column per input name, :meth:`NativeModel.execute` turns them into
 each request's tensors, answers them through :class:`~dpr.serve.triton_model.TritonModelCore` (the same core
 as the Python backend), and returns the answers as columns that C++ writes into the responses.

@@ -93,3 +93,133 @@ def test_a_large_batch_keeps_chunks_of_equal_rows():
         seq[r, 20 - ln:] = 1
     chunks = list(history_chunks(seq, True, 64, 512, 2))
     assert [len(rows) for rows, _ in chunks] == [64, 64, 64, 64, 44]
+
+
+# ---- ChunkRunner: the caller takes chunks too ---------------------------------------------------------------
+def _runner_case(workers: int, n: int, fn=None):
+    import threading
+
+    from dpr.engine.chunking import ChunkRunner
+
+    runner = ChunkRunner(workers)
+    seen, lock = [], threading.Lock()
+
+    def record(c):
+        with lock:
+            seen.append((c, threading.current_thread().name))
+        if fn is not None:
+            fn(c)
+    return runner, seen, record
+
+
+@pytest.mark.parametrize("workers,n", [(1, 5), (2, 1), (2, 2), (2, 7), (3, 20), (4, 3)])
+def test_chunk_runner_runs_every_chunk_once(workers, n):
+    runner, seen, record = _runner_case(workers, n)
+    try:
+        for _ in range(20):
+            seen.clear()
+            runner.run(record, list(range(n)))
+            assert sorted(c for c, _ in seen) == list(range(n))
+    finally:
+        runner.close()
+
+
+def test_chunk_runner_uses_the_caller_and_at_most_workers_minus_one_helpers():
+    import threading
+    import time
+
+    barrier = threading.Barrier(3, timeout=10)           # 3 chunks that only finish together: 3 threads at once
+
+    runner, seen, record = _runner_case(3, 3, lambda c: barrier.wait())
+    try:
+        runner.run(record, [0, 1, 2])
+        names = {t for _, t in seen}
+        assert threading.current_thread().name in names   # the caller ran a chunk
+        assert len(names) == 3
+        helpers = {t for t in names if t.startswith("dpr-chunk")}
+        assert len(helpers) == 2                          # workers - 1 pool threads
+        # a slow chunk on the caller does not hold back the others: the helper drains the rest
+        slow = threading.current_thread().name
+
+        def maybe_slow(c):
+            time.sleep(0.5 if threading.current_thread().name == slow else 0.01)
+        runner2, seen2, record2 = _runner_case(2, 6, maybe_slow)
+        try:
+            runner2.run(record2, list(range(6)))
+            assert len([c for c, t in seen2 if t == slow]) == 1   # it slept on one; the helper took the other 5
+            assert sorted(c for c, _ in seen2) == list(range(6))
+        finally:
+            runner2.close()
+    finally:
+        runner.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_chunk_runner_stops_at_an_error_and_raises_it_once_no_chunk_runs(workers):
+    import threading
+    import time
+
+    running, lock = [0], threading.Lock()
+
+    def fail_some(c):
+        with lock:
+            running[0] += 1
+        try:
+            if c == 2:
+                raise ValueError(f"chunk {c}")
+            time.sleep(0.02)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    runner, seen, record = _runner_case(workers, 40, fail_some)
+    try:
+        with pytest.raises(ValueError, match="chunk 2"):
+            runner.run(record, list(range(40)))
+        assert running[0] == 0                            # nothing still runs when the error comes out
+        started = sorted(c for c, _ in seen)
+        assert 2 in started
+        assert len(started) <= 2 + workers                # no chunk claimed after the failure but the ones in flight
+        seen.clear()
+        runner.run(record, [0, 1, 3])                     # the runner is still usable
+        assert sorted(c for c, _ in seen) == [0, 1, 3]
+    finally:
+        runner.close()
+
+
+def test_chunk_runner_refuses_work_after_close():
+    from dpr.errors import DPRError
+
+    runner, seen, record = _runner_case(2, 4)
+    runner.run(record, [0, 1])
+    runner.close()
+    with pytest.raises(DPRError, match="closed"):
+        runner.run(record, [0, 1])
+
+
+def test_chunk_runner_serves_concurrent_callers():
+    import threading
+
+    runner, seen, record = _runner_case(2, 0)
+    errors = []
+
+    def caller(base):
+        try:
+            for _ in range(50):
+                runner.run(record, [base + i for i in range(5)])
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=caller, args=(100 * j,)) for j in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in threads)
+        assert not errors
+        counts = {}
+        for c, _ in seen:
+            counts[c] = counts.get(c, 0) + 1
+        assert counts == {100 * j + i: 50 for j in range(4) for i in range(5)}
+    finally:
+        runner.close()

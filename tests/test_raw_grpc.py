@@ -202,6 +202,43 @@ def test_concurrent_calls_share_one_connection_and_get_their_own_answers(server)
     assert same_conn and last_stream == 2 * 301 - 1 and still_open == 0
 
 
+def test_the_calls_of_one_turn_go_out_in_one_write(server):
+    """The frames of the calls made in one event-loop turn are written once, in order (as a gRPC channel's
+    transport flushes what its calls wrote), and the answers are still each call's own; a call made in a later
+    turn gets its own write."""
+    async def go():
+        c = RawGRPC("127.0.0.1", server, PATH, timeout_s=30)
+        try:
+            assert await c.call(b"efirst") == (0, "", b"first")
+            conn = c.conn
+            writes, real = [], conn.transport.write
+
+            def counting(data):
+                writes.append(bytes(data))
+                real(data)
+            conn.transport.write = counting
+            got = await asyncio.gather(*(c.call(b"e" + str(i).encode()) for i in range(20)))
+            together = len(writes)
+            alone = await c.call(b"elast")
+            return got, alone, together, writes, len(writes) - together
+        finally:
+            c.close()
+    got, alone, together, writes, later = run(go())
+    assert got == [(0, "", str(i).encode()) for i in range(20)] and alone == (0, "", b"last")
+    # the 20 requests in one write (window updates the answers cause may follow in writes of their own)
+    first = writes[0]
+    streams = []
+    i = 0
+    while i < len(first):
+        length, ftype, stream = int.from_bytes(first[i:i + 3], "big"), first[i + 3], \
+            int.from_bytes(first[i + 5:i + 9], "big") & 0x7FFFFFFF
+        if ftype == 1:                                     # HEADERS: a call's start, streams in order
+            streams.append(stream)
+        i += 9 + length
+    assert streams == [3 + 2 * j for j in range(20)], streams
+    assert together <= 3 and later >= 1
+
+
 def test_calls_made_before_the_connection_is_open_share_it(server):
     """Calls made at once on a new client wait for the one connection the first of them opens."""
     async def go():

@@ -480,3 +480,49 @@ def test_concurrent_v2_and_recommend_calls_share_turns_and_get_their_own_rows(fr
     # answered each alone, and every other v2 call was answered by the front
     assert len(refused) == 1 and refused[0] >= 1
     assert sum(1 for route, code in fast_v2 if route == "/v2/models/{model}/infer" and code == 200) == 32 - refused[0]
+
+
+def test_calls_merged_in_one_turn_never_make_a_batch_over_max_batch_size(export_dir, engine):
+    """The front merges the calls of one event-loop turn into one Part, but never past ``max_batch_size`` rows (the
+    batcher's rule: only one call alone may be bigger), so an engine call stays within the bound the operator set.
+    Under max_batch_size 4, 12 one-row calls, 2 calls of 3 rows and one of 6 reach the service's loop in one turn
+    (it is held busy while they are sent): the one-row calls are merged 4 at a time, the others go alone."""
+    import asyncio
+
+    body = [dict(REQUESTS[0], k=4), dict(REQUESTS[1], k=4), dict(REQUESTS[2], k=4)]
+    calls = [dict(REQUESTS[j % 3], k=4) for j in range(12)] + [body, body, body + body]
+    with live_service(export_dir, max_batch_size=4, preferred_batch_size=4) as (svc, url):
+        parts, batches, loops = [], [], []
+        submit, on_batch = svc.batcher.submit_async, svc.batcher.on_batch
+
+        def spy_submit(part):
+            parts.append(len(part))
+            loops.append(asyncio.get_running_loop())
+            return submit(part)
+
+        def spy_batch(rows, seconds):
+            batches.append(rows)
+            on_batch(rows, seconds)
+        svc.batcher.submit_async, svc.batcher.on_batch = spy_submit, spy_batch
+        assert post_json(url, body).status_code == 200           # the service's loop, seen from inside
+        parts.clear(), batches.clear()
+        socks = [socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT) for _ in calls]
+        try:
+            time.sleep(0.2)                                        # every connection accepted
+            loops[0].call_soon_threadsafe(time.sleep, 0.5)         # the loop busy while the calls arrive
+            time.sleep(0.05)
+            for sock, b in zip(socks, calls):
+                sock.sendall(post("/recommend", json.dumps(b).encode()))
+            answers = [read_answers(sock, 1)[0] for sock in socks]
+        finally:
+            for sock in socks:
+                sock.close()
+    assert [a[0] for a in answers] == [200] * len(calls)
+    for b, a in zip(calls, answers):
+        got = json.loads(a[2])
+        for g, r in zip(got if isinstance(b, list) else [got], b if isinstance(b, list) else [b]):
+            assert_same(g, expected(engine, r))
+    assert sum(parts) == 12 + 3 + 3 + 6
+    assert 4 in parts                                              # calls were merged: the turn held several
+    assert 6 in parts and all(n <= 4 for n in parts if n != 6), parts
+    assert all(n <= 4 for n in batches if n != 6), batches

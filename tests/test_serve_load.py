@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import time
 import sys
 from typing import Union
 
@@ -253,3 +255,160 @@ def test_free_ports_are_distinct_and_bindable(monkeypatch):
     assert (procs.free_port(), procs.free_port()) == (40000, 40000)       # what a port chosen alone risks
     assert procs.free_ports(3) == (40000, 40001, 40002)
     assert not LowestFirst.bound                                            # every socket released
+
+
+# ---- rounds: the in-process engine and the server measured in turn --------------------------------------------
+class _Recorder:
+    """A meter that checks drive() runs its hooks with no call in flight and every call inside a round."""
+
+    def __init__(self, inflight):
+        self.inflight, self.events = inflight, []
+
+    def start(self, r):
+        assert self.inflight[0] == 0
+        self.events.append(("start", r))
+
+    def stop(self, r):
+        assert self.inflight[0] == 0
+        self.events.append(("stop", r))
+
+
+def _fake_call(inflight, seen, events, delay=0.0, bad=()):
+    async def call(payload):
+        assert events and events[-1][0] == "start"            # inside a round
+        inflight[0] += 1
+        try:
+            await asyncio.sleep(delay)
+            seen.append((events[-1][1], payload))
+            return payload not in bad
+        finally:
+            inflight[0] -= 1
+    return call
+
+
+@pytest.mark.parametrize("requests,rows,rounds,conc", [(64, 1, 4, 8), (10, 1, 3, 4), (3, 1, 8, 2), (1024, 512, 4, 2),
+                                                       (700, 1, 1, 64)])
+def test_drive_measures_in_rounds_with_nothing_in_flight_between(requests, rows, rounds, conc):
+    from dpr.serve.load import LoadConfig, drive
+
+    inflight, seen = [0], []
+    meter = _Recorder(inflight)
+    call = _fake_call(inflight, seen, meter.events, bad={5})
+    payloads = list(range(7))
+    meter.events.append(("start", -1))                        # the warm-up runs before the first round
+    out = asyncio.run(drive(call, payloads, rows, conc, LoadConfig(requests=requests, rounds=rounds, duration_s=60),
+                            warm=[0, 1], meter=meter))
+    calls = max(1, requests // rows)
+    made = min(rounds, calls)                                 # never more rounds than calls
+    assert meter.events[1:] == [(e, r) for r in range(made) for e in ("start", "stop")]
+    measured = [(r, p) for r, p in seen if r >= 0]
+    assert len(measured) == calls == out["calls"] and out["requests"] == calls * rows
+    per_round = [sum(1 for r, _ in measured if r == i) for i in range(made)]
+    assert max(per_round) - min(per_round) <= 1               # equal rounds
+    assert [p for _, p in measured] == [i % 7 for i in range(calls)]   # the payloads in order, across rounds
+    assert out["errors"] == sum(1 for _, p in measured if p == 5)
+    assert len(out["round_rps"]) == made and all(x > 0 for x in out["round_rps"])
+
+
+def test_drive_bounds_each_round_by_its_share_of_the_duration():
+    from dpr.serve.load import LoadConfig, drive
+
+    inflight, seen = [0], []
+    meter = _Recorder(inflight)
+    meter.events.append(("start", -1))
+    call = _fake_call(inflight, seen, meter.events, delay=0.02)
+    t0 = time.perf_counter()
+    out = asyncio.run(drive(call, list(range(3)), 1, 2, LoadConfig(requests=10_000, rounds=4, duration_s=0.4),
+                            warm=[], meter=meter))
+    took = time.perf_counter() - t0
+    assert took < 2.0, took                                   # 4 rounds of 0.1 s, not 10,000 calls of 20 ms
+    assert 4 <= out["calls"] < 200 and len(out["round_rps"]) == 4
+    assert meter.events[-1] == ("stop", 3)
+
+
+class _FakeInProcess:
+    def __init__(self, rps):
+        self.rps, self.parts = rps, []
+
+    def measure(self, part=0, parts=1):
+        self.parts.append((part, parts))
+        r = self.rps[part]
+        return {"requests": 1000, "rps": r, "seconds": round(1000 / r, 3)}
+
+
+def test_interleaved_ratio_is_total_over_total_and_shows_each_round():
+    from dpr.serve.load import Interleaved
+
+    counts = iter([(0, 0), (64, 2), (64, 2), (160, 5), None, None])
+    inproc = _FakeInProcess([20000.0, 10000.0, 20000.0])
+    m = Interleaved(inproc, 3, os.getpgid(0), lambda: next(counts))
+    for r in range(3):
+        m.start(r)
+        m.stop(r)
+    assert inproc.parts == [(0, 3), (1, 3), (2, 3)]
+    rep = m.report({"requests": 3000, "rps": 5000.0, "round_rps": [6000.0, 3000.0, 8000.0]})
+    # 3,000 in-process requests in 0.05 + 0.1 + 0.05 s: 15,000 requests/s, not the mean of the three rates
+    assert rep["in_process_rps"] == 15000.0
+    assert rep["vs_in_process"] == round(5000 / 15000, 3)
+    assert rep["round_ratios"] == [0.3, 0.3, 0.4] and rep["rounds"] == 3
+    assert rep["in_process_round_rps"] == [20000.0, 10000.0, 20000.0]
+    assert rep["rows_per_engine_call"] is None                # the third round could not be counted
+    assert rep["server_cpu_ms_per_1k"] >= 0 and rep["client_cpu_ms_per_1k"] >= 0
+
+    counts = iter([(0, 0), (64, 2), (100, 2), (196, 5)])
+    m = Interleaved(_FakeInProcess([1.0, 1.0]), 2, os.getpgid(0), lambda: next(counts))
+    for r in range(2):
+        m.start(r)
+        m.stop(r)
+    # rows and calls summed over the rounds only: what ran between them (another scenario's warm-up) is left out
+    assert m.report({"requests": 2, "rps": 1.0, "round_rps": [1.0, 1.0]})["rows_per_engine_call"] == round(160 / 5, 1)
+
+
+def test_the_load_test_interleaves_the_in_process_engine_with_a_live_server(server, export_dir):
+    """One scenario of the real load test against the live service: the in-process engine (the same export, the
+    same workload) runs its share before each of the rounds, and the row holds the ratio and each round's."""
+    from dpr.serve.load import InProcess, Interleaved, LoadConfig, _scenario, service_engine_counts, workload
+
+    cfg = LoadConfig(model=str(export_dir), requests=96, batch=16, rounds=3, clients=8, duration_s=60)
+    batches = workload(export_dir, cfg)
+    inproc = InProcess(export_dir, batches, cfg)
+    try:
+        meter = Interleaved(inproc, cfg.rounds, server.proc.pid, lambda: service_engine_counts(server.url))
+        r = _scenario("http", "single", server.url, batches, cfg, meter)
+        rep = meter.report(r)
+    finally:
+        inproc.close()
+    assert r["errors"] == 0 and r["requests"] == 96, r
+    assert rep["rounds"] == 3 and len(rep["round_ratios"]) == 3 and len(r["round_rps"]) == 3
+    assert all(m["requests"] == 32 for m in meter.base)       # 6 batches of 16: two per round
+    assert rep["vs_in_process"] == round(r["rps"] / rep["in_process_rps"], 3)
+    assert 1 <= rep["rows_per_engine_call"] <= 8              # 8 clients: at most 8 rows per engine call
+    assert rep["server_cpu_ms_per_1k"] > 0
+
+
+def test_targets_hold_the_issues_rows_and_report_the_others_beside_them():
+    from dpr.serve.load import _other_rows, _targets, table
+
+    def row(t, sc, rps, base, errors=0, p99=10.0):
+        return {"target": t, "scenario": sc, "clients": 64, "requests_per_call": 1, "rps": rps, "in_process_rps": base,
+                "vs_in_process": round(rps / base, 3), "errors": errors, "p50_ms": 1, "p90_ms": 2, "p99_ms": p99,
+                "round_ratios": [0.3, 0.35]}
+    results = [{"target": "in-process", "scenario": "batched", "clients": 1, "requests_per_call": 512, "rps": 100.0,
+                "p50_ms": 1, "p90_ms": 1, "p99_ms": 1, "errors": 0},
+               row("http", "single", 31, 100), row("http", "batched", 79, 100),
+               row("http-v2", "single", 20, 100), row("http-v2-binary", "batched", 90, 100),
+               row("triton-http", "single", 40, 100, errors=1), row("triton-grpc", "single", 24, 100),
+               row("triton-grpc", "batched", 85, 100, p99=500.0)]
+    got = _targets(results)
+    assert got == {"http single >= 30% of in-process, 0 errors, p99 <= 100 ms": True,
+                   "http batched >= 80% of in-process": False,
+                   "triton-http single >= 30% of in-process, 0 errors, p99 <= 100 ms": False,     # an error
+                   "triton-grpc single >= 30% of in-process, 0 errors, p99 <= 100 ms": False,
+                   "triton-grpc batched >= 80% of in-process": True,          # p99 is a single-request target
+                   "triton-http single within 20% of http": True,
+                   "triton-grpc single within 20% of http": False,            # 24 / 31 < 0.8
+                   "triton-grpc batched within 20% of http": True}
+    assert _other_rows(results) == {"http-v2 single >= 30% of in-process, 0 errors, p99 <= 100 ms": False,
+                                    "http-v2-binary batched >= 80% of in-process": True}
+    text = table({"results": results})
+    assert "| 0.30-0.35 |" in text and "in-process, interleaved" in text

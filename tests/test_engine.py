@@ -828,7 +828,6 @@ def test_concurrent_chunk_errors_and_closed_engine(export_dir):
     None."""
     from dpr.engine import Engine
     from dpr.engine.errors import BackendError
-    from dpr.errors import DPRError
 
     eng = Engine.load(export_dir, backend="onnxruntime",
                       backend_options={"parallel_chunks": True, "intra_op_threads": 2}, history_chunk_rows=2)

@@ -181,18 +181,15 @@ class ChunkRunner:
             for c in chunks:
                 fn(c)
             return
-        errors: list = [None] * n
         claim = itertools.count().__next__          # atomic under the GIL: each chunk is claimed once
-
-        failed = []
+        failed: list[tuple[int, BaseException]] = []
 
         def drain():
             while not failed and (i := claim()) < n:
                 try:
                     fn(chunks[i])
                 except BaseException as exc:  # noqa: BLE001 - re-raised below, once no chunk runs
-                    errors[i] = exc
-                    failed.append(i)
+                    failed.append((i, exc))
 
         with self._lock:
             if self._closed:
@@ -204,9 +201,8 @@ class ChunkRunner:
         for h in helpers:
             if not h.cancel():                      # a helper not started finds nothing left: skip its wake-up
                 h.result()
-        first = next((e for e in errors if e is not None), None)
-        if first is not None:
-            raise first
+        if failed:
+            raise min(failed, key=lambda f: f[0])[1]
 
     def close(self) -> None:
         with self._lock:

@@ -694,7 +694,7 @@ def _targets(results: list) -> dict:
 
 def _other_rows(results: list) -> dict:
     """The same thresholds for the rows that are not targets (the service's v2 routes, A/B targets)."""
-    return _thresholds(results, {r["target"] for r in results} - set(TARGETS) - {"in-process", "in-process (end)"})
+    return _thresholds(results, {r["target"] for r in results} - set(TARGETS))   # in-process rows have no ratio
 
 
 def table(rep: dict) -> str:

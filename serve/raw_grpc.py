@@ -266,7 +266,7 @@ class _Connection(asyncio.Protocol):
         self.calls[call.stream] = call
         # a timer on the loop, not asyncio.wait_for: that wraps every call in a task (~15 us of client CPU)
         timer = loop.call_at(deadline, self._fail, call, TimeoutError(f"no answer within {timeout_s:g} s"))
-        self._send_data(call, _frame(HEADERS, END_HEADERS, call.stream, self.block))   # one write: one syscall
+        self._send_data(call, _frame(HEADERS, END_HEADERS, call.stream, self.block))   # HEADERS and DATA together
         try:
             return await waiter
         finally:
@@ -287,7 +287,7 @@ class _Connection(asyncio.Protocol):
 
     def _send_data(self, call: _Call, head: bytes = b"") -> None:
         """``head``, then as much of ``call``'s pending request as the peer's windows and frame size let
-        through, in one write."""
+        through, queued together for this turn's write."""
         pending, out = call.pending, [head]
         while len(pending):
             n = min(len(pending), self.send_conn, call.send_window, self.max_frame)

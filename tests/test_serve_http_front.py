@@ -505,7 +505,8 @@ def test_calls_merged_in_one_turn_never_make_a_batch_over_max_batch_size(export_
             on_batch(rows, seconds)
         svc.batcher.submit_async, svc.batcher.on_batch = spy_submit, spy_batch
         assert post_json(url, body).status_code == 200           # the service's loop, seen from inside
-        parts.clear(), batches.clear()
+        parts.clear()
+        batches.clear()
         socks = [socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT) for _ in calls]
         try:
             time.sleep(0.2)                                        # every connection accepted
